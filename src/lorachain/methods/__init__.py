@@ -1,0 +1,14 @@
+"""Continual methods behind one interface (:mod:`lorachain.methods.base`) and a registry."""
+
+from lorachain.methods import magmax, merge_init, naive, ortho_init  # noqa: F401  (registration)
+from lorachain.methods.base import (
+    ContinualMethod,
+    InitContext,
+    LayerAdapter,
+    MethodError,
+    make_method,
+    method_names,
+    register_method,
+)
+
+__all__ = ["ContinualMethod", "InitContext", "LayerAdapter", "MethodError", "make_method", "method_names", "register_method"]

@@ -1,0 +1,110 @@
+"""The interface every continual method implements, and the registry that names them.
+
+A method decides two things and nothing else:
+
+* how the adapter of a new task is initialised (:meth:`ContinualMethod.init_adapter`), seeing only
+  what the strict regime allows: the merged weights left by the previous task (as the dense delta
+  ``merged = W_{t-1} - W0`` of each targeted layer) and the previous task's adapter;
+* how the state after the task is formed (:meth:`ContinualMethod.fold`): the new merged delta from
+  the old one and the trained adapter's delta ``B_t A_t * alpha / r``, and whether the trained
+  adapter stays live on top of the merged weights (``adapter_stays_live``) instead of being merged.
+
+The trainer, the state store and the workflow call these hooks and never branch on a method's name.
+Adding a method is one module with a subclass decorated by :func:`register_method`, plus its
+parameter block in ``workflow/schemas/config.schema.yaml``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lorachain.torch_env import torch
+
+_REGISTRY: dict[str, type["ContinualMethod"]] = {}
+
+
+class MethodError(ValueError):
+    """A method name or parameter that cannot be used; the message names the config key."""
+
+
+@dataclass
+class LayerAdapter:
+    """LoRA factors of one targeted linear layer: delta = scale * B @ A."""
+
+    A: torch.Tensor  # (rank, in_features)
+    B: torch.Tensor  # (out_features, rank)
+    scale: float
+
+    def delta(self) -> torch.Tensor:
+        return self.scale * (self.B @ self.A)
+
+
+@dataclass
+class InitContext:
+    """What a method may look at when it initialises the adapter of one layer for task t."""
+
+    layer: str
+    out_features: int
+    in_features: int
+    rank: int
+    scale: float
+    tasks_done: int  # t - 1: how many tasks are folded into `merged`
+    merged: torch.Tensor | None  # W_{t-1} - W0 of this layer (None: nothing merged yet)
+    previous: LayerAdapter | None  # the adapter of task t-1 (None for the first task)
+    generator: torch.Generator  # seeded per task; layers are visited in a fixed order
+
+
+def gaussian_adapter(ctx: InitContext) -> LayerAdapter:
+    """peft's ``init_lora_weights="gaussian"``: A ~ N(0, (1/r)^2), B = 0."""
+    A = torch.randn(ctx.rank, ctx.in_features, generator=ctx.generator, dtype=torch.float32) / ctx.rank
+    return LayerAdapter(A=A, B=torch.zeros(ctx.out_features, ctx.rank), scale=ctx.scale)
+
+
+class ContinualMethod(ABC):
+    """Base class: fresh Gaussian adapter every task, trained adapter added into the merged weights."""
+
+    name: ClassVar[str]
+    adapter_stays_live: ClassVar[bool] = False
+
+    def __init__(self, **params):
+        unknown = set(params) - set(self.parameters())
+        if unknown:
+            raise MethodError(
+                f"method {self.name!r} has no parameter(s) {sorted(unknown)}; "
+                f"it accepts {sorted(self.parameters()) or 'none'}"
+            )
+        self.params = {**self.parameters(), **params}
+
+    @classmethod
+    def parameters(cls) -> dict:
+        """Accepted parameters and their defaults."""
+        return {}
+
+    def init_adapter(self, ctx: InitContext) -> LayerAdapter:
+        return gaussian_adapter(ctx)
+
+    def fold(self, merged: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor | None:
+        return delta.clone() if merged is None else merged + delta
+
+
+def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
+    if cls.name in _REGISTRY:
+        raise RuntimeError(f"method name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_method(name: str, params: dict | None = None, *, key: str = "methods") -> ContinualMethod:
+    """Instantiate a registered method; errors name the config key that holds it."""
+    if name not in _REGISTRY:
+        raise MethodError(f"config key {key}: unknown method {name!r}; known methods: {', '.join(method_names())}")
+    try:
+        return _REGISTRY[name](**(params or {}))
+    except MethodError as error:
+        raise MethodError(f"config key {key}: {error}") from None
