@@ -1,0 +1,24 @@
+# lorachain: continual and modular LoRA personalisation of text-to-image diffusion models.
+#   snakemake --profile profiles/local                              # the embedded demo (config/demo.yaml)
+#   snakemake --profile profiles/local --configfile config/config.yaml   # the paper's grid
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+if not config:  # --configfile replaces the demo instead of being merged into it
+
+    configfile: "config/demo.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+
+
+rule all:
+    input:
+        final_states(),

@@ -1,0 +1,44 @@
+"""A domain's config block -> its ordered task list (what the prepare_tasks step runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .selection import Task, order_tasks, select_object_tasks, select_style_tasks, write_tasks
+from .synthetic import generate_dreambooth_like, generate_unlearncanvas_like
+
+LAYOUTS = ("dreambooth", "unlearncanvas")
+
+
+def select_domain_tasks(layout: str, root: str | os.PathLike[str], block: dict[str, Any]) -> list[Task]:
+    """The reference's task selection for one domain block of the config (before ordering)."""
+    if layout == "dreambooth":
+        tokens = {"tokens": tuple(block["tokens"])} if block.get("tokens") else {}
+        return select_object_tasks(
+            root, num_tasks=block["num_tasks"], seed=block.get("selection_seed", 42), subjects=block.get("concepts"), **tokens
+        )
+    if layout == "unlearncanvas":
+        return select_style_tasks(
+            root, num_tasks=block["num_tasks"], seed=block.get("selection_seed", 42),
+            train_images_per_style=block.get("train_images_per_style", 5), styles=block.get("concepts"),
+        )
+    raise ValueError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def prepare_tasks(layout: str, root: str | os.PathLike[str], block: dict[str, Any], order_seed: int, output: str | os.PathLike[str]) -> list[Task]:
+    """Select, order and write the tasks of one (domain, order seed)."""
+    tasks = order_tasks(select_domain_tasks(layout, root, block), order_seed)
+    write_tasks(output, tasks, layout=layout, dataset_root=str(Path(root).resolve()), order_seed=order_seed)
+    return tasks
+
+
+def generate_synthetic(layout: str, root: str | os.PathLike[str], synthetic: dict[str, Any]) -> Path:
+    """A generated dataset in the domain's native layout (demo and tests)."""
+    common = dict(size=synthetic.get("size", 64), seed=synthetic.get("seed", 0))
+    if layout == "dreambooth":
+        return generate_dreambooth_like(root, images_per_subject=synthetic.get("images_per_concept", 4), **common)
+    if layout == "unlearncanvas":
+        return generate_unlearncanvas_like(root, images_per_object=synthetic.get("images_per_concept", 5), **common)
+    raise ValueError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")

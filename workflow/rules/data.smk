@@ -1,0 +1,27 @@
+rule generate_synthetic_dataset:
+    """A small generated dataset in the domain's native layout (demo and tests)."""
+    output:
+        directory(f"{RESOURCES}/data/synthetic-{{domain}}"),
+    params:
+        layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
+        synthetic=lambda wildcards: domain(wildcards)["dataset"]["synthetic"],
+    log:
+        f"{LOGS}/data/synthetic-{{domain}}.log",
+    script:
+        "../scripts/generate_synthetic_dataset.py"
+
+
+rule prepare_tasks:
+    """Validate the dataset, select the tasks the reference's way and order them by the order seed."""
+    input:
+        dataset_inputs,
+    output:
+        f"{RESULTS}/{{domain}}/tasks/order{{order}}.json",
+    params:
+        layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
+        root=dataset_root,
+        selection=selection_block,
+    log:
+        f"{LOGS}/{{domain}}/tasks/order{{order}}.log",
+    script:
+        "../scripts/prepare_tasks.py"

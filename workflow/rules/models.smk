@@ -1,0 +1,10 @@
+rule build_tiny_model:
+    """A tiny pipeline of the named architecture, built from config with diffusers' classes."""
+    output:
+        directory(f"{RESOURCES}/models/tiny-{{architecture}}"),
+    params:
+        seed=config["model"].get("tiny_seed", 0),
+    log:
+        f"{LOGS}/models/tiny-{{architecture}}.log",
+    script:
+        "../scripts/build_tiny_model.py"
