@@ -6,14 +6,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .datasets import DatasetError
 from .selection import Task, order_tasks, select_object_tasks, select_style_tasks, write_tasks
 from .synthetic import generate_dreambooth_like, generate_unlearncanvas_like
 
 LAYOUTS = ("dreambooth", "unlearncanvas")
 
 
-def select_domain_tasks(layout: str, root: str | os.PathLike[str], block: dict[str, Any]) -> list[Task]:
+def select_domain_tasks(layout: str, root: str | os.PathLike[str], block: dict[str, Any], domain: str = "<domain>") -> list[Task]:
     """The reference's task selection for one domain block of the config (before ordering)."""
+    concepts = block.get("concepts")
+    if concepts is not None and len(concepts) != block["num_tasks"]:
+        raise DatasetError(
+            f"config: domains.{domain}.concepts lists {len(concepts)} concepts but num_tasks is {block['num_tasks']}; "
+            "make them agree (the workflow trains exactly num_tasks tasks)"
+        )
     if layout == "dreambooth":
         tokens = {"tokens": tuple(block["tokens"])} if block.get("tokens") else {}
         return select_object_tasks(
@@ -27,9 +34,11 @@ def select_domain_tasks(layout: str, root: str | os.PathLike[str], block: dict[s
     raise ValueError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
 
 
-def prepare_tasks(layout: str, root: str | os.PathLike[str], block: dict[str, Any], order_seed: int, output: str | os.PathLike[str]) -> list[Task]:
+def prepare_tasks(
+    layout: str, root: str | os.PathLike[str], block: dict[str, Any], order_seed: int, output: str | os.PathLike[str], domain: str = "<domain>"
+) -> list[Task]:
     """Select, order and write the tasks of one (domain, order seed)."""
-    tasks = order_tasks(select_domain_tasks(layout, root, block), order_seed)
+    tasks = order_tasks(select_domain_tasks(layout, root, block, domain), order_seed)
     write_tasks(output, tasks, layout=layout, dataset_root=str(Path(root).resolve()), order_seed=order_seed)
     return tasks
 
