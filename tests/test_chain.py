@@ -9,7 +9,6 @@ own ``load_lora_weights``. One chain runs on the tiny SDXL pipeline.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from lorachain.models.loading import load_pipeline
 from lorachain.state import LORA_FILE, STATE_FILE, StateError, apply_to_unet, fold_state, load_adapters, read_manifest
 from lorachain.torch_env import torch
 from lorachain.train import TrainingConfig, TrainingError, initial_adapters, lora_layers, task_seed, train_task
+from unet_inputs import unet_inputs
 
 METHODS = ("naive", "merge_init", "ortho_init", "magmax")
 TASKS = 3
@@ -73,22 +73,6 @@ def closed_form(method: str, adapters: list) -> torch.Tensor:
     steps = torch.arange(len(adapters)).view(-1, 1, 1).expand_as(deltas)
     last = torch.where(wins, steps, torch.full_like(steps, -1)).max(0).values
     return deltas.gather(0, last.unsqueeze(0)).squeeze(0)
-
-
-def unet_inputs(unet, batch=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    kwargs = {
-        "sample": torch.randn(batch, unet.config.in_channels, size, size, generator=generator),
-        "timestep": torch.tensor([25, 700][:batch]),
-        "encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator),
-    }
-    if unet.config.addition_embed_type == "text_time":
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, 32, generator=generator),
-            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch),
-        }
-    return kwargs
 
 
 @pytest.fixture(scope="module")
@@ -240,28 +224,29 @@ def test_fresh_methods_start_from_new_gaussian_adapters(tiny_sd1_dir, synthetic_
 
 @pytest.mark.parametrize("init_scale", ["gaussian", "unit"])
 def test_ortho_init_initial_A_is_columnwise_orthogonal_to_previous_trained_A(chains, tiny_sd1_dir, synthetic_tasks, tmp_path, init_scale, sd1_layers):
-    dirs = chains["ortho_init"]
-    params = {"init_scale": init_scale}
-    method = make_method("ortho_init", params)
+    dirs = chains["ortho_init"]  # trained with the default parameters (init_scale: gaussian)
+    method = make_method("ortho_init", {"init_scale": init_scale})
+    layers = lora_layers(load_pipeline(tiny_sd1_dir).unet, TRAINING_TARGETS)
+    config = TrainingConfig.from_dict({**TRAINING, "steps": 0})
+    target = 1 / math.sqrt(RANK) if init_scale == "gaussian" else 1.0
     for index in (2, 3):
-        previous_dir = dirs[index - 2]  # trained with the default init_scale; only the factors matter
-        out = tmp_path / f"init{index}"
-        run_task(tiny_sd1_dir, synthetic_tasks, index, previous_dir, "ortho_init", out, params=params, steps=0)
-        initial, previous = factors(out), factors(dirs[index - 2])
-        target = 1 / math.sqrt(RANK) if init_scale == "gaussian" else 1.0
+        previous_dir = dirs[index - 2]
+        # The init hook on the folded state (a chain continues only with its own parameters, so the
+        # state is folded by the chain's method; the init only reads the previous factors).
+        state = fold_state(previous_dir, make_method("ortho_init"))
+        initial = initial_adapters(method, layers, state, config, task_seed(0, index, "per_task"))
+        previous = factors(previous_dir)
         for layer in sd1_layers:
             A_new, A_prev = initial[layer].A.double(), previous[layer].A.double()
             dots = (A_new * A_prev).sum(0)
             assert dots.abs().max() < 1e-5 * A_prev.norm(dim=0).max(), layer
             torch.testing.assert_close(A_new.norm(dim=0), torch.full((A_new.shape[1],), target, dtype=torch.float64), rtol=1e-5, atol=1e-6)
             assert torch.count_nonzero(initial[layer].B) == 0
-        # The same init through the library's hook on the folded state.
-        state = fold_state(previous_dir, method)
-        layers = lora_layers(load_pipeline(tiny_sd1_dir).unet, TRAINING_TARGETS)
-        config = TrainingConfig.from_dict({**TRAINING, "steps": 0})
-        hooked = initial_adapters(method, layers, state, config, task_seed(0, index, "per_task"))
-        for layer in sd1_layers:
-            assert torch.equal(hooked[layer].A, initial[layer].A)
+        if init_scale == "gaussian":  # the trainer writes exactly that init when it trains 0 steps
+            out = tmp_path / f"init{index}"
+            run_task(tiny_sd1_dir, synthetic_tasks, index, previous_dir, "ortho_init", out, params={"init_scale": init_scale}, steps=0)
+            for layer, adapter in factors(out).items():
+                assert torch.equal(adapter.A, initial[layer].A)
     # Training then moves A off the orthogonal init (which is why the init is checked before training).
     trained_1, trained_2 = factors(dirs[0]), factors(dirs[1])
     layer = sd1_layers[0]
@@ -440,6 +425,9 @@ def test_previous_state_of_another_method_refused(chains, tiny_sd1_dir, syntheti
         run_task(tiny_sd1_dir, synthetic_tasks, 2, chains["merge_init"][0], "magmax", tmp_path / "out")
     with pytest.raises(TrainingError, match="previous state"):
         run_task(tiny_sd1_dir, synthetic_tasks, 1, chains["merge_init"][0], "merge_init", tmp_path / "out")
+    # the same method with other parameters cannot continue the chain either
+    with pytest.raises(StateError, match="init_scale"):
+        fold_state(chains["ortho_init"][1], make_method("ortho_init", {"init_scale": "unit"}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed where CUDA is")

@@ -16,6 +16,7 @@ from lorachain.models.loading import ModelError, load_pipeline
 from lorachain.models.tiny import TINY_ARCHITECTURES, build_tiny_pipeline
 from lorachain.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
 from lorachain.torch_env import torch
+from unet_inputs import unet_inputs
 
 # ------------------------------------------------------------------------------------- tokenizer
 
@@ -58,23 +59,6 @@ def test_tokenizer_matches_open_clip_simple_tokenizer():
 # ---------------------------------------------------------------------------------- tiny models
 
 
-def _unet_inputs(unet, batch=2, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    size = unet.config.sample_size
-    kwargs = {
-        "sample": torch.randn(batch, unet.config.in_channels, size, size, generator=generator),
-        "timestep": torch.tensor([10, 500][:batch]),
-        "encoder_hidden_states": torch.randn(batch, 77, unet.config.cross_attention_dim, generator=generator),
-    }
-    if unet.config.addition_embed_type == "text_time":
-        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(batch, pooled, generator=generator),
-            "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * batch),
-        }
-    return kwargs
-
-
 def _assert_same_state_dict(a: torch.nn.Module, b: torch.nn.Module, what: str):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys(), what
@@ -97,7 +81,7 @@ def test_tiny_pipeline_saves_reloads_bit_identically_and_generates(architecture,
     assert loaded.tokenizer("a photo of").input_ids == KNOWN_IDS["a photo of"]
     assert loaded.tokenizer.model_max_length == 77
     # Same U-Net output as the in-memory model.
-    inputs = _unet_inputs(built.unet)
+    inputs = unet_inputs(built.unet)
     with torch.no_grad():
         assert torch.equal(built.unet(**inputs).sample, loaded.unet(**inputs).sample)
     # A 64 px image comes out (8x8 latents decoded by the 8x VAE).
@@ -132,7 +116,7 @@ def test_tiny_sdxl_has_two_text_encoders_and_text_time_conditioning(tiny_sdxl_di
     assert embeds.shape == (1, 77, config.cross_attention_dim)
     assert pooled.shape == (1, pipe.text_encoder_2.config.projection_dim)
     # The time ids really condition the output.
-    inputs = _unet_inputs(pipe.unet, batch=1)
+    inputs = unet_inputs(pipe.unet, batch=1)
     with torch.no_grad():
         first = pipe.unet(**inputs).sample
         inputs["added_cond_kwargs"]["time_ids"] = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 64.0, 64.0]])

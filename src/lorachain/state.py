@@ -111,8 +111,12 @@ def fold_state(task_dir: str | Path | None, method: ContinualMethod, device="cpu
     if task_dir is None:
         return FoldedState(tasks_done=0)
     chain = read_chain(task_dir)
-    if chain[-1][1]["method"]["name"] != method.name:
-        raise StateError(f"{Path(task_dir) / STATE_FILE}: written by method {chain[-1][1]['method']['name']!r}, not {method.name!r}")
+    written_by = chain[-1][1]["method"]
+    if written_by != {"name": method.name, "params": method.params}:
+        raise StateError(
+            f"{Path(task_dir) / STATE_FILE}: written by method {written_by}, not {{'name': {method.name!r}, 'params': {method.params}}}; "
+            "a chain continues only with the method and parameters that started it"
+        )
     merged: dict[str, torch.Tensor] = {}
     adapters: dict[str, LayerAdapter] = {}
     for directory, manifest in chain:
@@ -138,6 +142,13 @@ def apply_to_unet(unet, state: FoldedState) -> None:
         if delta.shape != weight.shape:
             raise StateError(f"state layer {layer!r} has shape {tuple(delta.shape)}, the U-Net's is {tuple(weight.shape)}")
         weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
+
+
+def _readable_by_group(path: Path) -> None:
+    """The LoRA writer creates its file 0600; states are shared on clusters, so honour the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -166,6 +177,7 @@ def write_task_state(
     pipeline_class.save_lora_weights(staging, unet_lora_layers=layers, unet_lora_adapter_metadata=lora_config)
     os.replace(staging / LORA_FILE, output_dir / LORA_FILE)
     staging.rmdir()
+    _readable_by_group(output_dir / LORA_FILE)
     lora_bytes = (output_dir / LORA_FILE).stat().st_size
     manifest = {"format": STATE_FORMAT, **manifest, "bytes": {"lora": lora_bytes}}
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
