@@ -53,14 +53,14 @@ def main() -> None:
         totals["training"] += timings["train_s"]
     other = wall - totals["job_wall"]
     print(f"demo wall time: {wall:.1f} s on {os.cpu_count()} cores ({totals['jobs']} training jobs, {workdir})")
-    print(f"{'part':<34}{'seconds':>9}{'share':>8}")
+    print(f"{"part":<56}{'seconds':>9}{'share':>8}")
     for name, seconds in [
         ("training jobs: imports + start-up", totals["imports"]),
         ("training jobs: I/O (load/fold/write)", totals["io"]),
         ("training jobs: training loop", totals["training"]),
         ("everything else (Snakemake, model build, data, tasks)", other),
     ]:
-        print(f"{name:<34}{seconds:>9.1f}{seconds / wall:>8.0%}")
+        print(f"{name:<56}{seconds:>9.1f}{seconds / wall:>8.0%}")
 
 
 if __name__ == "__main__":
