@@ -53,7 +53,7 @@ def main() -> None:
         totals["training"] += timings["train_s"]
     other = wall - totals["job_wall"]
     print(f"demo wall time: {wall:.1f} s on {os.cpu_count()} cores ({totals['jobs']} training jobs, {workdir})")
-    print(f"{"part":<56}{'seconds':>9}{'share':>8}")
+    print(f"{'part':<56}{'seconds':>9}{'share':>8}")
     for name, seconds in [
         ("training jobs: imports + start-up", totals["imports"]),
         ("training jobs: I/O (load/fold/write)", totals["io"]),
