@@ -33,7 +33,11 @@ from lorachain.data import (
     write_tasks,
 )
 
-REAL_DREAMBOOTH = Path("/work/shared/data/dreambooth")
+# The real dataset lives in ../shared beside the checkout (never copied into the repository);
+# LORACHAIN_DREAMBOOTH points elsewhere. Tests that need it skip only when it is absent.
+REAL_DREAMBOOTH = Path(
+    os.environ.get("LORACHAIN_DREAMBOOTH", Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth")
+)
 
 # The 60 style directories and 20 object classes of UnlearnCanvas (REFERENCE.md section 5).
 UNLEARNCANVAS_STYLES = """
