@@ -17,8 +17,19 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/sample.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
+
+
+onstart:
+    check_metric_models()
 
 
 rule all:
+    """Every domain's tables, heatmaps, curves and image grid (and so every state, sample and score)."""
     input:
-        final_states(),
+        all_outputs(),

@@ -1,6 +1,8 @@
 # Config lookups, input functions and wildcard constraints. Rules stay declarative.
 import os
 
+from lorachain.metrics.catalog import DEFAULT_METRICS, TINY_ENCODER_ENTRY, encoders_for
+
 RESULTS = "results"
 RESOURCES = "resources"
 LOGS = "logs"
@@ -133,3 +135,138 @@ def final_states():
         for order in config["orders"]
         for seed in config["seeds"]
     ]
+
+
+# --------------------------------------------------------------------------- sample & score
+
+SAMPLES_DIR = f"{RESULTS}/{RUN}/samples/after{{task}}"
+BASE_SAMPLES_DIR = f"{RESULTS}/{{domain}}/base/samples"
+REFERENCE_EMBEDDINGS = f"{RESULTS}/{{domain}}/references.safetensors"
+RUN_SCORES = f"{RESULTS}/{RUN}/scores.csv"
+BASE_SCORES = f"{RESULTS}/{{domain}}/base/scores.csv"
+MATRICES = f"{RESULTS}/{{domain}}/matrices.csv"
+TABLE = f"{RESULTS}/tables/{{domain}}"
+FIGURES = f"{RESULTS}/figures/{{domain}}"
+SCORING_RULES = {"embed_references", "score_run", "score_base"}
+
+
+wildcard_constraints:
+    metric="dino|clip_i|clip_t|csd",
+    encoder="dino|clip|csd",
+
+
+def reference_order():
+    """Base samples and reference embeddings belong to concepts, not to an order: they are built
+    from the first order's task list (every order holds the same concepts)."""
+    return config["orders"][0]
+
+
+def reference_tasks(wildcards):
+    return f"{RESULTS}/{wildcards.domain}/tasks/order{reference_order()}.json"
+
+
+def domain_metrics(name):
+    block = config["domains"][name]
+    return list(block.get("metrics") or DEFAULT_METRICS[block["dataset"]["layout"]])
+
+
+def metrics_of(wildcards):
+    return domain_metrics(wildcards.domain)
+
+
+def domain_encoders(name):
+    return encoders_for(domain_metrics(name))
+
+
+def encoder_blocks(wildcards):
+    """Loader blocks of the encoders a domain's metrics need; tiny ones point into resources/."""
+    blocks = {}
+    for name in domain_encoders(wildcards.domain):
+        block = config["metrics"][name]
+        if block.get("tiny"):
+            key, entry = TINY_ENCODER_ENTRY[name]
+            blocks[name] = {key: os.path.join(f"{RESOURCES}/metrics/tiny-{name}", entry)}
+        else:
+            blocks[name] = {key: value for key, value in block.items() if key != "tiny"}
+    return blocks
+
+
+def encoder_inputs(wildcards):
+    return [
+        f"{RESOURCES}/metrics/tiny-{name}"
+        for name in domain_encoders(wildcards.domain)
+        if config["metrics"][name].get("tiny")
+    ]
+
+
+def check_metric_models():
+    """Before any job runs: local metric model paths (e.g. the CSD checkpoint) must exist, so a
+    typo fails now instead of after hours of training and sampling."""
+    problems = []
+    for name in sorted({encoder for domain_name in DOMAINS for encoder in domain_encoders(domain_name)}):
+        block = config["metrics"][name]
+        if block.get("tiny"):
+            continue
+        for key, value in block.items():
+            looks_local = key == "checkpoint" or str(value).startswith((".", "/", "~")) or str(value).count("/") != 1
+            if looks_local and not os.path.exists(os.path.expanduser(str(value))):
+                problems.append(f"config key metrics.{name}.{key}: {value!r} does not exist (give the path of the downloaded file or directory)")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+def state_chain_files(wildcards):
+    """Sampling after task i folds the chain of tasks 1..i of its run."""
+    index = check_task_index(wildcards)
+    run = RUN.format(**{k: getattr(wildcards, k) for k in ("domain", "method", "order", "seed")})
+    return [
+        f"{RESULTS}/{run}/task{task_label(task)}/{name}"
+        for task in range(1, index + 1)
+        for name in (TASK_FILES["state"], TASK_FILES["lora"])
+    ]
+
+
+def state_dir(wildcards):
+    return os.path.dirname(TASK_DIR.format(**wildcards))
+
+
+def run_sample_dirs(wildcards):
+    """Every sample set of one run: after task 1..T."""
+    return [
+        SAMPLES_DIR.format(**{**wildcards, "task": task_label(task)})
+        for task in range(1, domain(wildcards)["num_tasks"] + 1)
+    ]
+
+
+def domain_runs(name):
+    return [(method, order, seed) for method in METHODS for order in config["orders"] for seed in config["seeds"]]
+
+
+def domain_run_scores(wildcards):
+    return {
+        f"{method}|{order}|{seed}": RUN_SCORES.format(domain=wildcards.domain, method=method, order=order, seed=seed)
+        for method, order, seed in domain_runs(wildcards.domain)
+    }
+
+
+def grid_sample_dirs(wildcards):
+    """The image grid shows the first run (first order, first seed) of every method."""
+    order, seed = config["orders"][0], config["seeds"][0]
+    return {
+        f"{method}|{task}": SAMPLES_DIR.format(domain=wildcards.domain, method=method, order=order, seed=seed, task=task_label(task))
+        for method in METHODS
+        for task in range(1, domain(wildcards)["num_tasks"] + 1)
+    }
+
+
+def domain_outputs(name):
+    """Tables, figures and the image grid of one domain (what the report shows)."""
+    outputs = [f"{TABLE.format(domain=name)}.csv", f"{TABLE.format(domain=name)}.md", f"{FIGURES.format(domain=name)}/grid.png"]
+    for metric in domain_metrics(name):
+        for kind in ("heatmap", "curve"):
+            outputs += [f"{FIGURES.format(domain=name)}/{kind}-{metric}.{suffix}" for suffix in ("png", "pdf")]
+    return outputs
+
+
+def all_outputs():
+    return [path for name in DOMAINS for path in domain_outputs(name)]

@@ -1,0 +1,190 @@
+"""Score sample sets against their tasks' reference images (and prompts).
+
+Every image metric is the mean cosine similarity over all (generated, reference) pairs of a task
+(REFERENCE section 6); CLIP-T is the mean cosine between each generated image and its own prompt,
+reported raw (not the 2.5 * max(cos, 0) "CLIPScore" scaling). Each image is embedded once per
+encoder; reference images once per task and domain (``embed_references``), then reused by every
+scoring job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from lorachain.metrics.catalog import IMAGE_METRICS, METRIC_ENCODER, TEXT_METRICS, encoders_for
+from lorachain.torch_env import torch
+
+SCORE_COLUMNS = (
+    "model", "method", "domain", "order", "seed", "after_task", "task", "concept", "metric",
+    "score", "n_images", "n_references",
+)
+
+
+class ScoreError(RuntimeError):
+    """A score that cannot be computed or is not finite; names the file."""
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def mean_pairwise_cosine(generated: torch.Tensor, references: torch.Tensor) -> float:
+    """Mean over all (generated, reference) pairs of the cosine similarity of their embeddings."""
+    if len(generated) == 0 or len(references) == 0:
+        raise ScoreError(f"all-pairs cosine of {len(generated)} generated and {len(references)} reference embeddings")
+    return float((_normalise(generated) @ _normalise(references).T).mean())
+
+
+def mean_matched_cosine(images: torch.Tensor, texts: torch.Tensor) -> float:
+    """Mean cosine between each image and its own text (row i with row i): CLIP-T."""
+    if images.shape != texts.shape or len(images) == 0:
+        raise ScoreError(f"matched cosine needs equal, non-empty shapes; got {tuple(images.shape)} and {tuple(texts.shape)}")
+    return float((_normalise(images) * _normalise(texts)).sum(-1).mean())
+
+
+def _open_images(paths: list[str]):
+    from PIL import Image
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as error:
+            raise ScoreError(f"{path}: cannot read image ({error})") from None
+    return images
+
+
+def embed_references(tasks, encoders: dict, metrics: list[str], output: str | Path, batch_size: int = 32) -> dict:
+    """Embed every task's reference images once per image-metric encoder; write them as one
+    safetensors file (key ``{encoder}/{concept}``) with the reference paths in its metadata."""
+    from safetensors.torch import save_file
+
+    tensors, sources = {}, {}
+    image_encoders = encoders_for([m for m in metrics if m in IMAGE_METRICS])
+    for task in tasks:
+        if not task.reference_images:
+            raise ScoreError(f"task {task.concept}: no reference images; the dataset's reference directory for it is empty")
+        images = _open_images(list(task.reference_images))
+        sources[task.concept] = list(task.reference_images)
+        for name in image_encoders:
+            tensors[f"{name}/{task.concept}"] = encoders[name].embed_images(images, batch_size=batch_size).contiguous()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(output), metadata={"references": json.dumps(sources)})
+    return {"concepts": len(tasks), "encoders": image_encoders}
+
+
+def load_references(path: str | Path) -> dict:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ScoreError(f"{path}: reference embeddings missing; rerun the embed_references job")
+    return load_file(str(path))
+
+
+def score_sample_sets(frames: list, references: dict, encoders: dict, metrics: list[str], sources: list[str], batch_size: int = 32) -> list[dict]:
+    """Rows of scores (one per sample set, task and metric) for sample-set index frames (see
+    lorachain.sample.read_index); `sources` names each frame's index file for errors."""
+    rows = []
+    for frame, source in zip(frames, sources):
+        frame = frame.reset_index(drop=True)  # row i <-> embedding i
+        images = _open_images(list(frame["path"]))
+        embeddings = {name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(metrics)}
+        if "clip_t" in metrics:
+            prompts = sorted(set(frame["prompt"]))
+            text = dict(zip(prompts, encoders["clip"].embed_texts(prompts, batch_size=batch_size)))
+        for (after, task, concept), group in frame.groupby(["after_task", "task", "concept"], sort=True):
+            positions = group.index.to_numpy()
+            first = group.iloc[0]
+            for metric in metrics:
+                generated = embeddings[METRIC_ENCODER[metric]][positions]
+                if metric in TEXT_METRICS:
+                    value = mean_matched_cosine(generated, torch.stack([text[p] for p in group["prompt"]]))
+                    n_references = 0
+                else:
+                    key = f"{METRIC_ENCODER[metric]}/{concept}"
+                    if key not in references:
+                        raise ScoreError(f"{source}: no reference embeddings {key!r}; the references were embedded for other tasks or metrics, rerun embed_references")
+                    value = mean_pairwise_cosine(generated, references[key])
+                    n_references = len(references[key])
+                if not math.isfinite(value):
+                    raise ScoreError(f"{source}: {metric} on task {task} after task {after} is {value}; check the images and the metric model")
+                rows.append({
+                    "model": first["model"], "method": first["method"], "domain": first["domain"], "order": first["order"],
+                    "seed": first["seed"], "after_task": int(after), "task": int(task), "concept": concept, "metric": metric,
+                    "score": value, "n_images": len(group), "n_references": n_references,
+                })
+    return rows
+
+
+def load_encoders(metrics: list[str], blocks: dict, device=None) -> tuple[dict, float]:
+    """Every encoder the metrics need, loaded once; returns them and the seconds loading took."""
+    from lorachain.metrics.encoders import load_encoder
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    started = time.perf_counter()
+    encoders = {name: load_encoder(name, blocks[name], device=device) for name in encoders_for(metrics)}
+    return encoders, time.perf_counter() - started
+
+
+def write_scores(rows: list[dict], output: str | Path) -> None:
+    import pandas as pd
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.tmp")
+    pd.DataFrame(rows, columns=list(SCORE_COLUMNS)).to_csv(temporary, index=False, float_format="%.6f")
+    temporary.replace(output)
+
+
+def read_scores(path: str | Path):
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise ScoreError(f"{path}: scores missing; rerun the scoring job that writes it")
+    frame = pd.read_csv(path)
+    missing = sorted(set(SCORE_COLUMNS) - set(frame.columns))
+    if missing:
+        raise ScoreError(f"{path}: columns {missing} missing; rescore")
+    if not frame["score"].map(math.isfinite).all():
+        bad = frame[~frame["score"].map(math.isfinite)].iloc[0]
+        raise ScoreError(f"{path}: {bad['metric']} on task {bad['task']} after task {bad['after_task']} is {bad['score']}")
+    return frame
+
+
+def embed_references_job(*, tasks_file, metrics: list[str], encoder_blocks: dict, batch_size: int, output) -> dict:
+    """The embed_references job: reference embeddings of every task of a task file."""
+    from lorachain.data import read_tasks
+
+    started = time.perf_counter()
+    tasks = read_tasks(tasks_file)
+    image_metrics = [metric for metric in metrics if metric in IMAGE_METRICS]
+    encoders, load_s = load_encoders(image_metrics, encoder_blocks)
+    result = embed_references(tasks, encoders, image_metrics, output, batch_size=batch_size)
+    return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
+
+
+def score_job(*, sample_dirs: list, references, metrics: list[str], encoder_blocks: dict, batch_size: int, output) -> dict:
+    """A scoring job: every sample set of a run (or the base model), one scores CSV. Returns
+    timings, including the share of the job spent loading the embedding models."""
+    from lorachain.sample import INDEX_FILE, read_index
+
+    started = time.perf_counter()
+    frames = [read_index(directory) for directory in sample_dirs]
+    reference_embeddings = load_references(references)
+    encoders, load_s = load_encoders(metrics, encoder_blocks)
+    score_started = time.perf_counter()
+    rows = score_sample_sets(frames, reference_embeddings, encoders, metrics, [str(Path(d) / INDEX_FILE) for d in sample_dirs], batch_size)
+    score_s = time.perf_counter() - score_started
+    write_scores(rows, output)
+    total_s = time.perf_counter() - started
+    images = sum(len(frame) for frame in frames)
+    return {
+        "images": images, "rows": len(rows), "load_models_s": load_s, "score_s": score_s, "total_s": total_s,
+        "images_per_s": images / score_s if score_s else math.nan, "load_share": load_s / total_s,
+    }

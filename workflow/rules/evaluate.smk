@@ -1,0 +1,78 @@
+rule build_tiny_encoder:
+    """A tiny DINO, CLIP or CSD encoder with random weights, of the real classes (demo and tests)."""
+    output:
+        directory(f"{RESOURCES}/metrics/tiny-{{encoder}}"),
+    params:
+        seed=lambda wildcards: config["metrics"][wildcards.encoder].get("tiny_seed", 0),
+    log:
+        f"{LOGS}/metrics/tiny-{{encoder}}.log",
+    script:
+        "../scripts/build_tiny_encoder.py"
+
+
+rule embed_references:
+    """Embed every task's reference images once per encoder; every scoring job reuses them."""
+    input:
+        tasks=reference_tasks,
+        encoders=encoder_inputs,
+    output:
+        REFERENCE_EMBEDDINGS,
+    params:
+        metrics=metrics_of,
+        encoders=encoder_blocks,
+        batch_size=config["metrics"]["batch_size"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/{{domain}}/references.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/references.tsv"
+    script:
+        "../scripts/embed_references.py"
+
+
+rule score_run:
+    """Score every sample set of one run: the T x T matrix a[j, i] of each metric."""
+    input:
+        samples=run_sample_dirs,
+        references=REFERENCE_EMBEDDINGS,
+        encoders=encoder_inputs,
+    output:
+        RUN_SCORES,
+    params:
+        metrics=metrics_of,
+        encoders=encoder_blocks,
+        batch_size=config["metrics"]["batch_size"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/{RUN}/scores.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{RUN}/scores.tsv"
+    script:
+        "../scripts/score_samples.py"
+
+
+rule score_base:
+    """Score the base model's samples of a domain."""
+    input:
+        samples=BASE_SAMPLES_DIR,
+        references=REFERENCE_EMBEDDINGS,
+        encoders=encoder_inputs,
+    output:
+        BASE_SCORES,
+    params:
+        metrics=metrics_of,
+        encoders=encoder_blocks,
+        batch_size=config["metrics"]["batch_size"],
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/{{domain}}/base/scores.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/base/scores.tsv"
+    script:
+        "../scripts/score_samples.py"

@@ -1,0 +1,48 @@
+rule sample_state:
+    """Sample the model after task i of a run on every task j <= i (evaluation prompts, fixed noises)."""
+    input:
+        tasks=f"{RESULTS}/{{domain}}/tasks/order{{order}}.json",
+        chain=state_chain_files,
+        model=model_inputs,
+    output:
+        directory(SAMPLES_DIR),
+    params:
+        task_index=check_task_index,
+        state_dir=state_dir,
+        method=method_name,
+        method_params=method_block,
+        sampling=config["sampling"],
+        model=model_source(),
+        vae=config["model"].get("vae"),
+        run=run_identity,
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/{RUN}/samples-after{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{RUN}/samples-after{{task}}.tsv"
+    script:
+        "../scripts/sample_state.py"
+
+
+rule sample_base:
+    """Sample the base model on every task of a domain (the reference line of the curves)."""
+    input:
+        tasks=reference_tasks,
+        model=model_inputs,
+    output:
+        directory(BASE_SAMPLES_DIR),
+    params:
+        sampling=config["sampling"],
+        model=model_source(),
+        vae=config["model"].get("vae"),
+    threads: 1
+    resources:
+        gpu=1,
+    log:
+        f"{LOGS}/{{domain}}/base/samples.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/base/samples.tsv"
+    script:
+        "../scripts/sample_state.py"

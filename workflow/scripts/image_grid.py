@@ -1,0 +1,14 @@
+from lorachain.workflow_io import job_log
+
+with job_log(snakemake.log[0]):
+    from lorachain.report.results import image_grid_job
+
+    image_grid_job(
+        domain=snakemake.wildcards.domain,
+        samples=dict(snakemake.params.samples),
+        base_samples=snakemake.input.base,
+        prompt_index=snakemake.params.grid["prompt_index"],
+        sample=snakemake.params.grid["sample"],
+        run=dict(snakemake.params.run),
+        output=snakemake.output[0],
+    )
