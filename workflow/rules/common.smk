@@ -227,7 +227,7 @@ def state_chain_files(wildcards):
 
 
 def state_dir(wildcards):
-    return os.path.dirname(TASK_DIR.format(**wildcards))
+    return TASK_DIR.format(**wildcards)
 
 
 def run_sample_dirs(wildcards):

@@ -98,7 +98,7 @@ def score_sample_sets(frames: list, references: dict, encoders: dict, metrics: l
             prompts = sorted(set(frame["prompt"]))
             text = dict(zip(prompts, encoders["clip"].embed_texts(prompts, batch_size=batch_size)))
         for (after, task, concept), group in frame.groupby(["after_task", "task", "concept"], sort=True):
-            positions = group.index.to_numpy()
+            positions = torch.as_tensor(group.index.to_list())
             first = group.iloc[0]
             for metric in metrics:
                 generated = embeddings[METRIC_ENCODER[metric]][positions]
