@@ -52,26 +52,55 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
     result = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=tmp_path)
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
-    # 2 domains x 4 methods x 4 order seeds x 2 training seeds x 10 tasks
-    assert counts == {"prepare_tasks": 2 * 4, "train_task": 2 * 4 * 4 * 2 * 10, "all": 1, "total": 649}
-    assert "build_tiny_model" not in counts  # the real model is a hub id: nothing is built or downloaded
+    runs = 2 * 4 * 4 * 2  # domains x methods x order seeds x training seeds
+    assert counts == {
+        "prepare_tasks": 2 * 4,
+        "train_task": runs * 10,
+        "sample_state": runs * 10,  # one per (run, after task i)
+        "sample_base": 2,
+        "embed_references": 2,  # once per domain, reused by every scoring job
+        "score_run": runs,
+        "score_base": 2,
+        "continual_table": 2,
+        "plot_metric": 2 * 3,  # domains x metrics
+        "image_grid": 2,
+        "all": 1,
+        "total": 1369,
+    }
+    # real models are hub ids: nothing is built or downloaded
+    assert "build_tiny_model" not in counts and "build_tiny_encoder" not in counts
+
+
+def test_paper_grid_table_target_dry_runs_only_its_domain(tmp_path):
+    result = snakemake("-n", "results/tables/styles.csv", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    counts = job_counts(result.stdout)
+    assert counts["train_task"] == counts["sample_state"] == 4 * 4 * 2 * 10 and counts["continual_table"] == 1
+    assert "plot_metric" not in counts and "results/objects" not in result.stdout
 
 
 TASK_STATE = re.compile(r"results/(\w+)/(\w+)/order(-?\d+)-seed(-?\d+)/task(\d+)/state\.json")
 
 
-def _train_jobs(dry_run_output: str) -> dict[tuple, set[tuple]]:
-    """(domain, method, order, seed, task) of every train_task job -> the task states it reads."""
+SAMPLES = re.compile(r"results/(\w+)/(\w+)/order(-?\d+)-seed(-?\d+)/samples/after(\d+)")
+
+
+def _jobs(dry_run_output: str, rule_name: str, output_pattern: re.Pattern) -> dict[tuple, set[tuple]]:
+    """(domain, method, order, seed, task) of every job of a rule -> the task states it reads."""
     jobs = {}
     parts = re.split(r"^rule (\w+):$", dry_run_output, flags=re.M)
     for rule, block in zip(parts[1::2], parts[2::2]):
-        if rule != "train_task":
+        if rule != rule_name:
             continue
         fields = dict(re.findall(r"^\s+(input|output): (.*)$", block, flags=re.M))
-        (output,) = TASK_STATE.findall(fields["output"])
+        (output,) = output_pattern.findall(fields["output"])
         key = (*output[:4], int(output[4]))
         jobs[key] = {(*match[:4], int(match[4])) for match in TASK_STATE.findall(fields.get("input", ""))}
     return jobs
+
+
+def _train_jobs(dry_run_output: str) -> dict[tuple, set[tuple]]:
+    return _jobs(dry_run_output, "train_task", TASK_STATE)
 
 
 def test_paper_grid_task_t_depends_on_task_t_minus_1_of_the_same_run(tmp_path):
@@ -84,6 +113,11 @@ def test_paper_grid_task_t_depends_on_task_t_minus_1_of_the_same_run(tmp_path):
         assert reads == {(domain, method, order, seed, previous) for previous in range(1, task)}, (domain, method, task)
         if task > 1:
             assert (domain, method, order, seed, task - 1) in reads
+    samplers = _jobs(result.stdout, "sample_state", SAMPLES)
+    assert len(samplers) == 640
+    for (domain, method, order, seed, task), reads in samplers.items():
+        # sampling after task i folds the chain 1..i of its own run
+        assert reads == {(domain, method, order, seed, previous) for previous in range(1, task + 1)}
 
 
 # ------------------------------------------------------------------------------- validation
@@ -98,6 +132,11 @@ def test_paper_grid_task_t_depends_on_task_t_minus_1_of_the_same_run(tmp_path):
         (lambda c: c["methods"]["magmax"].update(threshold=0.5), "threshold"),
         (lambda c: c["domains"]["objects"].update(num_tasks=0), "num_tasks"),
         (lambda c: c.update(model={"pretrained": "a/b", "tiny": "sd1"}), "model"),
+        (lambda c: c["sampling"].update(stepz=3), "stepz"),
+        (lambda c: c["sampling"].update(resolution=60), "resolution"),
+        (lambda c: c["metrics"].update(csd={"tiny": True, "checkpoint": "x.pth"}), "csd"),
+        (lambda c: c["domains"]["objects"].update(metrics=["dino", "fid"]), "fid"),
+        (lambda c: c["methods"].update(base={"method": "naive"}), "base"),
     ],
 )
 def test_invalid_config_fails_the_dry_run_naming_the_key(tmp_path, edit, message):
@@ -112,7 +151,8 @@ def test_invalid_config_fails_the_dry_run_naming_the_key(tmp_path, edit, message
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
-    result = snakemake("--profile", str(ROOT / "profiles" / "local"), "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=workdir, timeout=1500)
+    # The demo has no GPU work: two single-threaded jobs at a time use both cores of a CI machine.
+    result = snakemake("--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2", "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=workdir, timeout=1500)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return workdir, yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
 
@@ -139,11 +179,75 @@ def test_demo_trains_every_chain(demo_run):
 
 
 @pytest.mark.slow
+def test_demo_tables_have_one_finite_row_per_method_and_metric(demo_run):
+    import pandas as pd
+
+    from lorachain.metrics.catalog import DEFAULT_METRICS
+
+    workdir, config = demo_run
+    for domain, block in config["domains"].items():
+        table = pd.read_csv(workdir / "results" / "tables" / f"{domain}.csv")
+        metrics = DEFAULT_METRICS[block["dataset"]["layout"]]
+        assert sorted(zip(table["method"], table["metric"])) == sorted((m, metric) for m in config["methods"] for metric in metrics)
+        numbers = table.drop(columns=["domain", "method", "metric"])
+        assert numbers.map(lambda value: pd.notna(value) and abs(value) < float("inf")).all().all(), table
+        assert (table["n_runs"] == len(config["orders"]) * len(config["seeds"])).all()
+        assert (workdir / "results" / "tables" / f"{domain}.md").read_text().count("\n| ") == len(table) + 1
+
+
+@pytest.mark.slow
+def test_demo_samples_every_state_on_its_tasks(demo_run):
+    from lorachain.sample import read_index
+
+    workdir, config = demo_run
+    sampling = config["sampling"]
+    for domain, block in config["domains"].items():
+        T = block["num_tasks"]
+        base = read_index(workdir / "results" / domain / "base" / "samples")
+        assert len(base) == T * 5 * sampling["num_samples"]  # every task, 5 prompts, N noises
+        for method in config["methods"]:
+            for after in range(1, T + 1):
+                index = read_index(workdir / "results" / domain / method / "order0-seed0" / "samples" / f"after{after:02d}")
+                assert sorted(set(index["task"])) == list(range(1, after + 1))
+                assert len(index) == after * 5 * sampling["num_samples"]
+                assert set(index["noise_seed"]) == {sampling["noise_seed"]}
+
+
+@pytest.mark.slow
+def test_demo_figures_and_report(demo_run):
+    from lorachain.metrics.catalog import DEFAULT_METRICS
+
+    workdir, config = demo_run
+    for domain, block in config["domains"].items():
+        figures = workdir / "results" / "figures" / domain
+        assert (figures / "grid.png").stat().st_size > 1000
+        for metric in DEFAULT_METRICS[block["dataset"]["layout"]]:
+            for name in (f"heatmap-{metric}", f"curve-{metric}"):
+                assert (figures / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+                assert (figures / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
+    result = snakemake("--report", "report.html", "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    html = (workdir / "report.html").read_text()
+    for name in ("objects.csv", "styles.csv", "heatmap-csd.png", "curve-dino.png", "grid.png", "sequence position"):
+        assert name in html, name
+
+
+@pytest.mark.slow
 def test_demo_rerun_has_nothing_to_do(demo_run):
     workdir, _ = demo_run
     result = snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=workdir)
     assert result.returncode == 0, result.stderr
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_missing_metric_checkpoint_fails_before_any_job(tmp_path):
+    def point_at_missing(config):
+        config["metrics"]["csd"] = {"checkpoint": str(tmp_path / "csd" / "checkpoint.pth")}
+
+    result = snakemake("--cores", "1", "--configfile", str(write_config(tmp_path, point_at_missing)), workdir=tmp_path)
+    assert result.returncode != 0
+    assert f"metrics.csd.checkpoint: '{tmp_path / 'csd' / 'checkpoint.pth'}' does not exist" in result.stdout + result.stderr
+    assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
 
 
 @pytest.mark.slow
