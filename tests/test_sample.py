@@ -187,3 +187,14 @@ def test_read_index_checks_images(tiny_sd1_dir, tasks_file, states, tmp_path):
         read_index(tmp_path / "s")
     with pytest.raises(SamplingError, match="sample index missing"):
         read_index(tmp_path / "none")
+
+
+def test_base_model_sampling_on_sdxl(tiny_sdxl_dir, tasks_file, tmp_path):
+    timings = sample_after_task(
+        tasks_file=tasks_file, task_index=None, state_dir=None, method_name=None, method_params=None,
+        sampling={**SAMPLING, "num_samples": 1}, model_source=str(tiny_sdxl_dir), vae=None, output_dir=tmp_path / "base",
+        identity={"model": "base", "method": "base", "domain": "objects", "order": "", "seed": "", "after_task": 0},
+    )
+    frame = read_index(tmp_path / "base")
+    assert timings["images"] == len(frame) == 2 * 2  # both tasks, 2 prompts, 1 noise
+    assert set(frame["after_task"]) == {0} and list(frame["concept"].unique()) == ["concept1", "concept2"]
