@@ -8,19 +8,35 @@ Speed choices that keep the objective unchanged: the training images get one fix
 their VAE posteriors (mean, std) are computed once per task and a latent is drawn from them at every
 step (what encoding at every step would give); the prompt embedding is computed once per task; the
 VAE and text encoders are dropped before the first step.
+
+Preemption (SLURM requeue, walltime, a Snakemake retry): every ``training.checkpoint_every`` steps,
+and at the end of the step during which SIGTERM arrives, the trainer writes an in-task checkpoint to
+``<task dir>/.resume/checkpoint.pt`` (not a declared output, so a retry keeps it): the LoRA factors,
+the optimizer (and grad-scaler) state, the losses so far and the state of the step generator, with a
+fingerprint of the run. A rerun of the same call continues from it and ends bit-identical to an
+uninterrupted run (the crops, posteriors and prompt embedding are recomputed deterministically); a
+checkpoint of another configuration is logged and deleted. ``.resume/`` goes once the state is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import hashlib
+import json
+import logging
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from lorachain.methods import ContinualMethod, InitContext, LayerAdapter, make_method
-from lorachain.state import LORA_FILE, FoldedState, apply_to_unet, fold_state, write_task_state
+from lorachain.state import LORA_FILE, STATE_FILE, FoldedState, apply_to_unet, fold_state, read_chain, write_task_state
 from lorachain.torch_env import torch
 
 # Derived per-task seeds: the reference reuses one seed for every task, which makes every fresh A
@@ -28,9 +44,28 @@ from lorachain.torch_env import torch
 SEED_STRIDE = 1000
 SEED_POLICIES = ("per_task", "same")
 
+# In-task checkpoints (resume after preemption): <task dir>/.resume/checkpoint.pt.
+RESUME_DIR = ".resume"
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+# Fields that do not change what is computed: a checkpoint stays valid when they change.
+_NOT_FINGERPRINTED = ("checkpoint_every",)
+
+log = logging.getLogger(__name__)
+
 
 class TrainingError(RuntimeError):
     """Training cannot start or did not finish; the message names the config key or file."""
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGTERM (SLURM preemption or walltime, scancel) stopped training at the end of a step; the
+    in-task checkpoint was written (unless training.checkpoint_every is 0), no state was."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path | None):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
 
 
 @dataclass(frozen=True)
@@ -50,6 +85,7 @@ class TrainingConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     seed_policy: str = "per_task"
+    checkpoint_every: int = 100  # in-task resume checkpoint every N steps (and on SIGTERM); 0: none
 
     @classmethod
     def from_dict(cls, block: dict) -> "TrainingConfig":
@@ -68,6 +104,8 @@ class TrainingConfig:
         config = cls(**fields)
         if config.seed_policy not in SEED_POLICIES:
             raise TrainingError(f"config key training.seed_policy: {config.seed_policy!r} is not one of {SEED_POLICIES}")
+        if isinstance(config.checkpoint_every, bool) or not isinstance(config.checkpoint_every, int) or config.checkpoint_every < 0:
+            raise TrainingError(f"config key training.checkpoint_every: {config.checkpoint_every!r} is not an integer >= 0 (0 disables in-task checkpoints)")
         return config
 
     @property
@@ -219,6 +257,160 @@ def _accelerator(config: TrainingConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
 
+# ------------------------------------------------------------------------------ resume checkpoints
+
+
+def _sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_fingerprint(
+    *, config: TrainingConfig, method: ContinualMethod, task_index: int, seed: int, this_seed: int, model_source, vae,
+    train_images, train_prompt: str, previous_state, run: dict | None, concept: str | None,
+) -> dict:
+    """What a task's training computes, as JSON: an in-task checkpoint is used only by the same run.
+    The previous state enters through the bytes of every manifest of its chain and of its LoRA
+    file, the training images through their bytes (a moved dataset still matches)."""
+    training = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED}
+    previous = None
+    if previous_state is not None:
+        previous = {
+            "chain": [hashlib.sha256((directory / STATE_FILE).read_bytes()).hexdigest() for directory, _ in read_chain(previous_state)],
+            "lora": _sha256_file(Path(previous_state) / LORA_FILE),
+        }
+    fingerprint = {
+        "format": CHECKPOINT_FORMAT,
+        "task_index": task_index,
+        "seed": seed,
+        "task_seed": this_seed,
+        "method": {"name": method.name, "params": method.params},
+        "model_source": str(model_source),
+        "vae": None if vae is None else str(vae),
+        "training": training,
+        "train_prompt": train_prompt,
+        "train_images": [_sha256_file(path) for path in train_images],
+        "previous_state": previous,
+        "run": run or {},
+        "concept": concept,
+    }
+    return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as it reads back
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(resume_dir: Path, payload: dict) -> Path:
+    """Write the checkpoint atomically: a temporary file, flushed to disk, then renamed over the old one."""
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    path = resume_dir / CHECKPOINT_FILE
+    temporary = resume_dir / f".{CHECKPOINT_FILE}.tmp{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(resume_dir)
+    return path
+
+
+def _checkpoint_problem(checkpoint: dict, fingerprint: dict, named_parameters, optimizer, generator_state, steps: int) -> str | None:
+    """Why `checkpoint` cannot continue this run (None: it can). Checked in full before anything
+    is loaded, so a refused checkpoint leaves the fresh run untouched."""
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        return f"checkpoint format {checkpoint.get('format') if isinstance(checkpoint, dict) else None!r}, this lorachain writes {CHECKPOINT_FORMAT}"
+    try:
+        theirs = json.loads(checkpoint["fingerprint"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return "no readable fingerprint"
+    if theirs != fingerprint:
+        differ = sorted(key for key in set(theirs) | set(fingerprint) if theirs.get(key) != fingerprint.get(key))
+        return f"written by another configuration (differs in: {', '.join(differ)})"
+    step, losses = checkpoint.get("step"), checkpoint.get("losses")
+    if not isinstance(step, int) or not 0 <= step <= steps:
+        return f"step {step!r} outside 0..{steps}"
+    if not isinstance(losses, torch.Tensor) or losses.shape != (step,):
+        return "losses do not match the step"
+    lora = checkpoint.get("lora")
+    if not isinstance(lora, dict) or sorted(lora) != sorted(name for name, _ in named_parameters):
+        return "its LoRA parameters are not this U-Net's"
+    for name, parameter in named_parameters:
+        if not isinstance(lora[name], torch.Tensor) or lora[name].shape != parameter.shape or lora[name].dtype != parameter.dtype:
+            return f"parameter {name} has another shape or dtype"
+    state = checkpoint.get("optimizer")
+    if not isinstance(state, dict) or len(state.get("param_groups", ())) != len(optimizer.param_groups):
+        return "optimizer state of another optimizer"
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    ids = [i for group in state["param_groups"] for i in group["params"]]
+    if [len(g["params"]) for g in state["param_groups"]] != [len(g["params"]) for g in optimizer.param_groups]:
+        return "optimizer state of other parameters"
+    for index, entry in state.get("state", {}).items():
+        if index not in ids:
+            return "optimizer state of other parameters"
+        parameter = flat[ids.index(index)]
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and key.startswith("exp_avg") and value.shape != parameter.shape:
+                return f"optimizer state {key} of another shape"
+    generator = checkpoint.get("generator")
+    if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.shape != generator_state.shape:
+        return "no step-generator state"
+    return None
+
+
+def load_checkpoint(resume_dir: Path, fingerprint: dict, named_parameters, optimizer, generator: torch.Generator, steps: int) -> dict | None:
+    """The checkpoint in `resume_dir` if it continues this run; any other one is logged and deleted."""
+    path = resume_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file: start afresh rather than fail the job
+        problem = f"unreadable ({type(error).__name__}: {error})"
+    else:
+        problem = _checkpoint_problem(checkpoint, fingerprint, named_parameters, optimizer, generator.get_state(), steps)
+    if problem is not None:
+        log.warning("%s: ignoring the in-task checkpoint: %s; deleting it and training from step 0", path, problem)
+        shutil.rmtree(resume_dir, ignore_errors=True)
+        return None
+    return checkpoint
+
+
+@contextlib.contextmanager
+def deferred_sigterm():
+    """While active, SIGTERM only sets `.signum` of the yielded object (the training loop checks it
+    at the end of each step); the previous handler comes back afterwards. Signal handlers can only
+    be installed from the main thread: elsewhere SIGTERM keeps its handler."""
+
+    class Request:
+        signum: int | None = None
+
+        def __call__(self, signum, frame):
+            self.signum = signum
+
+    request = Request()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = signal.signal(signal.SIGTERM, request)
+    try:
+        yield request
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def train_task(
     *,
     model_source: str,
@@ -238,7 +430,12 @@ def train_task(
     progress: bool = True,
 ) -> dict:
     """Train task `task_index` on top of `previous_state` and write its state to `output_dir`.
-    Returns the manifest written. Everything that can be checked is checked before the first step."""
+    Returns the manifest written (plus `timings`, `bytes_written` and `resumed_from_step`, which
+    are not written). Everything that can be checked is checked before the first step.
+
+    With ``training.checkpoint_every`` > 0, an in-task checkpoint in ``<output_dir>/.resume/`` lets
+    a rerun of the same call continue where a killed one stopped (see the module docstring). SIGTERM
+    during training stops it at the end of the current step with :class:`TrainingInterrupted`."""
     timings = {}
     started = time.perf_counter()
     config = TrainingConfig.from_dict(training)
@@ -250,6 +447,8 @@ def train_task(
     accelerator = _accelerator(config)
     device = accelerator.device
     this_seed = task_seed(seed, task_index, config.seed_policy)
+    output_dir = Path(output_dir)
+    resume_dir = output_dir / RESUME_DIR
 
     from lorachain.models.loading import load_pipeline
 
@@ -261,6 +460,13 @@ def train_task(
     data_generator = torch.Generator().manual_seed(this_seed)
     images = [load_training_image(path, config.resolution, data_generator) for path in train_images]
     timings["load_s"] = time.perf_counter() - started
+
+    fingerprint = None  # what an in-task checkpoint must have been written by
+    if config.checkpoint_every and config.steps:
+        fingerprint = run_fingerprint(
+            config=config, method=method, task_index=task_index, seed=seed, this_seed=this_seed, model_source=model_source, vae=vae,
+            train_images=train_images, train_prompt=train_prompt, previous_state=previous_state, run=run, concept=concept,
+        )
 
     state = fold_state(previous_state, method, device="cpu")
     apply_to_unet(unet, state)
@@ -294,44 +500,101 @@ def train_task(
         parameter.data = parameter.data.float()  # trainable factors in fp32 under mixed precision
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    named_trainable = [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
     optimizer = _optimizer(trainable, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
 
     step_generator = torch.Generator().manual_seed(this_seed + 1)
     losses = []
+    start_step = 0
+    if fingerprint is not None:
+        # After injection, optimizer creation and accelerate's prepare: the checkpoint replaces the
+        # initial factors, the (empty) optimizer state and the generator state in place.
+        resume_started = time.perf_counter()
+        checkpoint = load_checkpoint(resume_dir, fingerprint, named_trainable, optimizer, step_generator, config.steps)
+        if checkpoint is not None:
+            with torch.no_grad():
+                for name, parameter in named_trainable:
+                    parameter.copy_(checkpoint["lora"][name])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            if accelerator.scaler is not None and checkpoint.get("scaler"):
+                accelerator.scaler.load_state_dict(checkpoint["scaler"])
+            step_generator.set_state(checkpoint["generator"])
+            start_step, losses = checkpoint["step"], checkpoint["losses"].tolist()
+            log.info("task %d (%s): resuming from the checkpoint at step %d of %d in %s", task_index, concept, start_step, config.steps, resume_dir)
+            del checkpoint
+        timings["resume_s"] = time.perf_counter() - resume_started
+
+    checkpoint_seconds, checkpoints_written = 0.0, 0
+
+    def write_checkpoint(done: int) -> Path:
+        nonlocal checkpoint_seconds, checkpoints_written
+        begun = time.perf_counter()
+        path = save_checkpoint(resume_dir, {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": json.dumps(fingerprint, sort_keys=True),
+            "step": done,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+            "lora": {name: parameter.detach().cpu() for name, parameter in named_trainable},
+            "optimizer": optimizer.state_dict(),
+            "scaler": None if accelerator.scaler is None else accelerator.scaler.state_dict(),
+            "generator": step_generator.get_state(),
+        })
+        checkpoint_seconds += time.perf_counter() - begun
+        checkpoints_written += 1
+        return path
+
     train_started = time.perf_counter()
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(config.steps), desc=f"task {task_index} {concept or ''}".strip(), file=sys.stderr, disable=not progress, mininterval=2.0)
-    for step in bar:
-        indices = torch.randint(0, len(images), (config.batch_size,), generator=step_generator)
-        eps_latent = torch.randn(latent_mean[indices].shape, generator=step_generator)
-        noise = torch.randn(latent_mean[indices].shape, generator=step_generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=step_generator)
-        latents = (latent_mean[indices] + latent_std[indices] * eps_latent.to(device)) * scaling_factor
-        noise, timesteps = noise.to(device), timesteps.to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        if noise_scheduler.config.prediction_type == "v_prediction":
-            target = noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        kwargs = unet_kwargs(condition, config.batch_size, None if time_ids is None else time_ids[indices.to(device)], weight_dtype)
-        with accelerator.autocast():
-            prediction = unet(noisy.to(weight_dtype), timesteps, **kwargs).sample
-        loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
-        if not torch.isfinite(loss):
-            raise TrainingError(f"task {task_index} ({concept}): loss is {loss.item()} at step {step}; nothing was written. Lower training.learning_rate or check the data")
-        accelerator.backward(loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
-    timings["train_s"] = time.perf_counter() - train_started
+    bar = tqdm(
+        range(start_step, config.steps), initial=start_step, total=config.steps,
+        desc=f"task {task_index} {concept or ''}".strip(), file=sys.stderr, disable=not progress, mininterval=2.0,
+    )
+    with deferred_sigterm() as stop, contextlib.closing(bar):
+        for step in bar:
+            indices = torch.randint(0, len(images), (config.batch_size,), generator=step_generator)
+            eps_latent = torch.randn(latent_mean[indices].shape, generator=step_generator)
+            noise = torch.randn(latent_mean[indices].shape, generator=step_generator)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=step_generator)
+            latents = (latent_mean[indices] + latent_std[indices] * eps_latent.to(device)) * scaling_factor
+            noise, timesteps = noise.to(device), timesteps.to(device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            if noise_scheduler.config.prediction_type == "v_prediction":
+                target = noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            kwargs = unet_kwargs(condition, config.batch_size, None if time_ids is None else time_ids[indices.to(device)], weight_dtype)
+            with accelerator.autocast():
+                prediction = unet(noisy.to(weight_dtype), timesteps, **kwargs).sample
+            loss = torch.nn.functional.mse_loss(prediction.float(), target.float())
+            if not torch.isfinite(loss):
+                raise TrainingError(f"task {task_index} ({concept}): loss is {loss.item()} at step {step}; nothing was written. Lower training.learning_rate or check the data")
+            accelerator.backward(loss)
+            if config.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if done < config.steps and stop.signum is not None:  # at the last step: finish instead
+                path = write_checkpoint(done) if fingerprint is not None else None
+                where = f"checkpoint written to {path}; rerun the same job to resume from step {done}" if path else (
+                    "no checkpoint (training.checkpoint_every is 0): a rerun starts from step 0"
+                )
+                raise TrainingInterrupted(
+                    f"task {task_index} ({concept}): interrupted by {signal.Signals(stop.signum).name} after step {done} of {config.steps}; "
+                    f"no state was written; {where}",
+                    step=done, checkpoint=path,
+                )
+            if fingerprint is not None and done < config.steps and done % config.checkpoint_every == 0:
+                write_checkpoint(done)
+    timings["train_s"] = time.perf_counter() - train_started - checkpoint_seconds
+    timings["checkpoint_s"] = checkpoint_seconds
+    timings["checkpoints_written"] = checkpoints_written
 
     result = trained_adapters(accelerator.unwrap_model(unet), layers, config.scale)
     for name, adapter in result.items():
@@ -339,7 +602,6 @@ def train_task(
             raise TrainingError(f"task {task_index}: non-finite LoRA weights in {name}; nothing was written")
 
     write_started = time.perf_counter()
-    output_dir = Path(output_dir)
     if loss_log:
         loss_log = Path(loss_log)
         loss_log.parent.mkdir(parents=True, exist_ok=True)
@@ -368,8 +630,10 @@ def train_task(
         "lora_file": LORA_FILE,
     }
     bytes_written = write_task_state(output_dir, result, manifest, pipeline_class, lora_config)
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the task is complete: its checkpoint has served
     timings["write_s"] = time.perf_counter() - write_started
     timings["total_s"] = time.perf_counter() - started
     manifest["bytes_written"] = bytes_written
     manifest["timings"] = timings
+    manifest["resumed_from_step"] = start_step
     return manifest

@@ -31,6 +31,36 @@ def task_label(index):
     return f"{index:02d}"
 
 
+# ------------------------------------------------------------------------------- params
+# Snakemake records a rule's params by repr() and reruns a job when they differ. Every dict passed
+# as a param goes through canonical(), so reordering or reformatting the YAML changes nothing;
+# a rule gets only its own block, so a change reruns only what it affects.
+
+
+def canonical(value):
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(item) for item in value]
+    return value
+
+
+def stage_block(name, leave_out=()):
+    return canonical({key: value for key, value in config[name].items() if key not in leave_out})
+
+
+def training_block():
+    """What a task's result depends on: everything in `training` but how often it checkpoints."""
+    return stage_block("training", leave_out=("checkpoint_every",))
+
+
+def revision(stage):
+    """Code-change policy: editing the library or a script does not rerun anything (profiles set
+    rerun-triggers without `code`); bumping `revisions.<stage>` in the config reruns that stage
+    and everything downstream of it."""
+    return config["revisions"][stage]
+
+
 # ------------------------------------------------------------------------------ model
 
 
@@ -71,7 +101,7 @@ def selection_block(wildcards):
     """Only what the task selection reads, so other changes do not re-select."""
     block = domain(wildcards)
     keys = ("num_tasks", "selection_seed", "concepts", "tokens", "train_images_per_style")
-    return {key: block[key] for key in keys if key in block}
+    return canonical({key: block[key] for key in keys if key in block})
 
 
 # ------------------------------------------------------------------------------ train
@@ -80,7 +110,7 @@ def selection_block(wildcards):
 def method_block(wildcards):
     """The method's own parameters, without the `method` key."""
     block = config["methods"][wildcards.method]
-    return {key: value for key, value in block.items() if key != "method"}
+    return canonical({key: value for key, value in block.items() if key != "method"})
 
 
 def method_name(wildcards):
@@ -188,7 +218,7 @@ def encoder_blocks(wildcards):
             blocks[name] = {key: os.path.join(f"{RESOURCES}/metrics/tiny-{name}", entry)}
         else:
             blocks[name] = {key: value for key, value in block.items() if key != "tiny"}
-    return blocks
+    return canonical(blocks)
 
 
 def encoder_inputs(wildcards):

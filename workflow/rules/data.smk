@@ -4,7 +4,7 @@ rule generate_synthetic_dataset:
         directory(f"{RESOURCES}/data/synthetic-{{domain}}"),
     params:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
-        synthetic=lambda wildcards: domain(wildcards)["dataset"]["synthetic"],
+        synthetic=lambda wildcards: canonical(domain(wildcards)["dataset"]["synthetic"]),
     log:
         f"{LOGS}/data/synthetic-{{domain}}.log",
     script:

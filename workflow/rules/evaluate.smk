@@ -20,6 +20,7 @@ rule embed_references:
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
+        revision=revision("scoring"),
         batch_size=config["metrics"]["batch_size"],
     threads: 1
     resources:
@@ -43,6 +44,7 @@ rule score_run:
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
+        revision=revision("scoring"),
         batch_size=config["metrics"]["batch_size"],
     threads: 1
     resources:
@@ -66,6 +68,7 @@ rule score_base:
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
+        revision=revision("scoring"),
         batch_size=config["metrics"]["batch_size"],
     threads: 1
     resources:

@@ -68,7 +68,7 @@ rule image_grid:
         ),
     params:
         samples=grid_sample_dirs,
-        grid=config["report"]["grid"],
+        grid=canonical(config["report"]["grid"]),
         run={"order": config["orders"][0], "seed": config["seeds"][0]},
     log:
         f"{LOGS}/figures/{{domain}}/grid.log",

@@ -11,7 +11,8 @@ rule sample_state:
         state_dir=state_dir,
         method=method_name,
         method_params=method_block,
-        sampling=config["sampling"],
+        sampling=stage_block("sampling"),
+        revision=revision("sampling"),
         model=model_source(),
         vae=config["model"].get("vae"),
         run=run_identity,
@@ -34,7 +35,8 @@ rule sample_base:
     output:
         directory(BASE_SAMPLES_DIR),
     params:
-        sampling=config["sampling"],
+        sampling=stage_block("sampling"),
+        revision=revision("sampling"),
         model=model_source(),
         vae=config["model"].get("vae"),
     threads: 1

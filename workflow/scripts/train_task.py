@@ -20,7 +20,8 @@ with job_log(snakemake.log[0]):
         previous_state=snakemake.params.previous_dir,
         method_name=snakemake.params.method,
         method_params=dict(snakemake.params.method_params),
-        training=dict(snakemake.params.training),
+        # how often to checkpoint does not change the result, so it is not a param (no rerun)
+        training=dict(snakemake.params.training, checkpoint_every=snakemake.config["training"]["checkpoint_every"]),
         seed=int(snakemake.wildcards.seed),
         output_dir=Path(snakemake.output.state).parent,
         run=dict(snakemake.params.run),
