@@ -232,6 +232,69 @@ def test_demo_figures_and_report(demo_run):
         assert name in html, name
 
 
+def planned_jobs(output: str) -> list[tuple[str, dict]]:
+    """(rule, wildcards) of every job in a dry-run's plan."""
+    jobs = []
+    parts = re.split(r"^rule (\w+):$", output, flags=re.M)
+    for rule, block in zip(parts[1::2], parts[2::2]):
+        match = re.search(r"^\s+wildcards: (.*)$", block, flags=re.M)
+        wildcards = dict(item.split("=", 1) for item in match.group(1).split(", ")) if match else {}
+        jobs.append((rule, wildcards))
+    return jobs
+
+
+def replan(workdir: Path, tmp_path: Path, edit) -> list[tuple[str, dict]]:
+    """The dry-run plan of the finished demo after editing its config (with the local profile's
+    rerun triggers)."""
+    path = write_config(tmp_path, edit)
+    result = snakemake("-n", "--profile", str(ROOT / "profiles" / "local"), "--configfile", str(path), workdir=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [] if "Nothing to be done" in result.stdout + result.stderr else planned_jobs(result.stdout)
+
+
+REPORT_RULES = {"continual_table", "plot_metric", "image_grid", "all"}
+
+
+@pytest.mark.slow
+def test_reformatted_yaml_reruns_nothing(demo_run, tmp_path):
+    workdir, _ = demo_run
+
+    def reorder(config):
+        for key in list(config):  # reverse the order of every block's keys
+            value = config.pop(key)
+            config[key] = dict(reversed(value.items())) if isinstance(value, dict) else value
+        config["methods"] = {name: dict(reversed(block.items())) for name, block in reversed(config["methods"].items())}
+
+    assert replan(workdir, tmp_path, reorder) == []
+
+
+@pytest.mark.slow
+def test_one_method_hyperparameter_reruns_only_that_method(demo_run, tmp_path):
+    workdir, _ = demo_run
+    jobs = replan(workdir, tmp_path, lambda c: c["methods"]["ortho_init"].update(init_scale="unit"))
+    chain_jobs = [(rule, w) for rule, w in jobs if rule not in REPORT_RULES]
+    assert {rule for rule, _ in chain_jobs} == {"train_task", "sample_state", "score_run"}
+    assert {w["method"] for _, w in chain_jobs} == {"ortho_init"}
+    assert sum(rule == "train_task" for rule, _ in chain_jobs) == 2 * 3  # domains x tasks
+
+
+@pytest.mark.slow
+def test_adding_a_method_adds_only_its_jobs(demo_run, tmp_path):
+    workdir, _ = demo_run
+    jobs = replan(workdir, tmp_path, lambda c: c["methods"].update(ortho_rows={"method": "ortho_init", "variant": "rowspace"}))
+    chain_jobs = [(rule, w) for rule, w in jobs if rule not in REPORT_RULES]
+    assert {w["method"] for _, w in chain_jobs} == {"ortho_rows"}
+    assert sum(rule == "train_task" for rule, _ in chain_jobs) == 2 * 3
+
+
+@pytest.mark.slow
+def test_a_revision_bump_reruns_its_stage_and_downstream_only(demo_run, tmp_path):
+    workdir, _ = demo_run
+    jobs = replan(workdir, tmp_path, lambda c: c.setdefault("revisions", {}).update(sampling=1))
+    rules = {rule for rule, _ in jobs}
+    assert "train_task" not in rules and {"sample_state", "sample_base", "score_run", "score_base"} <= rules
+
+
 @pytest.mark.slow
 def test_demo_rerun_has_nothing_to_do(demo_run):
     workdir, _ = demo_run

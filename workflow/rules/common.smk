@@ -273,20 +273,20 @@ def domain_runs(name):
 
 
 def domain_run_scores(wildcards):
-    return {
+    return canonical({
         f"{method}|{order}|{seed}": RUN_SCORES.format(domain=wildcards.domain, method=method, order=order, seed=seed)
         for method, order, seed in domain_runs(wildcards.domain)
-    }
+    })
 
 
 def grid_sample_dirs(wildcards):
     """The image grid shows the first run (first order, first seed) of every method."""
     order, seed = config["orders"][0], config["seeds"][0]
-    return {
+    return canonical({
         f"{method}|{task}": SAMPLES_DIR.format(domain=wildcards.domain, method=method, order=order, seed=seed, task=task_label(task))
         for method in METHODS
         for task in range(1, domain(wildcards)["num_tasks"] + 1)
-    }
+    })
 
 
 def domain_outputs(name):

@@ -7,7 +7,7 @@ with job_log(snakemake.log[0]):
         domain=snakemake.wildcards.domain,
         run_scores=dict(snakemake.params.runs),
         base_scores=snakemake.input.base,
-        methods=list(snakemake.params.methods),
+        methods=list(snakemake.config["methods"]),  # config order; params hold the sorted set
         metrics=list(snakemake.params.metrics),
         num_tasks=snakemake.params.num_tasks,
         orders=list(snakemake.params.orders),

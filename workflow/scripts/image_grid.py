@@ -5,7 +5,7 @@ with job_log(snakemake.log[0]):
 
     image_grid_job(
         domain=snakemake.wildcards.domain,
-        samples=dict(snakemake.params.samples),
+        samples={key: value for method in snakemake.config["methods"] for key, value in snakemake.params.samples.items() if key.split("|")[0] == method},  # config order
         base_samples=snakemake.input.base,
         prompt_index=snakemake.params.grid["prompt_index"],
         sample=snakemake.params.grid["sample"],

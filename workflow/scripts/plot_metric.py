@@ -10,7 +10,7 @@ with job_log(snakemake.log[0]):
         metric=snakemake.wildcards.metric,
         matrices_csv=snakemake.input.matrices,
         base_scores=snakemake.input.base,
-        methods=list(snakemake.params.methods),
+        methods=list(snakemake.config["methods"]),  # config order; params hold the sorted set
         num_tasks=snakemake.params.num_tasks,
         heatmap_stem=Path(snakemake.output.heatmap).with_suffix(""),
         curve_stem=Path(snakemake.output.curve).with_suffix(""),
