@@ -1,0 +1,50 @@
+"""TIES merging (Yadav et al., NeurIPS 2023) of the concepts' full deltas, through peft's math.
+
+Per layer the dense deltas delta_i = scale_i B_i A_i go to ``peft.utils.merge_utils.ties``: keep the
+``density`` fraction of largest-magnitude entries of each delta (trim), elect each entry's sign by
+the sign of the summed (``"total"``) or counted (``"frequency"``) values, then average the weighted
+entries that agree with the elected sign (disjoint mean).
+
+Defaults: ``density`` 0.2 (the TIES paper keeps the top 20 %), ``majority_sign_method`` "total"
+(the paper's sign election by total mass), ``weights`` the constant 1.0 (the disjoint mean already
+averages; 1.0 is task arithmetic's unscaled lambda). Any non-negative constant or list is accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lorachain.merging.base import Concept, MergeMethod, register_merge
+from lorachain.torch_env import torch
+
+SIGN_METHODS = ("total", "frequency")
+
+
+def check_density(method: MergeMethod) -> None:
+    density = method.params["density"]
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise method.error(f"parameter 'density' (fraction of entries kept) must be in (0, 1], got {density!r}")
+
+
+@register_merge
+class Ties(MergeMethod):
+    name = "ties"
+    default_weights = 1.0
+
+    @classmethod
+    def parameters(cls) -> dict:
+        return {**super().parameters(), "density": 0.2, "majority_sign_method": "total"}
+
+    def check_params(self) -> None:
+        check_density(self)
+        if self.params["majority_sign_method"] not in SIGN_METHODS:
+            raise self.error(f"parameter 'majority_sign_method' must be one of {SIGN_METHODS}, got {self.params['majority_sign_method']!r}")
+
+    def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):
+        from peft.utils.merge_utils import ties
+
+        deltas = [concept.delta(layer).float() for concept in concepts]
+        return ties(
+            deltas, torch.tensor(weights, dtype=torch.float32, device=deltas[0].device),
+            density=float(self.params["density"]), majority_sign_method=self.params["majority_sign_method"],
+        )
