@@ -20,6 +20,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/modular.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -27,6 +28,7 @@ report: "workflow/report/workflow.rst"
 
 onstart:
     check_metric_models()
+    check_cluster_settings()
 
 
 rule all:

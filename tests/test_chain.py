@@ -234,7 +234,7 @@ def test_ortho_init_initial_A_is_columnwise_orthogonal_to_previous_trained_A(cha
         # The init hook on the folded state (a chain continues only with its own parameters, so the
         # state is folded by the chain's method; the init only reads the previous factors).
         state = fold_state(previous_dir, make_method("ortho_init"))
-        initial = initial_adapters(method, layers, state, config, task_seed(0, index, "per_task"))
+        initial, _ = initial_adapters(method, layers, state, config, task_seed(0, index, "per_task"), index - 1)
         previous = factors(previous_dir)
         for layer in sd1_layers:
             A_new, A_prev = initial[layer].A.double(), previous[layer].A.double()

@@ -15,7 +15,8 @@ def _name(requirement: str) -> str:
 
 
 def test_conda_env_pins_match_pyproject():
-    package = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    package = project["dependencies"] + project["optional-dependencies"]["cuda"]
     env = yaml.safe_load((ROOT / "envs" / "lorachain.yaml").read_text())
     pip_section = next(item["pip"] for item in env["dependencies"] if isinstance(item, dict))
     assert {_name(r): r.replace(" ", "") for r in package} == {_name(r): r.replace(" ", "") for r in pip_section}
@@ -33,5 +34,19 @@ def test_schema_lists_exactly_the_registered_methods():
     from lorachain.methods import method_names
 
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    enum = schema["properties"]["methods"]["additionalProperties"]["properties"]["method"]["enum"]
+    enum = schema["$defs"]["method_block"]["properties"]["method"]["enum"]
     assert sorted(enum) == method_names()
+
+
+def test_schema_lists_exactly_the_registered_merges_and_their_parameters():
+    from lorachain.merging.base import merge_class, merge_names
+
+    block = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())["$defs"]["merge_block"]
+    assert sorted(block["properties"]["method"]["enum"]) == merge_names()
+    for name in merge_names():
+        allowed = next(
+            set(rule["then"]["properties"]) - {"method", "adapters"}
+            for rule in block["allOf"]
+            if name in rule["if"]["properties"]["method"].get("enum", [rule["if"]["properties"]["method"].get("const")])
+        )
+        assert allowed == set(merge_class(name).parameters()), name

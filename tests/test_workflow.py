@@ -45,6 +45,24 @@ def write_config(tmp_path: Path, edit) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------------- lint
+
+
+def test_snakemake_lint_is_clean():
+    """Every rule has a log and a conda env, no absolute paths: `snakemake --lint` finds nothing."""
+    result = snakemake("--lint")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "Lints for" not in result.stdout + result.stderr, result.stdout[-4000:]
+
+
+def test_every_rule_but_all_uses_the_cluster_conda_env():
+    """--software-deployment-method conda builds envs/lorachain.yaml for every job."""
+    for path in sorted((ROOT / "workflow" / "rules").glob("*.smk")):
+        text = path.read_text()
+        rules = re.findall(r"^rule (\w+):", text, flags=re.M)
+        assert text.count('conda:\n        "../../envs/lorachain.yaml"') == len(rules), path
+
+
 # --------------------------------------------------------------------------------- paper grid
 
 
@@ -285,6 +303,28 @@ def test_adding_a_method_adds_only_its_jobs(demo_run, tmp_path):
     chain_jobs = [(rule, w) for rule, w in jobs if rule not in REPORT_RULES]
     assert {w["method"] for _, w in chain_jobs} == {"ortho_rows"}
     assert sum(rule == "train_task" for rule, _ in chain_jobs) == 2 * 3
+
+
+@pytest.mark.slow
+def test_adding_a_task_within_the_pool_adds_only_its_jobs(demo_run, tmp_path):
+    """The demo's objects domain selects a pool of 4 and trains 3: num_tasks 4 keeps every task
+    file, state and sample set, and adds task 4 of every run (plus the re-aggregation)."""
+    workdir, _ = demo_run
+    jobs = replan(workdir, tmp_path, lambda c: c["domains"]["objects"].update(num_tasks=4))
+    rules = Counter(rule for rule, _ in jobs)
+    assert "prepare_tasks" not in rules and "sample_base" not in rules and "embed_references" not in rules
+    assert {w["domain"] for _, w in jobs if w} == {"objects"}
+    methods = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["methods"]
+    assert sorted((w["method"], w["task"]) for rule, w in jobs if rule == "train_task") == sorted((m, "04") for m in methods)
+    assert {w["task"] for rule, w in jobs if rule == "sample_state"} == {"04"}
+    assert rules["score_run"] == len(methods)  # the runs' score matrices grow by a row and a column
+
+
+def test_num_tasks_above_the_pool_fails_the_dry_run(tmp_path):
+    path = write_config(tmp_path, lambda c: c["domains"]["objects"].update(num_tasks=5, task_pool=4))
+    result = snakemake("-n", "--configfile", str(path), workdir=tmp_path / "run")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "domains.objects.task_pool: 4 is smaller than num_tasks 5" in output, output[-2000:]
 
 
 @pytest.mark.slow

@@ -187,22 +187,54 @@ def check_rank(layers: dict[str, torch.nn.Linear], rank: int) -> None:
         raise TrainingError(f"config key training.rank: {rank} exceeds the smallest targeted layer ({name}: {smallest} features); use at most {smallest}")
 
 
-def initial_adapters(method: ContinualMethod, layers, state: FoldedState, config: TrainingConfig, seed: int) -> dict[str, LayerAdapter]:
+def initial_adapters(
+    method: ContinualMethod, layers, state: FoldedState, config: TrainingConfig, seed: int, slot: int
+) -> tuple[dict[str, LayerAdapter], dict[str, torch.Tensor]]:
+    """The method's initial factors of every layer, and the row masks of B it asks for."""
     generator = torch.Generator().manual_seed(seed)
-    adapters = {}
+    adapters, row_masks = {}, {}
     for name, module in layers.items():
         context = InitContext(
             layer=name, out_features=module.out_features, in_features=module.in_features, rank=config.rank,
             scale=config.scale, tasks_done=state.tasks_done,
             merged=None if state.merged.get(name) is None else state.merged[name].cpu(),
             previous=None if state.adapter is None else state.adapter.get(name),
-            generator=generator,
+            generator=generator, slot=slot,
         )
         adapter = method.init_adapter(context)
         if adapter.A.shape != (config.rank, module.in_features) or adapter.B.shape != (module.out_features, config.rank):
             raise RuntimeError(f"{method.name}.init_adapter returned wrong shapes for {name}")
+        mask = method.row_mask(context)
+        if mask is not None:
+            row_masks[name] = mask
+            adapter = LayerAdapter(A=adapter.A, B=adapter.B * mask, scale=adapter.scale)
         adapters[name] = adapter
-    return adapters
+    return adapters, row_masks
+
+
+class OutputErasure:
+    """Randomized output erasure (training only): the LoRA branch's output features of every layer
+    are multiplied by a fresh Bernoulli(1 - rate) mask at every step. The masks of a step derive from
+    (seed, step) alone, so a resumed run and gradient checkpointing's recomputation see the same ones."""
+
+    def __init__(self, unet, names, rate: float, seed: int, device):
+        self.rate, self.seed, self.device = rate, seed, device
+        modules = dict(unet.named_modules())
+        self.sizes = {name: modules[name].out_features for name in names}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.handles = [
+            modules[name].lora_B["default"].register_forward_hook(lambda module, args, output, name=name: output * self.masks[name].to(output.dtype))
+            for name in names
+        ]
+
+    def begin_step(self, step: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        draws = (torch.rand(sum(self.sizes.values()), generator=generator) >= self.rate).float().to(self.device)
+        self.masks = dict(zip(self.sizes, torch.split(draws, list(self.sizes.values()))))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def inject_lora(unet, adapters: dict[str, LayerAdapter], config: TrainingConfig) -> dict:
@@ -270,7 +302,7 @@ def _sha256_file(path: str | Path) -> str:
 
 def run_fingerprint(
     *, config: TrainingConfig, method: ContinualMethod, task_index: int, seed: int, this_seed: int, model_source, vae,
-    train_images, train_prompt: str, previous_state, run: dict | None, concept: str | None,
+    train_images, train_prompt: str, previous_state, run: dict | None, concept: str | None, slot: int = 0,
 ) -> dict:
     """What a task's training computes, as JSON: an in-task checkpoint is used only by the same run.
     The previous state enters through the bytes of every manifest of its chain and of its LoRA
@@ -296,6 +328,7 @@ def run_fingerprint(
         "previous_state": previous,
         "run": run or {},
         "concept": concept,
+        "slot": slot,
     }
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as it reads back
 
@@ -428,6 +461,7 @@ def train_task(
     concept: str | None = None,
     loss_log: str | Path | None = None,
     progress: bool = True,
+    slot: int | None = None,
 ) -> dict:
     """Train task `task_index` on top of `previous_state` and write its state to `output_dir`.
     Returns the manifest written (plus `timings`, `bytes_written` and `resumed_from_step`, which
@@ -435,7 +469,11 @@ def train_task(
 
     With ``training.checkpoint_every`` > 0, an in-task checkpoint in ``<output_dir>/.resume/`` lets
     a rerun of the same call continue where a killed one stopped (see the module docstring). SIGTERM
-    during training stops it at the end of the current step with :class:`TrainingInterrupted`."""
+    during training stops it at the end of the current step with :class:`TrainingInterrupted`.
+
+    `slot` is the concept slot methods with per-concept structure use (BlockLoRA's row block,
+    Orthogonal Adaptation's basis columns): by default task_index - 1; the modular regime passes the
+    concept's index in its domain."""
     timings = {}
     started = time.perf_counter()
     config = TrainingConfig.from_dict(training)
@@ -444,6 +482,8 @@ def train_task(
         raise TrainingError(f"task {task_index}: the previous state must be given exactly when task_index > 1")
     if not train_images:
         raise TrainingError(f"task {task_index} ({concept}): no training images")
+    slot = task_index - 1 if slot is None else slot
+    method.check_slots(slot + 1, f"methods.{(run or {}).get('method', method_name)}.num_blocks")
     accelerator = _accelerator(config)
     device = accelerator.device
     this_seed = task_seed(seed, task_index, config.seed_policy)
@@ -465,12 +505,12 @@ def train_task(
     if config.checkpoint_every and config.steps:
         fingerprint = run_fingerprint(
             config=config, method=method, task_index=task_index, seed=seed, this_seed=this_seed, model_source=model_source, vae=vae,
-            train_images=train_images, train_prompt=train_prompt, previous_state=previous_state, run=run, concept=concept,
+            train_images=train_images, train_prompt=train_prompt, previous_state=previous_state, run=run, concept=concept, slot=slot,
         )
 
     state = fold_state(previous_state, method, device="cpu")
     apply_to_unet(unet, state)
-    adapters = initial_adapters(method, layers, state, config, this_seed)
+    adapters, row_masks = initial_adapters(method, layers, state, config, this_seed, slot)
     del state
 
     # Posteriors and prompt embedding once per task, in fp32 (SDXL's VAE overflows in fp16).
@@ -494,13 +534,18 @@ def train_task(
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
     unet.to(device) if weight_dtype == torch.float32 else unet.to(device, dtype=weight_dtype)
     lora_config = inject_lora(unet, adapters, config)
-    trainable = [p for n, p in unet.named_parameters() if "lora_" in n]
+    trained_factors = ("lora_B",) if method.freeze_down_projection else ("lora_A", "lora_B")
+    trainable = [p for n, p in unet.named_parameters() if any(f".{factor}." in n for factor in trained_factors)]
     for parameter in trainable:
         parameter.requires_grad_(True)
         parameter.data = parameter.data.float()  # trainable factors in fp32 under mixed precision
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    named_trainable = [(n, p) for n, p in unet.named_parameters() if "lora_" in n]
+    named_trainable = [(n, p) for n, p in unet.named_parameters() if any(f".{factor}." in n for factor in trained_factors)]
+    modules = dict(unet.named_modules())
+    for name, mask in row_masks.items():  # rows of B outside the mask get no gradient: they stay 0
+        modules[name].lora_B["default"].weight.register_hook(lambda grad, mask=mask.to(device): grad * mask.to(grad.dtype))
+    erasure = OutputErasure(unet, list(layers), method.erasure_rate(), this_seed + 2, device) if method.erasure_rate() > 0 else None
     optimizer = _optimizer(trainable, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
@@ -554,6 +599,8 @@ def train_task(
     )
     with deferred_sigterm() as stop, contextlib.closing(bar):
         for step in bar:
+            if erasure is not None:
+                erasure.begin_step(step)
             indices = torch.randint(0, len(images), (config.batch_size,), generator=step_generator)
             eps_latent = torch.randn(latent_mean[indices].shape, generator=step_generator)
             noise = torch.randn(latent_mean[indices].shape, generator=step_generator)
@@ -596,7 +643,11 @@ def train_task(
     timings["checkpoint_s"] = checkpoint_seconds
     timings["checkpoints_written"] = checkpoints_written
 
+    if erasure is not None:
+        erasure.remove()  # training only
     result = trained_adapters(accelerator.unwrap_model(unet), layers, config.scale)
+    for name, mask in row_masks.items():  # exact zeros outside the block, whatever the optimizer did
+        result[name] = LayerAdapter(A=result[name].A, B=result[name].B * mask, scale=result[name].scale)
     for name, adapter in result.items():
         if not (torch.isfinite(adapter.A).all() and torch.isfinite(adapter.B).all()):
             raise TrainingError(f"task {task_index}: non-finite LoRA weights in {name}; nothing was written")
@@ -613,6 +664,7 @@ def train_task(
     tail = losses[-max(1, len(losses) // 10):]
     manifest = {
         "task_index": task_index,
+        "slot": slot,
         "concept": concept,
         "train_prompt": train_prompt,
         "parent": parent,

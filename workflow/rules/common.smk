@@ -17,6 +17,13 @@ TASK_FILES = {
 DOMAINS = list(config["domains"])
 METHODS = list(config["methods"])
 
+for _name, _block in config["domains"].items():  # what the schema cannot compare
+    if _block.get("task_pool") is not None and _block["task_pool"] < _block["num_tasks"]:
+        raise ValueError(
+            f"config key domains.{_name}.task_pool: {_block['task_pool']} is smaller than num_tasks {_block['num_tasks']}; "
+            "the pool is what every order is drawn from (raise task_pool or remove it)"
+        )
+
 
 wildcard_constraints:
     domain="|".join(DOMAINS),
@@ -97,11 +104,18 @@ def dataset_inputs(wildcards):
     return [dataset_root(wildcards)] if "synthetic" in domain(wildcards)["dataset"] else []
 
 
+def task_pool(block):
+    """How many concepts are selected and ordered; runs train the first num_tasks of them."""
+    return block.get("task_pool") or block["num_tasks"]
+
+
 def selection_block(wildcards):
-    """Only what the task selection reads, so other changes do not re-select."""
+    """Only what the task selection reads, so other changes do not re-select. The selection is
+    made for the pool (under the key `num_tasks` that the selection functions take), so raising
+    num_tasks within the pool keeps every task file, and so every existing job, as it is."""
     block = domain(wildcards)
-    keys = ("num_tasks", "selection_seed", "concepts", "tokens", "train_images_per_style")
-    return canonical({key: block[key] for key in keys if key in block})
+    keys = ("selection_seed", "concepts", "tokens", "train_images_per_style")
+    return canonical({"num_tasks": task_pool(block), **{key: block[key] for key in keys if key in block}})
 
 
 # ------------------------------------------------------------------------------ train
@@ -183,6 +197,8 @@ SCORING_RULES = {"embed_references", "score_run", "score_base"}
 wildcard_constraints:
     metric="dino|clip_i|clip_t|csd",
     encoder="dino|clip|csd",
+    concept=r"\d\d",
+    k=r"\d+",
 
 
 def reference_order():
@@ -238,7 +254,9 @@ def check_metric_models():
         if block.get("tiny"):
             continue
         for key, value in block.items():
-            looks_local = key == "checkpoint" or str(value).startswith((".", "/", "~")) or str(value).count("/") != 1
+            text = str(value)
+            # A hub id is "owner/name"; anything else (absolute, ./relative, ~) is a local path.
+            looks_local = key == "checkpoint" or os.path.isabs(text) or text.startswith((".", "~")) or text.count(os.sep) != 1
             if looks_local and not os.path.exists(os.path.expanduser(str(value))):
                 problems.append(f"config key metrics.{name}.{key}: {value!r} does not exist (give the path of the downloaded file or directory)")
     if problems:
@@ -299,4 +317,236 @@ def domain_outputs(name):
 
 
 def all_outputs():
-    return [path for name in DOMAINS for path in domain_outputs(name)]
+    return [path for name in DOMAINS for path in domain_outputs(name)] + [path for name in MODULAR_DOMAINS for path in modular_outputs(name)]
+
+
+# ------------------------------------------------------------------------------ modular regime
+
+MODULAR = config.get("modular") or {}
+MODULAR_DOMAINS = [name for name in DOMAINS if MODULAR and (MODULAR.get("domains") is None or name in MODULAR["domains"])]
+ADAPTERS = list(MODULAR.get("adapters", {}))
+MERGES = list(MODULAR.get("merges", {}))
+MODULAR_DIR = f"{RESULTS}/{{domain}}/modular"
+
+
+if MODULAR:
+
+    wildcard_constraints:
+        adapter="|".join(ADAPTERS),
+        merge="|".join(MERGES),
+
+
+CONCEPT_DIR = f"{MODULAR_DIR}/adapters/{{adapter}}/concept{{concept}}"
+GRAMS = f"{CONCEPT_DIR}/grams.safetensors"
+MERGE_DIR = f"{MODULAR_DIR}/merges/{{merge}}/k{{k}}"
+MERGE_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/scores.csv"
+MODULAR_TABLE = f"{RESULTS}/tables/{{domain}}-modular"
+DIAGNOSTICS_DIR = f"{MODULAR_DIR}/diagnostics/{{adapter}}"
+
+
+def check_modular_config():
+    """What the schema cannot compare: labels that exist, concept counts within the pool and the
+    block count, merge sizes within the concepts."""
+    if not MODULAR:
+        return
+    where = "config key modular"
+    for name in MODULAR.get("domains") or []:
+        if name not in DOMAINS:
+            raise ValueError(f"{where}.domains: {name!r} is not a domain (domains: {', '.join(DOMAINS)})")
+    concepts = MODULAR["concepts"]
+    for name in MODULAR_DOMAINS:
+        pool = task_pool(config["domains"][name])
+        if concepts > pool:
+            raise ValueError(f"{where}.concepts: {concepts} concepts but domain {name!r} selects {pool} (raise domains.{name}.task_pool or lower modular.concepts)")
+    for k in MODULAR.get("merge_sizes") or []:
+        if k > concepts:
+            raise ValueError(f"{where}.merge_sizes: k = {k} exceeds modular.concepts = {concepts}")
+    for label, block in MODULAR["adapters"].items():
+        blocks = block.get("num_blocks")
+        if block.get("blockwise", True) and blocks is not None and blocks < concepts:
+            raise ValueError(
+                f"{where}.adapters.{label}.num_blocks: {blocks} row blocks for {concepts} concepts; every concept needs its own block (raise num_blocks to >= {concepts})"
+            )
+    for label, block in MODULAR["merges"].items():
+        if block["adapters"] not in MODULAR["adapters"]:
+            raise ValueError(f"{where}.merges.{label}.adapters: {block['adapters']!r} is not a label under modular.adapters ({', '.join(ADAPTERS)})")
+
+
+check_modular_config()
+for _label, _block in config["methods"].items():  # a chain's task t uses slot t - 1
+    if _block.get("blockwise", True) and _block.get("num_blocks") is not None:
+        _longest = max(config["domains"][name]["num_tasks"] for name in DOMAINS)
+        if _block["num_blocks"] < _longest:
+            raise ValueError(f"config key methods.{_label}.num_blocks: {_block['num_blocks']} row blocks for chains of {_longest} tasks (raise it to >= {_longest})")
+
+
+def merge_sizes():
+    return list(MODULAR.get("merge_sizes") or range(1, MODULAR["concepts"] + 1))
+
+
+def concept_labels():
+    return [task_label(index) for index in range(1, MODULAR["concepts"] + 1)]
+
+
+def adapter_block(wildcards):
+    block = MODULAR["adapters"][wildcards.adapter]
+    return canonical({key: value for key, value in block.items() if key != "method"})
+
+
+def adapter_method(wildcards):
+    return MODULAR["adapters"][wildcards.adapter]["method"]
+
+
+def concept_identity(wildcards):
+    return {"domain": wildcards.domain, "method": wildcards.adapter, "regime": "modular", "seed": MODULAR["seed"]}
+
+
+def merge_block(wildcards):
+    block = MODULAR["merges"][wildcards.merge]
+    return canonical({key: value for key, value in block.items() if key not in ("method", "adapters")})
+
+
+def merge_method(wildcards):
+    return MODULAR["merges"][wildcards.merge]["method"]
+
+
+def merge_needs_layer_inputs(name):
+    from lorachain.merge_catalog import NEEDS_LAYER_INPUTS
+
+    return name in NEEDS_LAYER_INPUTS
+
+
+def merged_concept_dirs(wildcards):
+    adapter = MODULAR["merges"][wildcards.merge]["adapters"]
+    return [CONCEPT_DIR.format(domain=wildcards.domain, adapter=adapter, concept=task_label(index)) for index in range(1, int(wildcards.k) + 1)]
+
+
+def merged_concept_files(wildcards):
+    return [f"{directory}/{TASK_FILES[name]}" for directory in merged_concept_dirs(wildcards) for name in ("state", "lora")]
+
+
+def merged_gram_files(wildcards):
+    if not merge_needs_layer_inputs(merge_method(wildcards)):
+        return []
+    return [f"{directory}/grams.safetensors" for directory in merged_concept_dirs(wildcards)]
+
+
+def merge_identity(wildcards):
+    return {"model": wildcards.merge, "method": merge_method(wildcards), "domain": wildcards.domain, "order": reference_order(), "seed": MODULAR["seed"], "after_task": int(wildcards.k)}
+
+
+def merge_sample_dirs(wildcards):
+    return [f"{MERGE_DIR.format(domain=wildcards.domain, merge=wildcards.merge, k=k)}/samples" for k in merge_sizes()]
+
+
+def modular_scores(wildcards):
+    return canonical({merge: MERGE_SCORES.format(domain=wildcards.domain, merge=merge) for merge in MERGES})
+
+
+def modular_records(wildcards):
+    return canonical({f"{merge}|{k}": f"{MERGE_DIR.format(domain=wildcards.domain, merge=merge, k=k)}/merge.json" for merge in MERGES for k in merge_sizes()})
+
+
+def modular_merges():
+    """The table's rows: each merge label's method and the adapters it merges (sorted by label)."""
+    return canonical({label: {"method": block["method"], "adapters": block["adapters"]} for label, block in MODULAR["merges"].items()})
+
+
+def diagnostics_loras(wildcards):
+    return [f"{CONCEPT_DIR.format(domain=wildcards.domain, adapter=wildcards.adapter, concept=c)}/{TASK_FILES['lora']}" for c in concept_labels()]
+
+
+def modular_outputs(name):
+    outputs = [f"{MODULAR_TABLE.format(domain=name)}.{suffix}" for suffix in ("csv", "md")]
+    outputs += [f"{FIGURES.format(domain=name)}/modular-curve.{suffix}" for suffix in ("png", "pdf")]
+    if MODULAR["concepts"] >= 2:
+        outputs += [f"{FIGURES.format(domain=name)}/diagnostics-{adapter}-{kind}.png" for adapter in ADAPTERS for kind in ("cosine", "sign-conflicts")]
+    return outputs
+
+
+# ------------------------------------------------------------------------------ cluster
+
+
+def _resource_names(resources):
+    """Names set in a Snakemake resources mapping (profile default-resources / set-resources)."""
+    if resources is None:
+        return set()
+    try:
+        return set(resources.keys())
+    except (AttributeError, TypeError):
+        return {str(item).split("=", 1)[0] for item in resources}
+
+
+def _resource_value(resources, name):
+    """A resource's value from a rule's resources or a profile mapping (None if unset; the text of
+    an expression that only a job can evaluate)."""
+    try:
+        resource = resources.get(name)
+    except (AttributeError, TypeError):
+        return None
+    if hasattr(resource, "is_evaluable"):
+        try:
+            # A profile's strings are kept as expressions; their text is the value for names and counts.
+            return getattr(resource, "raw", None) if resource.is_evaluable() else resource.value
+        except ValueError:
+            return None
+    return resource
+
+
+def _slurm_query(*command):
+    import subprocess
+
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        raise ValueError(f"SLURM executor: `{' '.join(command)}` failed ({error}); is this a SLURM login node?") from None
+
+
+def check_cluster_settings():
+    """Under the SLURM executor, before anything is submitted: an account (or slurm-no-account),
+    partitions that exist, and GPUs on the cluster for the rules that request one. The plugin
+    would otherwise guess an account and submit jobs that pend or fail one by one."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return
+    settings = workflow.resource_settings
+    defaults = _resource_names(settings.default_resources)
+    overrides = {name: _resource_names(mapping) for name, mapping in settings.overwrite_resources.items()}
+    no_account = bool(getattr(workflow.executor_settings, "no_account", False))
+    problems = []
+    if not no_account and "slurm_account" not in defaults:
+        missing = sorted(step.name for step in workflow.rules if step.name != "all" and "slurm_account" not in overrides.get(step.name, set()))
+        if missing:
+            problems.append(
+                "no SLURM account: set default-resources.slurm_account in the profile (profiles/slurm/config.yaml; "
+                "`sacctmgr -n -s list user $USER format=account` lists yours) or `slurm-no-account: true` "
+                f"(rules without one: {', '.join(missing)})"
+            )
+    partitions = set(_slurm_query("sinfo", "-h", "-o", "%R").split())
+    default_partition = any(line.strip().endswith("*") for line in _slurm_query("sinfo", "-h", "-o", "%P").splitlines())
+    gres_by_partition = {}
+    for line in _slurm_query("sinfo", "-h", "-o", "%R %G").splitlines():
+        name, _, gres = line.partition(" ")
+        gres_by_partition[name] = gres_by_partition.get(name, "") + gres
+    for step in workflow.rules:
+        if step.name == "all":
+            continue
+        sources = (settings.overwrite_resources.get(step.name), step.resources, settings.default_resources)
+        partition = next((value for value in (_resource_value(source, "slurm_partition") for source in sources) if value is not None), None)
+        if isinstance(partition, str):
+            partition = partition.strip("'\"")
+        if isinstance(partition, str) and partition not in partitions:
+            problems.append(f"{step.name}: slurm_partition {partition!r} does not exist on this cluster (sinfo lists {', '.join(sorted(partitions))})")
+        if partition is None and not default_partition and "slurm_partition" not in defaults | overrides.get(step.name, set()):
+            problems.append(f"{step.name}: no slurm_partition and the cluster has no default partition; set one in the profile's set-resources")
+        gpu = next((value for value in (_resource_value(source, "gpu") for source in sources[:2]) if value is not None), 0)
+        gpu = int(gpu) if isinstance(gpu, str) and gpu.strip().isdigit() else gpu
+        if isinstance(gpu, int) and gpu > 0:
+            where = [partition] if isinstance(partition, str) else list(gres_by_partition)
+            if not any("gpu" in gres_by_partition.get(name, "") for name in where):
+                problems.append(
+                    f"{step.name} requests gpu={gpu} but no node of partition(s) {', '.join(where) or '(none)'} has a GPU GRES "
+                    "(sinfo -o '%R %G'); name a GPU partition with slurm_partition in the profile's set-resources"
+                )
+    if problems:
+        raise ValueError("SLURM profile check failed before any job was submitted:\n  " + "\n  ".join(problems))

@@ -5,6 +5,8 @@ rule generate_synthetic_dataset:
     params:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         synthetic=lambda wildcards: canonical(domain(wildcards)["dataset"]["synthetic"]),
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/data/synthetic-{{domain}}.log",
     script:
@@ -21,6 +23,8 @@ rule prepare_tasks:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         root=dataset_root,
         selection=selection_block,
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{{domain}}/tasks/order{{order}}.log",
     script:

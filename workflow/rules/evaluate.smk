@@ -4,6 +4,8 @@ rule build_tiny_encoder:
         directory(f"{RESOURCES}/metrics/tiny-{{encoder}}"),
     params:
         seed=lambda wildcards: config["metrics"][wildcards.encoder].get("tiny_seed", 0),
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/metrics/tiny-{{encoder}}.log",
     script:
@@ -25,6 +27,8 @@ rule embed_references:
     threads: 1
     resources:
         gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{{domain}}/references.log",
     benchmark:
@@ -49,6 +53,8 @@ rule score_run:
     threads: 1
     resources:
         gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{RUN}/scores.log",
     benchmark:
@@ -73,6 +79,8 @@ rule score_base:
     threads: 1
     resources:
         gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{{domain}}/base/scores.log",
     benchmark:

@@ -4,6 +4,8 @@ rule build_tiny_model:
         directory(f"{RESOURCES}/models/tiny-{{architecture}}"),
     params:
         seed=config["model"].get("tiny_seed", 0),
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/models/tiny-{{architecture}}.log",
     script:

@@ -19,6 +19,8 @@ rule continual_table:
         num_tasks=lambda wildcards: domain(wildcards)["num_tasks"],
         orders=config["orders"],
         seeds=config["seeds"],
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/tables/{{domain}}.log",
     script:
@@ -48,6 +50,8 @@ rule plot_metric:
     params:
         methods=sorted(METHODS),  # the set; rows follow the config's order (read by the script)
         num_tasks=lambda wildcards: domain(wildcards)["num_tasks"],
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/figures/{{domain}}/{{metric}}.log",
     script:
@@ -70,6 +74,8 @@ rule image_grid:
         samples=grid_sample_dirs,
         grid=canonical(config["report"]["grid"]),
         run={"order": config["orders"][0], "seed": config["seeds"][0]},
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/figures/{{domain}}/grid.log",
     script:

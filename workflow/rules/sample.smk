@@ -19,6 +19,8 @@ rule sample_state:
     threads: 1
     resources:
         gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{RUN}/samples-after{{task}}.log",
     benchmark:
@@ -42,6 +44,8 @@ rule sample_base:
     threads: 1
     resources:
         gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{{domain}}/base/samples.log",
     benchmark:

@@ -21,6 +21,8 @@ rule train_task:
     threads: 1
     resources:
         gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{RUN}/task{{task}}.log",
     benchmark:

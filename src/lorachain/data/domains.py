@@ -18,8 +18,8 @@ def select_domain_tasks(layout: str, root: str | os.PathLike[str], block: dict[s
     concepts = block.get("concepts")
     if concepts is not None and len(concepts) != block["num_tasks"]:
         raise DatasetError(
-            f"config: domains.{domain}.concepts lists {len(concepts)} concepts but num_tasks is {block['num_tasks']}; "
-            "make them agree (the workflow trains exactly num_tasks tasks)"
+            f"config: domains.{domain}.concepts lists {len(concepts)} concepts but the selection needs {block['num_tasks']} "
+            "(num_tasks, or task_pool when it is set); make them agree"
         )
     if layout == "dreambooth":
         tokens = {"tokens": tuple(block["tokens"])} if block.get("tokens") else {}

@@ -1,6 +1,6 @@
 """Continual methods behind one interface (:mod:`lorachain.methods.base`) and a registry."""
 
-from lorachain.methods import magmax, merge_init, naive, ortho_init  # noqa: F401  (registration)
+from lorachain.methods import blocklora, magmax, merge_init, naive, ortho_init, orthogonal_adaptation  # noqa: F401  (registration)
 from lorachain.methods.base import (
     ContinualMethod,
     InitContext,

@@ -8,6 +8,11 @@ A method decides two things and nothing else:
 * how the state after the task is formed (:meth:`ContinualMethod.fold`): the new merged delta from
   the old one and the trained adapter's delta ``B_t A_t * alpha / r``, and whether the trained
   adapter stays live on top of the merged weights (``adapter_stays_live``) instead of being merged.
+* what it changes during training, as capabilities the trainer applies to every method alike:
+  a row mask on the up-projection (:meth:`ContinualMethod.row_mask`: rows outside it stay exactly
+  zero), a frozen down-projection (``freeze_down_projection``), and randomized output erasure
+  (:meth:`ContinualMethod.erasure_rate`: a fresh Bernoulli mask over the LoRA branch's output
+  features at every training forward pass, never at inference).
 
 The trainer, the state store and the workflow call these hooks and never branch on a method's name.
 Adding a method is one module with a subclass decorated by :func:`register_method`, plus its
@@ -54,6 +59,7 @@ class InitContext:
     merged: torch.Tensor | None  # W_{t-1} - W0 of this layer (None: nothing merged yet)
     previous: LayerAdapter | None  # the adapter of task t-1 (None for the first task)
     generator: torch.Generator  # seeded per task; layers are visited in a fixed order
+    slot: int = 0  # the concept's slot: task index - 1 in a chain, the concept's index in the modular regime
 
 
 def gaussian_adapter(ctx: InitContext) -> LayerAdapter:
@@ -67,6 +73,7 @@ class ContinualMethod(ABC):
 
     name: ClassVar[str]
     adapter_stays_live: ClassVar[bool] = False
+    freeze_down_projection: ClassVar[bool] = False  # A stays as init_adapter made it; only B trains
 
     def __init__(self, **params):
         unknown = set(params) - set(self.parameters())
@@ -87,6 +94,17 @@ class ContinualMethod(ABC):
 
     def fold(self, merged: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor | None:
         return delta.clone() if merged is None else merged + delta
+
+    def row_mask(self, ctx: InitContext) -> torch.Tensor | None:
+        """(out_features, 1) 0/1 mask of the rows of B this task may change (None: all rows)."""
+        return None
+
+    def erasure_rate(self) -> float:
+        """Probability that an output feature of the LoRA branch is erased in a training forward pass."""
+        return 0.0
+
+    def check_slots(self, slots: int, key: str) -> None:
+        """Fail before training when `slots` concepts cannot all get a slot (e.g. more than blocks)."""
 
 
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:

@@ -1,0 +1,152 @@
+"""The modular regime (BlockLoRA's setting): concepts trained independently, merged instantly.
+
+Every concept of a domain is trained from the base model on its own (a task-1 state of
+:mod:`lorachain.train`, with the concept's index as its slot). A merge method
+(:mod:`lorachain.merging`) then combines the LoRAs of the first k concepts into one delta, which
+is added to the base U-Net and sampled on the k concepts with the continual regime's sampler, so
+the same metrics score both regimes. What the workflow's jobs call:
+
+* :func:`record_layer_inputs`: gradient fusion's data. The concept's own model (base + its LoRA)
+  denoises the concept's training images (one fixed crop each, their VAE posterior means) at
+  ``timesteps`` evenly spaced noise levels with one seeded noise draw each, conditioned on the
+  concept's training prompt, and the Gram matrix X^T X of every targeted layer's inputs is
+  accumulated (Mix-of-Show records the inputs of each concept's model on that concept's data and
+  fits the fused layer to reproduce its outputs there).
+* :func:`merge_and_sample`: load the k concept states, merge them (timed), sample.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from lorachain.torch_env import torch
+
+
+class ModularError(ValueError):
+    """A modular-regime input that cannot be used; the message names the file or config key."""
+
+
+def concept_seed(seed: int, concept_index: int) -> int:
+    """Each independently trained concept gets its own seed (its own initial LoRA and data draws)."""
+    return seed * 1000 + concept_index
+
+
+def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None):
+    """A trained concept state as a :class:`lorachain.merging.Concept` (slot from its manifest)."""
+    from lorachain.merging import Concept
+    from lorachain.merging.fusion import load_grams
+    from lorachain.state import load_adapters, read_manifest
+
+    manifest = read_manifest(state_dir)
+    if manifest["task_index"] != 1 or manifest.get("parent"):
+        raise ModularError(f"{Path(state_dir) / 'state.json'}: not an independently trained concept (task {manifest['task_index']} of a chain)")
+    return Concept(
+        name=str(state_dir),
+        adapters=load_adapters(state_dir, manifest),
+        slot=manifest.get("slot", 0),
+        grams=None if with_grams is None else load_grams(with_grams),
+    ), manifest
+
+
+@torch.no_grad()
+def record_layer_inputs(
+    *, model_source: str, vae: str | None, state_dir: str | Path, method_name: str, method_params: dict, task,
+    target_modules, resolution: int, timesteps: int, seed: int, output: str | Path, gram_dtype: str = "float32",
+) -> dict:
+    """Record the Gram matrices of the targeted layers' inputs of one concept's model (see the module
+    docstring) and write them with :func:`lorachain.merging.fusion.save_grams`. Returns timings."""
+    from diffusers import DDPMScheduler
+
+    from lorachain.merging.fusion import GramRecorder, save_grams
+    from lorachain.methods import make_method
+    from lorachain.models.loading import load_pipeline
+    from lorachain.sample import device_for_sampling
+    from lorachain.state import apply_to_unet, fold_state
+    from lorachain.train import encode_condition, load_training_image, lora_layers, unet_kwargs
+
+    started = time.perf_counter()
+    device = device_for_sampling()
+    pipe = load_pipeline(model_source, vae=vae)
+    apply_to_unet(pipe.unet, fold_state(state_dir, make_method(method_name, method_params)))
+    pipe.to(device)
+    generator = torch.Generator().manual_seed(seed)
+    images = [load_training_image(path, resolution, generator) for path in task.train_images]
+    pixels = torch.stack([image for image, _, _ in images]).to(device)
+    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    condition = encode_condition(pipe, task.train_prompt, device)
+    time_ids = None
+    if "text_embeds" in condition:
+        time_ids = torch.tensor([[*original, *crop, resolution, resolution] for _, original, crop in images], dtype=torch.float32, device=device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    total = scheduler.config.num_train_timesteps
+    levels = torch.linspace(0, total - 1, timesteps).round().long()
+    layers = list(lora_layers(pipe.unet, target_modules))
+    load_s = time.perf_counter() - started
+    with GramRecorder(pipe.unet, layers) as recorder:
+        for level in levels:
+            noise = torch.randn(latents.shape, generator=generator).to(device)
+            t = level.repeat(len(latents)).to(device)
+            noisy = scheduler.add_noise(latents, noise, t)
+            pipe.unet(noisy.to(pipe.unet.dtype), t, **unet_kwargs(condition, len(latents), time_ids, pipe.unet.dtype))
+    if recorder.unseen:
+        raise ModularError(f"{state_dir}: layers {recorder.unseen[:3]} received no input while recording; check training.target_modules")
+    save_grams(output, recorder.grams, dtype=getattr(torch, gram_dtype))
+    return {"layers": len(layers), "rows_per_layer_max": max(n for _, n in recorder.grams.values()), "load_s": load_s, "total_s": time.perf_counter() - started}
+
+
+def merge_and_sample(
+    *, concept_dirs: list, gram_files: list | None, merge_name: str, merge_params: dict, merge_key: str,
+    tasks_file: str | Path, sampling: dict, model_source: str, vae: str | None, output_dir: str | Path, identity: dict,
+    merge_record: str | Path,
+) -> dict:
+    """Merge the first k concepts (k = len(concept_dirs)) and sample the merged model on them.
+    Writes the sample set (PNG + index.csv) to `output_dir` and the merge time and what was merged
+    to `merge_record` (JSON). The merge is timed alone: reading the LoRA files is not part of it."""
+    from lorachain.data import read_tasks
+    from lorachain.merging import make_merge
+    from lorachain.sample import SamplingConfig, load_model_for_sampling, sample_tasks
+    from lorachain.state import FoldedState, apply_to_unet
+
+    started = time.perf_counter()
+    if not concept_dirs:
+        raise ModularError(f"{merge_key}: a merge of zero concepts; merge_sizes must be >= 1")
+    tasks = read_tasks(tasks_file)
+    k = len(concept_dirs)
+    if k > len(tasks):
+        raise ModularError(f"{tasks_file}: {k} concepts merged but the file holds {len(tasks)} tasks")
+    method = make_merge(merge_name, merge_params, key=merge_key)
+    grams = gram_files if method.needs_layer_inputs else [None] * k
+    if method.needs_layer_inputs and (gram_files is None or len(gram_files) != k):
+        raise ModularError(f"{merge_key}: merge {merge_name!r} needs recorded layer inputs of all {k} concepts")
+    loaded = [load_concept(directory, with_grams=gram) for directory, gram in zip(concept_dirs, grams)]
+    for position, (concept, manifest) in enumerate(loaded):
+        if manifest.get("concept") != tasks[position].concept:
+            raise ModularError(f"{concept.name}: trained on concept {manifest.get('concept')!r}, but task {position + 1} of {tasks_file} is {tasks[position].concept!r}")
+    concepts = [concept for concept, _ in loaded]
+    read_s = time.perf_counter() - started
+    merge_started = time.perf_counter()
+    delta = method.merge(concepts)
+    merge_s = time.perf_counter() - merge_started
+    del concepts
+
+    config = SamplingConfig.from_dict(dict(sampling))
+    pipe = load_model_for_sampling(model_source, vae, None, None, None, config.precision)
+    for concept, manifest in loaded:
+        if manifest.get("architecture") != type(pipe).__name__ or manifest.get("base_model") != str(model_source):
+            raise ModularError(
+                f"{concept.name}: trained on {manifest.get('base_model')!r} ({manifest.get('architecture')}), "
+                f"not on {str(model_source)!r} ({type(pipe).__name__}); merge LoRAs of the base model being sampled"
+            )
+    del loaded
+    apply_to_unet(pipe.unet, FoldedState(tasks_done=k, merged=delta))
+    del delta
+    result = sample_tasks(pipe, list(enumerate(tasks[:k], start=1)), config, output_dir, identity)
+    record = {
+        "merge": identity.get("method"), "method": merge_name, "params": method.params, "k": k,
+        "merge_type": "post-training (closed form)" if method.needs_layer_inputs else "instant",
+        "merge_s": merge_s, "read_s": read_s, "concepts": [str(d) for d in concept_dirs],
+    }
+    Path(merge_record).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return {**result, "merge_s": merge_s, "read_s": read_s, "total_s": time.perf_counter() - started}

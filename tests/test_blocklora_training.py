@@ -1,0 +1,137 @@
+"""Training-side BlockLoRA and Orthogonal Adaptation: blockwise rows, output erasure, frozen
+orthogonal down-projections, slot errors, in chains on the tiny SD-1.x pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from test_chain import factors, run_task
+
+from lorachain.methods import MethodError, make_method
+from lorachain.merging.blocklora import block_rows
+from lorachain.merging.orthogonal_adaptation import slot_down_projection
+from lorachain.models.loading import load_pipeline
+from lorachain.state import apply_to_unet, fold_state
+from lorachain.torch_env import torch
+from lorachain.train import OutputErasure, TrainingError
+from unet_inputs import unet_inputs
+
+BLOCKS = 4
+
+
+@pytest.fixture(scope="module")
+def block_chain(tiny_sd1_dir, synthetic_tasks, tmp_path_factory):
+    root = tmp_path_factory.mktemp("blocklora")
+    params = {"num_blocks": BLOCKS, "erasure": 0.5}
+    dirs, previous = [], None
+    for index in (1, 2):
+        directory = root / f"task{index}"
+        run_task(tiny_sd1_dir, synthetic_tasks, index, previous, "blocklora", directory, params=params, steps=3)
+        dirs.append(directory)
+        previous = directory
+    return dirs, params
+
+
+def _deltas(task_dir):
+    return {layer: adapter.delta() for layer, adapter in factors(task_dir).items()}
+
+
+def test_each_slot_changes_only_its_row_block(block_chain):
+    dirs, _ = block_chain
+    for slot, directory in enumerate(dirs):
+        adapters = factors(directory)
+        for layer, adapter in adapters.items():
+            rows = block_rows(adapter.B.shape[0], BLOCKS, slot)
+            outside = torch.ones(adapter.B.shape[0], dtype=torch.bool)
+            outside[rows] = False
+            assert torch.count_nonzero(adapter.B[outside]) == 0, layer
+            assert torch.count_nonzero(adapter.B[rows]) > 0, layer  # it trained
+
+
+def test_deltas_of_different_slots_have_zero_cosine_and_no_sign_conflicts(block_chain):
+    first, second = (_deltas(directory) for directory in block_chain[0])
+    for layer in first:
+        a, b = first[layer].flatten(), second[layer].flatten()
+        assert torch.dot(a, b) == 0, layer
+        both = (a != 0) & (b != 0)
+        assert not both.any(), layer  # no entry where both are nonzero, so no sign can conflict
+
+
+def test_erasure_is_off_at_inference(block_chain, tiny_sd1_dir):
+    directory = block_chain[0][-1]
+    pipe = load_pipeline(str(tiny_sd1_dir))
+    apply_to_unet(pipe.unet, fold_state(directory, make_method("blocklora", block_chain[1])))
+    pipe.unet.eval()
+    inputs = unet_inputs(pipe.unet)
+    with torch.no_grad():
+        first, second = pipe.unet(**inputs).sample, pipe.unet(**inputs).sample
+    assert torch.equal(first, second)
+
+
+def test_erasure_draws_a_fresh_mask_every_step_and_the_same_on_recomputation():
+    layer = torch.nn.Linear(8, 64)
+
+    class Holder(torch.nn.Module):  # the module layout peft gives a LoRA layer
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Module()
+            self.proj.out_features = 64
+            self.proj.lora_B = torch.nn.ModuleDict({"default": layer})
+
+    erasure = OutputErasure(Holder(), ["proj"], rate=0.5, seed=3, device="cpu")
+    x = torch.randn(2, 8)
+    erasure.begin_step(0)
+    step0, again = layer(x), layer(x)
+    erasure.begin_step(1)
+    step1 = layer(x)
+    assert torch.equal(step0, again)  # gradient checkpointing recomputes with the same mask
+    assert not torch.equal(step0, step1)
+    kept = erasure.masks["proj"]
+    assert set(kept.unique().tolist()) <= {0.0, 1.0} and 10 < kept.sum() < 54
+    erasure.remove()
+    assert torch.equal(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_erasure_changes_training(tiny_sd1_dir, synthetic_tasks, tmp_path, block_chain):
+    run_task(tiny_sd1_dir, synthetic_tasks, 1, None, "blocklora", tmp_path / "plain", params={"num_blocks": BLOCKS, "erasure": 0.0}, steps=3)
+    erased, plain = factors(block_chain[0][0]), factors(tmp_path / "plain")
+    assert any(not torch.equal(erased[layer].B, plain[layer].B) for layer in plain)
+
+
+def test_more_concepts_than_blocks_fails_before_training(tiny_sd1_dir, synthetic_tasks, block_chain, tmp_path):
+    with pytest.raises(MethodError, match="2 concepts need 2 row blocks but num_blocks is 1"):
+        run_task(tiny_sd1_dir, synthetic_tasks, 2, block_chain[0][0], "blocklora", tmp_path / "t2", params={"num_blocks": 1, "erasure": 0.5}, steps=1)
+
+
+def test_blockwise_off_is_a_plain_lora(tiny_sd1_dir, synthetic_tasks, tmp_path):
+    run_task(tiny_sd1_dir, synthetic_tasks, 1, None, "blocklora", tmp_path / "t1", params={"blockwise": False, "erasure": 0.0}, steps=2)
+    assert all(torch.count_nonzero(adapter.B) == adapter.B.numel() for adapter in factors(tmp_path / "t1").values())
+
+
+def test_orthogonal_adaptation_freezes_orthogonal_down_projections(tiny_sd1_dir, synthetic_tasks, tmp_path):
+    previous = None
+    trained = []
+    for index in (1, 2):
+        run_task(tiny_sd1_dir, synthetic_tasks, index, previous, "orthogonal_adaptation", tmp_path / f"t{index}", steps=3)
+        previous = tmp_path / f"t{index}"
+        trained.append(factors(previous))
+    for layer, adapter in trained[0].items():
+        rank, width = adapter.A.shape
+        for slot in (0, 1):
+            assert torch.equal(trained[slot][layer].A, slot_down_projection(width, rank, slot, 0)), layer  # frozen
+            assert torch.count_nonzero(trained[slot][layer].B) > 0
+        assert torch.allclose(trained[0][layer].A @ trained[1][layer].A.T, torch.zeros(rank, rank), atol=1e-6)
+
+
+def test_orthogonal_adaptation_slot_beyond_the_basis_is_an_error(tiny_sd1_dir, synthetic_tasks, tmp_path):
+    from test_chain import TRAINING
+    from lorachain.train import train_task
+
+    prompt, images = synthetic_tasks[0]
+    with pytest.raises((MethodError, TrainingError), match="concept slots"):
+        train_task(
+            model_source=str(tiny_sd1_dir), train_images=images, train_prompt=prompt, task_index=1, previous_state=None,
+            method_name="orthogonal_adaptation", method_params={}, training={**TRAINING, "steps": 1}, seed=0,
+            output_dir=tmp_path / "far", progress=False, slot=10_000,
+        )

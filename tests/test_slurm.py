@@ -1,0 +1,291 @@
+"""The workflow through a real SLURM cluster: sbatch submissions, GPU requests, sacct accounting.
+
+The cluster is the one-node test cluster of ci/slurm/start.sh (munge, slurmdbd on a private
+mariadb, slurmctld, slurmd with 2 fake GPUs), started for this module and stopped afterwards
+(ci/slurm/stop.sh). Without `sbatch` on PATH the cluster tests are skipped, unless
+LORACHAIN_REQUIRE_SLURM=1 (CI), which installs and starts the cluster or fails.
+LORACHAIN_SLURM_RUNNING=1 uses a cluster that is already up (start.sh run by hand) and leaves it up.
+
+The dry-run of the paper grid through profiles/slurm needs no cluster and always runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+VENV_BIN = Path(sys.executable).parent
+REQUIRE = os.environ.get("LORACHAIN_REQUIRE_SLURM") == "1"
+ALREADY_RUNNING = os.environ.get("LORACHAIN_SLURM_RUNNING") == "1"
+STATE = Path(os.environ.get("LORACHAIN_SLURM_STATE", "/var/tmp/lorachain-slurm"))
+RUN_TIMEOUT = 1200  # seconds; snakemake runs under `timeout -k 30` (a lost job must not hang CI)
+CI_CONFIG = ROOT / "config" / "ci-slurm.yaml"
+GPU_RULES = {"train_task", "sample_state", "sample_base", "embed_references", "score_run", "score_base"}
+
+
+
+def _env() -> dict[str, str]:
+    # SLURM jobs run the submitting interpreter and inherit PATH (--export=ALL): venv first.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:{os.environ.get('PATH', '')}"}
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    table = output[output.index("Job stats:") :]
+    counts = {}
+    for line in table.splitlines()[3:]:
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not match:
+            break
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def _snakemake(*args: str, workdir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    command = [PYTHON, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ------------------------------------------------------------------------- no cluster needed
+
+
+def test_paper_grid_dry_runs_through_the_cluster_profile(tmp_path):
+    """profiles/slurm (executor: slurm, resources scaled by attempt) plans the same DAG as a plain dry-run."""
+    config = str(ROOT / "config" / "config.yaml")
+    cluster = _snakemake("-n", "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", config, workdir=tmp_path / "slurm")
+    assert cluster.returncode == 0, cluster.stdout[-3000:] + cluster.stderr[-3000:]
+    local = _snakemake("-n", "--configfile", config, workdir=tmp_path / "local")
+    assert local.returncode == 0, local.stderr[-3000:]
+    counts = _job_counts(cluster.stdout)
+    assert counts == _job_counts(local.stdout)
+    assert counts["total"] == 1369 and counts["train_task"] == 640
+    # the profile's per-rule resources reach the jobs (attempt 1)
+    train = cluster.stdout[cluster.stdout.index("rule train_task:") :]
+    resources = re.search(r"^\s+resources: (.*)$", train, flags=re.M).group(1)
+    assert "gpu=1" in resources and "runtime=120" in resources and "mem_mb=48000" in resources, resources
+
+
+# ------------------------------------------------------------------------------- the cluster
+
+
+def _cluster_available() -> None:
+    """Skip (or, with LORACHAIN_REQUIRE_SLURM=1, fail) when this machine cannot run the test cluster."""
+    if ALREADY_RUNNING:
+        if shutil.which("sbatch") is None:
+            pytest.fail("LORACHAIN_SLURM_RUNNING=1 but sbatch is not on PATH")
+        return
+    reason = None
+    if shutil.which("sbatch") is None and not REQUIRE:
+        reason = "SLURM is not installed (sbatch not on PATH); LORACHAIN_REQUIRE_SLURM=1 installs a local test cluster"
+    elif os.geteuid() != 0:
+        reason = "ci/slurm/start.sh needs root (set LORACHAIN_SLURM_RUNNING=1 to use a running test cluster)"
+    elif shutil.which("apt-get") is None and shutil.which("sbatch") is None:
+        reason = "no sbatch and no apt-get to install SLURM with"
+    if reason:
+        if REQUIRE:
+            pytest.fail(f"LORACHAIN_REQUIRE_SLURM=1: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The local test cluster, up for this module; a lock file serialises concurrent sessions."""
+    _cluster_available()
+    STATE.parent.mkdir(parents=True, exist_ok=True)
+    with open(STATE.parent / "lorachain-slurm.lock", "w") as lock:
+        deadline = time.monotonic() + 1800
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail("another session holds the SLURM test cluster lock")
+                time.sleep(2)
+        started = time.monotonic()
+        if not ALREADY_RUNNING:
+            result = subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "start.sh")], capture_output=True, text=True, timeout=900)
+            if result.returncode != 0:
+                subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300)
+                pytest.fail(f"ci/slurm/start.sh failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+        assert shutil.which("sbatch", path=_env()["PATH"]), "sbatch not on PATH after ci/slurm/start.sh"
+        start_seconds = time.monotonic() - started
+        try:
+            yield {"start_seconds": start_seconds}
+        finally:
+            if not ALREADY_RUNNING:
+                stopped = time.monotonic()
+                result = subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300)
+                print(f"\nci/slurm/stop.sh: rc {result.returncode}, {time.monotonic() - stopped:.1f} s")
+                assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def _sacct(run_uuid: str, since: str) -> list[dict[str, str]]:
+    """Every job of this Snakemake run (job name = the run's UUID), one row per allocation."""
+    fields = ["JobID", "JobName", "Comment", "ReqTRES", "AllocTRES", "State", "ExitCode", "Submit", "Start", "End"]
+    command = ["sacct", "-n", "-P", "-X", "--name", run_uuid, "-S", since, "--format", ",".join(fields)]
+    rows = []
+    deadline = time.monotonic() + 60
+    while True:  # slurmdbd records the end of a job asynchronously: wait until every row has one
+        output = subprocess.run(command, env=_env(), capture_output=True, text=True, check=True, timeout=60).stdout
+        rows = [dict(zip(fields, line.split("|"))) for line in output.splitlines() if line.strip()]
+        if rows and all(row["End"] not in ("", "Unknown") for row in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(1)
+
+
+def _timestamp(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, tmp_path_factory):
+    """config/ci-slurm.yaml through profiles/slurm-ci to completion, and what sacct saw of it."""
+    workdir = tmp_path_factory.mktemp("slurm-run")
+    since = (datetime.now() - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S")
+    command = [
+        "timeout", "-k", "30", str(RUN_TIMEOUT),
+        PYTHON, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
+        "--profile", str(ROOT / "profiles" / "slurm-ci"), "--configfile", str(CI_CONFIG),
+    ]  # fmt: skip
+    started = time.time()
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT + 120)
+    wall = time.time() - started
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"snakemake through SLURM failed ({result.returncode}):\n{output[-8000:]}"
+    run_uuid = re.search(r"SLURM run ID: (\S+)", output).group(1)
+    queried = time.monotonic()
+    jobs = _sacct(run_uuid, since)
+    sacct_seconds = time.monotonic() - queried
+    # the plugin's kept logs: .snakemake/slurm_logs/rule_<rule>/<wildcards>/<slurm jobid>.log
+    logs = {path.stem: path for path in (workdir / ".snakemake" / "slurm_logs").rglob("*.log")}
+    for job in jobs:
+        log = logs.get(job["JobID"])
+        job["rule"] = log.relative_to(workdir / ".snakemake" / "slurm_logs").parts[0].removeprefix("rule_") if log else None
+        job["wildcards"] = log.parent.name if log else None
+        job["log"] = log
+    run = {"workdir": workdir, "output": output, "wall": wall, "started": started, "jobs": jobs}
+    run["figures"] = _figures(run, slurm_cluster)
+    run["figures"]["sacct_query_seconds"] = round(sacct_seconds, 1)
+    (workdir / "slurm-figures.json").write_text(json.dumps(run["figures"], indent=2))
+    print("\nSLURM run figures:", json.dumps(run["figures"], indent=2))
+    return run
+
+
+def _figures(run: dict, cluster: dict) -> dict:
+    """Submission latency, status-poll latency of chained jobs, wall time (seconds)."""
+    jobs = run["jobs"]
+    by_key = {(job["rule"], job["wildcards"]): job for job in jobs}
+    chained = []
+    for (rule, wildcards), job in sorted(by_key.items(), key=lambda item: str(item[0])):
+        # task t of a run is submitted after task t-1 ended; sampling after task t after task t ended
+        if rule == "train_task" and not wildcards.endswith("_01"):
+            previous = by_key.get(("train_task", f"{wildcards[:-2]}{int(wildcards[-2:]) - 1:02d}"))
+        elif rule == "sample_state":
+            previous = by_key.get(("train_task", wildcards))
+        else:
+            continue
+        if previous:
+            chained.append({"job": f"{rule}[{wildcards}]", "after": f"train_task[{previous['wildcards']}]",
+                            "seconds": _timestamp(job["Submit"]) - _timestamp(previous["End"])})  # fmt: skip
+    submits = sorted(_timestamp(job["Submit"]) for job in jobs)
+    ends = sorted(_timestamp(job["End"]) for job in jobs)
+    latencies = [item["seconds"] for item in chained]
+    return {
+        "cluster_start_seconds": round(cluster["start_seconds"], 1),
+        "snakemake_wall_seconds": round(run["wall"], 1),
+        "sbatch_jobs": len(jobs),
+        "first_sbatch_after_start_seconds": round(submits[0] - run["started"], 1),  # sacct has 1 s resolution
+        "last_job_end_to_exit_seconds": round(run["started"] + run["wall"] - ends[-1], 1),
+        "chained_submit_latency_seconds": {"mean": round(sum(latencies) / len(latencies), 1), "min": min(latencies), "max": max(latencies)},
+        "chained": chained,
+        "job_seconds_mean": round(sum(_timestamp(j["End"]) - _timestamp(j["Start"]) for j in jobs) / len(jobs), 1),
+        "queue_wait_seconds_mean": round(sum(_timestamp(j["Start"]) - _timestamp(j["Submit"]) for j in jobs) / len(jobs), 1),
+    }
+
+
+@pytest.mark.slow
+def test_slurm_run_writes_the_table(slurm_run):
+    table = slurm_run["workdir"] / "results" / "tables" / "objects.csv"
+    assert table.is_file(), slurm_run["output"][-3000:]
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle))
+    import yaml
+
+    config = yaml.safe_load(CI_CONFIG.read_text())
+    from lorachain.metrics.catalog import DEFAULT_METRICS
+
+    expected = sorted((method, metric) for method in config["methods"] for metric in DEFAULT_METRICS["dreambooth"])
+    assert sorted((row["method"], row["metric"]) for row in rows) == expected
+    assert all(row["n_runs"] == "1" for row in rows)
+
+
+@pytest.mark.slow
+def test_every_job_but_all_went_through_sbatch(slurm_run):
+    counts = Counter(job["rule"] for job in slurm_run["jobs"])
+    planned = _job_counts(slurm_run["output"])
+    assert counts == {rule: count for rule, count in planned.items() if rule not in ("all", "total")}, counts
+    assert all(job["State"] == "COMPLETED" and job["ExitCode"] == "0:0" for job in slurm_run["jobs"]), slurm_run["jobs"]
+
+
+@pytest.mark.slow
+def test_gpu_rules_request_one_gpu_and_cpu_rules_none(slurm_run):
+    for job in slurm_run["jobs"]:
+        if job["rule"] in GPU_RULES:
+            assert "gres/gpu=1" in job["ReqTRES"] and "gres/gpu=1" in job["AllocTRES"], job
+        else:
+            assert "gres/gpu" not in job["AllocTRES"], job
+        # the plugin's comment names the rule (AccountingStoreFlags=job_comment)
+        assert job["Comment"].startswith(f"rule_{job['rule']}"), job
+
+
+@pytest.mark.slow
+def test_every_train_task_job_completed_on_a_gpu(slurm_run):
+    config_methods, num_tasks = 2, 2
+    train = [job for job in slurm_run["jobs"] if job["rule"] == "train_task"]
+    assert len(train) == config_methods * num_tasks
+    for job in train:
+        assert job["State"] == "COMPLETED", job
+        assert "gres/gpu=1" in job["AllocTRES"], job
+        log = job["log"].read_text()
+        assert "rule train_task:" in log and "--executor slurm-jobstep" in log, log[-2000:]
+        assert re.search(r"resources: .*slurm_account=ci.*gpu=1", log), log[-2000:]
+    # task 2 of a run was submitted only after task 1 of the same run had ended
+    for item in slurm_run["figures"]["chained"]:
+        assert item["seconds"] >= 0, item
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda profile: profile["default-resources"].pop("slurm_account"), "no SLURM account"),
+        (lambda profile: profile["set-resources"]["train_task"].update(slurm_partition="gpu-a100"), "'gpu-a100' does not exist"),
+    ],
+    ids=["no-account", "unknown-partition"],
+)
+def test_bad_cluster_settings_fail_before_any_submission(slurm_cluster, tmp_path, edit, message):
+    import yaml
+
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm-ci" / "config.yaml").read_text())
+    edit(profile)
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
+    result = _snakemake("--profile", str(tmp_path / "profile"), "--configfile", str(CI_CONFIG), workdir=tmp_path / "run", timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and message in output, output[-3000:]
+    assert "SLURM profile check failed before any job was submitted" in output
+    assert "has been submitted with SLURM jobid" not in output, output[-3000:]

@@ -1,0 +1,161 @@
+rule train_concept:
+    """Train one concept of a domain independently from the base model (its index is its slot)."""
+    input:
+        tasks=reference_tasks,
+        model=model_inputs,
+    output:
+        state=f"{CONCEPT_DIR}/{TASK_FILES['state']}",
+        lora=f"{CONCEPT_DIR}/{TASK_FILES['lora']}",
+        loss=f"{CONCEPT_DIR}/{TASK_FILES['loss']}",
+    params:
+        concept_index=lambda wildcards: int(wildcards.concept),
+        method=adapter_method,
+        method_params=adapter_block,
+        training=training_block(),
+        revision=revision("training"),
+        model=model_source(),
+        vae=config["model"].get("vae"),
+        seed=MODULAR.get("seed"),
+        run=concept_identity,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
+    log:
+        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}.tsv"
+    script:
+        "../scripts/train_concept.py"
+
+
+rule record_layer_inputs:
+    """Gradient fusion's data: Gram matrices of every targeted layer's inputs in the concept's model."""
+    input:
+        tasks=reference_tasks,
+        state=f"{CONCEPT_DIR}/{TASK_FILES['state']}",
+        lora=f"{CONCEPT_DIR}/{TASK_FILES['lora']}",
+        model=model_inputs,
+    output:
+        GRAMS,
+    params:
+        concept_index=lambda wildcards: int(wildcards.concept),
+        method=adapter_method,
+        method_params=adapter_block,
+        layer_inputs=canonical(MODULAR.get("layer_inputs", {})),
+        target_modules=config["training"]["target_modules"],
+        resolution=config["training"]["resolution"],
+        revision=revision("training"),
+        model=model_source(),
+        vae=config["model"].get("vae"),
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
+    log:
+        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.tsv"
+    script:
+        "../scripts/record_layer_inputs.py"
+
+
+rule merge_and_sample:
+    """Merge the first k concepts' LoRAs into the base model (timed) and sample it on those k concepts."""
+    input:
+        tasks=reference_tasks,
+        concepts=merged_concept_files,
+        grams=merged_gram_files,
+        model=model_inputs,
+    output:
+        samples=directory(f"{MERGE_DIR}/samples"),
+        record=f"{MERGE_DIR}/merge.json",
+    params:
+        method=merge_method,
+        merge_params=merge_block,
+        concept_dirs=merged_concept_dirs,
+        sampling=stage_block("sampling"),
+        revision=revision("sampling"),
+        model=model_source(),
+        vae=config["model"].get("vae"),
+        identity=merge_identity,
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
+    log:
+        f"{LOGS}/{{domain}}/modular/{{merge}}/k{{k}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{merge}}/k{{k}}.tsv"
+    script:
+        "../scripts/merge_and_sample.py"
+
+
+rule score_merges:
+    """Score every merged model of one merge label on its k concepts (one row per k, concept, metric)."""
+    input:
+        samples=merge_sample_dirs,
+        references=REFERENCE_EMBEDDINGS,
+        encoders=encoder_inputs,
+    output:
+        MERGE_SCORES,
+    params:
+        metrics=metrics_of,
+        encoders=encoder_blocks,
+        revision=revision("scoring"),
+        batch_size=config["metrics"]["batch_size"],
+    threads: 1
+    resources:
+        gpu=1,
+    conda:
+        "../../envs/lorachain.yaml"
+    log:
+        f"{LOGS}/{{domain}}/modular/{{merge}}/scores.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{merge}}/scores.tsv"
+    script:
+        "../scripts/score_samples.py"
+
+
+rule modular_results:
+    """BlockLoRA's Table 1 (merge type, method, merge time, image/text alignment, average) for the
+    largest k, and its Figure 5 (image alignment against the number of merged concepts)."""
+    input:
+        unpack(lambda wildcards: {"scores": list(modular_scores(wildcards).values()), "records": list(modular_records(wildcards).values())}),
+    output:
+        table=report(f"{MODULAR_TABLE}.csv", caption="../report/modular_table.rst", category="Modular", subcategory="{domain}"),
+        markdown=f"{MODULAR_TABLE}.md",
+        curve=report(f"{FIGURES}/modular-curve.png", caption="../report/modular_curve.rst", category="Modular", subcategory="{domain}"),
+        curve_pdf=f"{FIGURES}/modular-curve.pdf",
+    params:
+        scores=modular_scores,
+        records=modular_records,
+        merges=modular_merges(),
+        metrics=metrics_of,
+    conda:
+        "../../envs/lorachain.yaml"
+    log:
+        f"{LOGS}/tables/{{domain}}-modular.log",
+    script:
+        "../scripts/modular_results.py"
+
+
+rule lora_diagnostics:
+    """BlockLoRA's Figure 4 for one adapter kind: layer-wise pairwise cosine similarity of the
+    concepts' deltas, and the fraction of parameters with sign conflicts as LoRAs are added."""
+    input:
+        diagnostics_loras,
+    output:
+        cosine_figure=report(f"{FIGURES}/diagnostics-{{adapter}}-cosine.png", caption="../report/diagnostics.rst", category="Modular", subcategory="{domain}"),
+        conflicts_figure=report(f"{FIGURES}/diagnostics-{{adapter}}-sign-conflicts.png", caption="../report/diagnostics.rst", category="Modular", subcategory="{domain}"),
+        cosine=f"{DIAGNOSTICS_DIR}/cosine.csv",
+        conflicts=f"{DIAGNOSTICS_DIR}/sign_conflicts.csv",
+    conda:
+        "../../envs/lorachain.yaml"
+    log:
+        f"{LOGS}/{{domain}}/modular/{{adapter}}/diagnostics.log",
+    script:
+        "../scripts/lora_diagnostics.py"
