@@ -82,8 +82,15 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "continual_table": 2,
         "plot_metric": 2 * 3,  # domains x metrics
         "image_grid": 2,
+        # the modular regime on objects: 10 concepts x 5 adapter kinds, 8 merges x 6 merge sizes
+        "train_concept": 10 * 5,
+        "record_layer_inputs": 10,  # only the adapters that gradient fusion merges
+        "merge_and_sample": 8 * 6,
+        "score_merges": 8,
+        "modular_results": 1,
+        "lora_diagnostics": 5,
         "all": 1,
-        "total": 1369,
+        "total": 1491,
     }
     # real models are hub ids: nothing is built or downloaded
     assert "build_tiny_model" not in counts and "build_tiny_encoder" not in counts
@@ -182,12 +189,12 @@ def test_demo_trains_every_chain(demo_run):
     workdir, config = demo_run
     for domain, block in config["domains"].items():
         tasks = json.loads((workdir / "results" / domain / "tasks" / "order0.json").read_text())["tasks"]
-        assert len(tasks) == block["num_tasks"]
+        assert len(tasks) == (block.get("task_pool") or block["num_tasks"])
         for method in config["methods"]:
             last = workdir / "results" / domain / method / "order0-seed0" / f"task{block['num_tasks']:02d}"
             chain = read_chain(last)
             assert [manifest["task_index"] for _, manifest in chain] == list(range(1, block["num_tasks"] + 1))
-            assert [manifest["concept"] for _, manifest in chain] == [task["concept"] for task in tasks]
+            assert [manifest["concept"] for _, manifest in chain] == [task["concept"] for task in tasks[: block["num_tasks"]]]
             for directory, manifest in chain:
                 assert manifest["method"]["name"] == config["methods"][method]["method"]
                 assert manifest["run"] == {"domain": domain, "method": method, "order": 0, "seed": 0}
@@ -248,6 +255,38 @@ def test_demo_figures_and_report(demo_run):
     html = (workdir / "report.html").read_text()
     for name in ("objects.csv", "styles.csv", "heatmap-csd.png", "curve-dino.png", "grid.png", "sequence position"):
         assert name in html, name
+
+
+@pytest.mark.slow
+def test_demo_modular_branch_writes_table_curve_and_diagnostics(demo_run):
+    import pandas as pd
+
+    workdir, config = demo_run
+    modular = config["modular"]
+    table = pd.read_csv(workdir / "results" / "tables" / "objects-modular.csv")
+    assert list(table["merge"]) == list(modular["merges"])
+    assert (table["k"] == max(modular["merge_sizes"])).all()
+    assert table[["merge_s", "image_alignment", "text_alignment", "average"]].notna().all().all()
+    assert set(table.loc[table["merge"] == "gradient_fusion", "merge_type"]) == {"post-training (closed form)"}
+    assert set(table.loc[table["merge"] != "gradient_fusion", "merge_type"]) == {"instant"}
+    figures = workdir / "results" / "figures" / "objects"
+    assert (figures / "modular-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for adapter in modular["adapters"]:
+        for kind in ("cosine", "sign-conflicts"):
+            assert (figures / f"diagnostics-{adapter}-{kind}.png").stat().st_size > 1000
+    # BlockLoRA's concepts touch disjoint rows: no sign conflicts at all; plain LoRAs conflict
+    blocks = pd.read_csv(workdir / "results" / "objects" / "modular" / "diagnostics" / "blocklora" / "sign_conflicts.csv")
+    plain = pd.read_csv(workdir / "results" / "objects" / "modular" / "diagnostics" / "lora" / "sign_conflicts.csv")
+    assert (blocks["conflicting_entries"] == 0).all() and (plain["fraction"] > 0.1).all()
+    # every merged model was sampled on exactly its k concepts, with the same concepts as the tasks
+    tasks = json.loads((workdir / "results" / "objects" / "tasks" / "order0.json").read_text())["tasks"]
+    for merge in modular["merges"]:
+        for k in modular["merge_sizes"]:
+            index = pd.read_csv(workdir / "results" / "objects" / "modular" / "merges" / merge / f"k{k}" / "samples" / "index.csv")
+            assert sorted(index["concept"].unique()) == sorted(task["concept"] for task in tasks[:k])
+    # the concept states are standard diffusers LoRAs with their slot in the manifest
+    state = json.loads((workdir / "results" / "objects" / "modular" / "adapters" / "blocklora" / "concept02" / "state.json").read_text())
+    assert state["slot"] == 1 and state["task_index"] == 1 and state["parent"] is None
 
 
 def planned_jobs(output: str) -> list[tuple[str, dict]]:

@@ -449,7 +449,7 @@ def modular_records(wildcards):
 
 def modular_merges():
     """The table's rows: each merge label's method and the adapters it merges (sorted by label)."""
-    return canonical({label: {"method": block["method"], "adapters": block["adapters"]} for label, block in MODULAR["merges"].items()})
+    return canonical({label: {"method": block["method"], "adapters": block["adapters"]} for label, block in MODULAR.get("merges", {}).items()})
 
 
 def diagnostics_loras(wildcards):

@@ -35,14 +35,19 @@ rounding made slightly indefinite).
 
 Gram files: :class:`GramRecorder` accumulates X^T X in float64 (inputs cast to float64 before the
 product, so millions of rows lose nothing); :func:`save_grams` stores them as float32 by default
-(half the bytes: an SDXL rank-64 concept records G for 560 layers whose inputs are 640-2048 wide,
-several GB per concept in float32; relative rounding 6e-8 is far below what the fused fp16/fp32
-weights resolve) and :func:`load_grams` returns float64 again. Rows counts travel in the metadata.
+(half the bytes; relative rounding 6e-8 is far below what fused fp16/fp32 weights resolve) and
+:func:`load_grams` returns float64 again. Row counts travel in the metadata. An SDXL concept records
+G for 560 layers with inputs 640-2048 wide: 4.8 GB in float32, 2.5 GB once the 140 cross-attention
+to_k / to_v layers, which all see the same text embeddings and so have identical Grams, are stored
+once. The recorder likewise computes X^T X once per distinct input tensor: attn1's to_q / to_k /
+to_v share one input, and the text embeddings reach every attn2 to_k / to_v.
 """
 
 from __future__ import annotations
 
 import json
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -53,6 +58,7 @@ GRAM_FORMAT = "lorachain-grams-1"
 PRIORS = ("mean", "base")
 DEFAULT_RIDGE = 1e-6
 DEFAULT_RCOND = 1e-10
+RECENT_INPUTS = 8  # inputs whose X^T X the recorder keeps for reuse (SDXL: 4-5 distinct inputs between text-embedding uses)
 
 
 class GramError(ValueError):
@@ -74,7 +80,8 @@ class GramRecorder:
     """Context manager that accumulates G = X^T X (float64) of the inputs of named linear layers.
 
     Every forward of a named layer adds x^T x, with all leading dimensions of its input x flattened
-    into rows, and the number of rows. ``recorder.grams`` maps layer -> (G on the CPU, rows) for
+    into rows, and the number of rows (the product is reused when the very same, unmodified input
+    tensor reaches another named layer). ``recorder.grams`` maps layer -> (G on the CPU, rows) for
     the layers that saw input. Accumulation happens on the input's device (float64; MPS lacks it,
     so there on the CPU)."""
 
@@ -90,19 +97,34 @@ class GramRecorder:
         self._sums: dict[str, torch.Tensor] = {}
         self._rows: dict[str, int] = {}
         self._handles: list = []
+        # id -> (weak reference to the input, its version, its X^T X) of the last few distinct inputs:
+        # one tensor feeds several layers (attn1 to_q/to_k/to_v; the text embeddings every attn2 to_k/to_v).
+        self._recent: OrderedDict[int, tuple] = OrderedDict()
 
     def _hook(self, name: str, in_features: int):
         def record(_module, args):
-            x = args[0].detach()
+            source = args[0]
+            x = source.detach()
             if x.shape[-1] != in_features:
                 raise GramError(f"GramRecorder: layer {name!r} got inputs of width {x.shape[-1]}, expected {in_features}")
             rows = x.reshape(-1, in_features)
-            device = rows.device if rows.device.type != "mps" else torch.device("cpu")
-            rows = rows.to(device=device, dtype=torch.float64)
-            if name in self._sums:
-                self._sums[name].addmm_(rows.T, rows)
+            cached = self._recent.get(id(source))
+            if cached is not None and cached[0]() is source and cached[1] == source._version:
+                product = cached[2]
+                self._recent.move_to_end(id(source))
             else:
-                self._sums[name] = rows.T @ rows
+                device = rows.device if rows.device.type != "mps" else torch.device("cpu")
+                rows64 = rows.to(device=device, dtype=torch.float64)
+                product = rows64.T @ rows64
+                # A weak reference: a freed input (whose id a new tensor may reuse) never matches,
+                # and caching keeps no activations or autograd graph alive.
+                self._recent[id(source)] = (weakref.ref(source), source._version, product)
+                if len(self._recent) > RECENT_INPUTS:
+                    self._recent.popitem(last=False)
+            if name in self._sums:
+                self._sums[name].add_(product)
+            else:
+                self._sums[name] = product.clone()
             self._rows[name] = self._rows.get(name, 0) + rows.shape[0]
 
         return record
@@ -116,10 +138,12 @@ class GramRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._recent.clear()
 
     def reset(self) -> None:
         self._sums.clear()
         self._rows.clear()
+        self._recent.clear()
 
     @property
     def grams(self) -> dict[str, tuple[torch.Tensor, int]]:
@@ -132,11 +156,28 @@ class GramRecorder:
 
 
 def save_grams(path: str | Path, grams: dict[str, tuple[torch.Tensor, int]], dtype: torch.dtype = torch.float32) -> None:
-    """Write layer -> (G, rows) as safetensors (G in `dtype`, rows in the metadata)."""
+    """Write layer -> (G, rows) as safetensors (G in `dtype`, rows in the metadata). Layers whose G
+    is bitwise identical to an earlier layer's (SDXL: the 140 cross-attention to_k / to_v layers
+    all see the same text embeddings) are stored once and listed in the metadata's aliases."""
     from safetensors.torch import save_file
 
-    tensors = {layer: G.detach().to("cpu", dtype).contiguous() for layer, (G, _) in grams.items()}
-    metadata = {"format": GRAM_FORMAT, "rows": json.dumps({layer: int(n) for layer, (_, n) in grams.items()}, sort_keys=True)}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}  # layer -> the stored layer whose G is bitwise the same
+    stored_by_fingerprint: dict[tuple, list[str]] = {}
+    for layer in sorted(grams):
+        G = grams[layer][0].detach().to("cpu", dtype).contiguous()
+        fingerprint = (tuple(G.shape), float(G.sum()), float(G.diagonal().sum()))
+        twin = next((other for other in stored_by_fingerprint.get(fingerprint, []) if torch.equal(tensors[other], G)), None)
+        if twin is not None:
+            aliases[layer] = twin
+        else:
+            tensors[layer] = G
+            stored_by_fingerprint.setdefault(fingerprint, []).append(layer)
+    metadata = {
+        "format": GRAM_FORMAT,
+        "rows": json.dumps({layer: int(n) for layer, (_, n) in grams.items()}, sort_keys=True),
+        "aliases": json.dumps(aliases, sort_keys=True),
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
@@ -155,11 +196,14 @@ def load_grams(path: str | Path) -> dict[str, tuple[torch.Tensor, int]]:
             if metadata.get("format") != GRAM_FORMAT:
                 raise GramError(f"{path}: not a gram file (metadata format {metadata.get('format')!r}, expected {GRAM_FORMAT!r})")
             rows = json.loads(metadata["rows"])
+            aliases = json.loads(metadata.get("aliases", "{}"))
+            stored = {layer: handle.get_tensor(layer).to(torch.float64) for layer in handle.keys()}
             grams = {}
-            for layer in handle.keys():
-                if layer not in rows:
-                    raise GramError(f"{path}: layer {layer!r} has no row count in the metadata")
-                grams[layer] = (handle.get_tensor(layer).to(torch.float64), int(rows[layer]))
+            for layer, n in rows.items():
+                source = aliases.get(layer, layer)
+                if source not in stored:
+                    raise GramError(f"{path}: layer {layer!r} has a row count but no stored matrix ({source!r})")
+                grams[layer] = (stored[source], int(n))  # aliased layers share one read-only tensor
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError) as error:
         raise GramError(f"{path}: not a readable gram file ({error})") from None
     return dict(sorted(grams.items()))

@@ -1,0 +1,152 @@
+"""The modular regime's library: concept training with slots, gram recording, merge-and-sample,
+Table 1 / Figure 5 assembly, and the DAG-time merge catalog."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from test_chain import TRAINING, factors
+
+from lorachain.merge_catalog import NEEDS_LAYER_INPUTS
+from lorachain.merging.base import merge_class, merge_names
+from lorachain.torch_env import torch
+
+
+def test_merge_catalog_matches_the_registry():
+    assert NEEDS_LAYER_INPUTS == {name for name in merge_names() if merge_class(name).needs_layer_inputs}
+
+
+@pytest.fixture(scope="module")
+def concepts(tiny_sd1_dir, synthetic_tasks, tmp_path_factory):
+    """Three concepts trained independently with BlockLoRA (slots 0, 1, 2) and their task file."""
+    from lorachain.data.selection import Task, write_tasks
+    from lorachain.train import train_task
+
+    root = tmp_path_factory.mktemp("modular")
+    tasks = []
+    for index, (prompt, images) in enumerate(synthetic_tasks, start=1):
+        tasks.append(Task(concept=f"concept{index}", kind="object", token="sks", class_name="thing", train_prompt=prompt, train_images=tuple(images), eval_prompts=(prompt,), reference_images=tuple(images[:1])))
+    write_tasks(root / "tasks.json", tasks, layout="dreambooth", dataset_root=str(root), order_seed=0)
+    dirs = []
+    for index, task in enumerate(tasks, start=1):
+        directory = root / f"concept{index}"
+        train_task(
+            model_source=str(tiny_sd1_dir), train_images=list(task.train_images), train_prompt=task.train_prompt, task_index=1,
+            slot=index - 1, previous_state=None, method_name="blocklora", method_params={"num_blocks": 4, "erasure": 0.25},
+            training={**TRAINING, "steps": 2}, seed=index, output_dir=directory, concept=task.concept, progress=False,
+        )
+        dirs.append(directory)
+    return root, dirs
+
+
+SAMPLING = {"num_samples": 1, "steps": 2, "resolution": 64, "guidance_scale": 3.0, "batch_size": 8}
+
+
+def test_merge_and_sample_applies_the_exact_merged_delta(concepts, tiny_sd1_dir, tmp_path, monkeypatch):
+    from lorachain import modular, state
+
+    root, dirs = concepts
+    applied = {}
+    original = state.apply_to_unet
+
+    def spy(unet, folded):
+        applied.update(folded.merged)
+        return original(unet, folded)
+
+    monkeypatch.setattr(state, "apply_to_unet", spy)
+    result = modular.merge_and_sample(
+        concept_dirs=[str(d) for d in dirs[:2]], gram_files=None, merge_name="blocklora", merge_params={}, merge_key="modular.merges.blocklora",
+        tasks_file=root / "tasks.json", sampling=SAMPLING, model_source=str(tiny_sd1_dir), vae=None, output_dir=tmp_path / "samples",
+        identity={"model": "blocklora", "method": "blocklora", "domain": "objects", "order": 0, "seed": 0, "after_task": 2},
+        merge_record=tmp_path / "merge.json",
+    )
+    first, second = factors(dirs[0]), factors(dirs[1])
+    assert sorted(applied) == sorted(first)
+    for layer, delta in applied.items():
+        assert torch.allclose(delta, 0.5 * first[layer].delta() + 0.5 * second[layer].delta(), atol=1e-7), layer
+    index = pd.read_csv(tmp_path / "samples" / "index.csv")
+    assert sorted(index["concept"].unique()) == ["concept1", "concept2"] and result["images"] == 2
+    record = json.loads((tmp_path / "merge.json").read_text())
+    assert record["k"] == 2 and record["merge_type"] == "instant" and record["merge_s"] >= 0
+
+
+def test_merge_and_sample_refuses_concepts_in_another_order(concepts, tiny_sd1_dir, tmp_path):
+    from lorachain import modular
+
+    root, dirs = concepts
+    with pytest.raises(modular.ModularError, match="trained on concept 'concept2', but task 1"):
+        modular.merge_and_sample(
+            concept_dirs=[str(dirs[1]), str(dirs[0])], gram_files=None, merge_name="weighted_average", merge_params={}, merge_key="k",
+            tasks_file=root / "tasks.json", sampling=SAMPLING, model_source=str(tiny_sd1_dir), vae=None, output_dir=tmp_path / "s",
+            identity={}, merge_record=tmp_path / "m.json",
+        )
+    with pytest.raises(modular.ModularError, match="zero concepts"):
+        modular.merge_and_sample(
+            concept_dirs=[], gram_files=None, merge_name="weighted_average", merge_params={}, merge_key="modular.merges.x",
+            tasks_file=root / "tasks.json", sampling=SAMPLING, model_source=str(tiny_sd1_dir), vae=None, output_dir=tmp_path / "s",
+            identity={}, merge_record=tmp_path / "m.json",
+        )
+
+
+def test_recorded_grams_let_gradient_fusion_reproduce_a_single_concept(concepts, tiny_sd1_dir, tmp_path):
+    from lorachain import modular
+    from lorachain.data import read_tasks
+    from lorachain.merging import make_merge
+    from lorachain.merging.fusion import load_grams
+
+    root, dirs = concepts
+    grams_file = tmp_path / "grams.safetensors"
+    result = modular.record_layer_inputs(
+        model_source=str(tiny_sd1_dir), vae=None, state_dir=dirs[0], method_name="blocklora", method_params={"num_blocks": 4, "erasure": 0.25},
+        task=read_tasks(root / "tasks.json")[0], target_modules=["to_q", "to_k", "to_v", "to_out.0"], resolution=64, timesteps=2, seed=0,
+        output=grams_file, gram_dtype="float64",
+    )
+    grams = load_grams(grams_file)
+    adapters = factors(dirs[0])
+    assert sorted(grams) == sorted(adapters) and result["layers"] == len(adapters)
+    for layer, (G, rows) in grams.items():
+        assert G.shape == (adapters[layer].A.shape[1],) * 2 and rows > 0 and torch.allclose(G, G.T)
+    concept, _ = modular.load_concept(dirs[0], with_grams=grams_file)
+    fused = make_merge("gradient_fusion", {}).merge([concept])
+    for layer, delta in fused.items():
+        G = grams[layer][0].double()
+        # on the recorded inputs the fused layer gives the concept's outputs: delta G == delta_1 G
+        target = adapters[layer].delta().double() @ G
+        assert torch.allclose(delta.double() @ G, target, atol=1e-4 * float(target.abs().max()) + 1e-8), layer
+
+
+def _scores(rows):
+    return pd.DataFrame(rows, columns=["model", "method", "domain", "order", "seed", "after_task", "task", "concept", "metric", "score", "n_images", "n_references"])
+
+
+def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
+    from lorachain.report.modular import ModularResultError, modular_results_job
+
+    rows = []
+    for k in (1, 2):
+        for task in range(1, k + 1):
+            for metric, value in (("clip_i", 0.5 + 0.1 * task - 0.05 * k), ("clip_t", 0.3)):
+                rows.append(["m", "blocklora", "objects", 0, 0, k, task, f"c{task}", metric, value, 1, 1])
+    _scores(rows).to_csv(tmp_path / "scores.csv", index=False)
+    records = {}
+    for k in (1, 2):
+        path = tmp_path / f"merge{k}.json"
+        path.write_text(json.dumps({"k": k, "merge_s": 0.01 * k, "merge_type": "instant"}))
+        records[f"m|{k}"] = str(path)
+    table = modular_results_job(
+        domain="objects", scores={"m": str(tmp_path / "scores.csv")}, records=records, merges={"m": {"method": "blocklora", "adapters": "b"}},
+        merge_order=["m"], metrics=["dino", "clip_i", "clip_t"], table_csv=tmp_path / "t.csv", table_md=tmp_path / "t.md", curve_stem=tmp_path / "curve",
+    )
+    row = table.iloc[0]
+    assert row["k"] == 2 and row["merge_s"] == pytest.approx(0.02) and row["image_metric"] == "clip_i"
+    assert row["image_alignment"] == pytest.approx((0.5 + 0.1 - 0.1 + 0.5 + 0.2 - 0.1) / 2)
+    assert row["average"] == pytest.approx((row["image_alignment"] + 0.3) / 2)
+    assert (tmp_path / "curve.png").is_file() and "| m | instant | blocklora (b) | 2 |" in (tmp_path / "t.md").read_text()
+    del records["m|1"]
+    with pytest.raises(ModularResultError, match="no merge record for merge 'm' at k = 1"):
+        modular_results_job(
+            domain="objects", scores={"m": str(tmp_path / "scores.csv")}, records=records, merges={"m": {"method": "blocklora", "adapters": "b"}},
+            merge_order=["m"], metrics=["clip_i", "clip_t"], table_csv=tmp_path / "t.csv", table_md=tmp_path / "t.md", curve_stem=tmp_path / "curve",
+        )
