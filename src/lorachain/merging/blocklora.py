@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import combinations
 
-from lorachain.merging.base import Concept, MergeMethod, linear_combination, register_merge
+from lorachain.merging.base import Concept, MergeMethod, register_merge
 from lorachain.torch_env import torch
 
 
@@ -69,10 +69,12 @@ class BlockLoRA(MergeMethod):
     default_weights = "mean"
     requirement = "BlockLoRA's merge (paper Eq. 5) requires weights that sum to 1"
 
-    def check_disjoint(self, layer: str, concepts: Sequence[Concept]) -> None:
+    def check_disjoint(self, layer: str, concepts: Sequence[Concept]) -> list[torch.Tensor]:
+        """Raise unless the concepts' deltas change disjoint rows; return each concept's candidate
+        rows (where its B is nonzero)."""
         supports = [(concept.adapters[layer].B != 0).any(dim=1) for concept in concepts]
         if len(concepts) < 2 or int(torch.stack(supports).sum(dim=0).max()) <= 1:
-            return  # fast path: the B rows alone are already disjoint
+            return supports  # fast path: the B rows alone are already disjoint
         for (i, rows_i), (j, rows_j) in combinations(enumerate(supports), 2):
             shared = rows_i & rows_j
             if not shared.any():
@@ -85,7 +87,17 @@ class BlockLoRA(MergeMethod):
                     f"concepts {concepts[i].name!r} and {concepts[j].name!r} both change rows {shown} ({len(rows)} row(s)) of "
                     f"layer {layer!r}; BlockLoRA merges only deltas of disjoint row blocks (different concept slots)"
                 )
+        return supports
 
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):
-        self.check_disjoint(layer, concepts)
-        return linear_combination([concept.adapters[layer] for concept in concepts], weights)
+        supports = self.check_disjoint(layer, concepts)
+        # Each concept contributes only its own rows: alpha_i s_i B_i[R_i] A_i, so a merge costs one
+        # LoRA's worth of products (out x r x in) instead of k of them.
+        first = concepts[0].adapters[layer]
+        merged = torch.zeros(first.B.shape[0], first.A.shape[1], dtype=torch.float32, device=first.A.device)
+        for concept, weight, support in zip(concepts, weights, supports):
+            adapter = concept.adapters[layer]
+            rows = torch.nonzero(support).flatten()
+            if weight != 0 and rows.numel():
+                merged.index_add_(0, rows, (weight * adapter.scale * adapter.B[rows].float()) @ adapter.A.float())
+        return merged

@@ -212,17 +212,34 @@ def load_grams(path: str | Path) -> dict[str, tuple[torch.Tensor, int]]:
 # ---------------------------------------------------------------------------------------- fusing
 
 
-def _as_float64(delta: torch.Tensor | LayerAdapter, device) -> torch.Tensor:
+def _dense_float64(delta: torch.Tensor | LayerAdapter, device) -> torch.Tensor:
     if isinstance(delta, LayerAdapter):
-        return (delta.scale * (delta.B.to(device, torch.float64) @ delta.A.to(device, torch.float64)))
+        return delta.scale * (delta.B.to(device, torch.float64) @ delta.A.to(device, torch.float64))
     return delta.to(device, torch.float64)
 
 
-def _times_gram(delta: torch.Tensor | LayerAdapter, G: torch.Tensor) -> torch.Tensor:
-    """delta @ G; for LoRA factors as scale * B @ (A @ G), r/out times cheaper than the dense product."""
-    if isinstance(delta, LayerAdapter):
-        return delta.scale * (delta.B.to(G.device, torch.float64) @ (delta.A.to(G.device, torch.float64) @ G))
-    return delta.to(G.device, torch.float64) @ G
+def _right_hand_side(deltas, grams, weights, shift: float, device) -> torch.Tensor:
+    """sum_i w_i delta_i (G_i + shift I), float64. For LoRA factors as one product of the factors
+    concatenated along the rank, [w_i s_i B_i]_i @ [A_i G_i + shift A_i]_i, so no dense delta is formed."""
+    used = [(w, d, g) for w, d, g in zip(weights, deltas, grams) if w != 0]
+    if all(isinstance(d, LayerAdapter) for _, d, _ in used):
+        left = torch.cat([w * d.scale * d.B.to(device, torch.float64) for w, d, _ in used], dim=1)
+        right = []
+        for _, d, g in used:
+            A = d.A.to(device, torch.float64)
+            product = A @ g.to(device, torch.float64)
+            if shift:
+                product.add_(A, alpha=shift)
+            right.append(product)
+        return left @ torch.cat(right, dim=0)
+    rhs = None
+    for w, d, g in used:
+        dense = _dense_float64(d, device)
+        term = dense @ g.to(device, torch.float64)
+        if shift:
+            term.add_(dense, alpha=shift)
+        rhs = term.mul_(w) if rhs is None else rhs.add_(term, alpha=w)
+    return rhs
 
 
 def fuse_layer(
@@ -235,8 +252,9 @@ def fuse_layer(
 ) -> torch.Tensor:
     """Fused delta D* (out, in), float32, of one layer (see the module docstring for the equation).
 
-    `deltas`: each concept's delta_i as a dense (out, in) tensor or its LoRA factors; `grams`: each
-    concept's G_i (in, in); `weights`: w_i (default 1/k); `ridge` relative to trace(G)/in."""
+    `deltas`: each concept's delta_i as a dense (out, in) tensor or its LoRA factors (cheaper: no
+    dense delta is formed); `grams`: each concept's G_i (in, in), of which the solvers read the
+    lower triangle; `weights`: w_i (default 1/k); `ridge` relative to trace(G)/in."""
     if len(deltas) == 0 or len(deltas) != len(grams):
         raise GramError(f"fuse_layer: {len(deltas)} delta(s) and {len(grams)} gram(s); need one gram per delta, at least one")
     if prior not in PRIORS:
@@ -245,24 +263,24 @@ def fuse_layer(
         raise GramError(f"fuse_layer: ridge must be >= 0, got {ridge}")
     weights = [1.0 / len(deltas)] * len(deltas) if weights is None else [float(w) for w in weights]
     device = grams[0].device
-    G = sum(w * g.to(device, torch.float64) for w, g in zip(weights, grams))
-    G = 0.5 * (G + G.T)  # exact symmetry for the solvers (sums of float32-stored grams may drift)
-    width = G.shape[0]
+    width = grams[0].shape[0]
+    G = torch.zeros(width, width, dtype=torch.float64, device=device)
+    for w, g in zip(weights, grams):
+        if w != 0:
+            G.add_(g.to(device, torch.float64), alpha=w)  # in place: SDXL Grams are up to 2048^2
     mean_diagonal = float(torch.diagonal(G).sum()) / width
     if not mean_diagonal > 0:
         raise GramError("fuse_layer: the weighted Gram matrix is zero; no inputs were recorded for this layer")
-    rhs = sum(w * _times_gram(delta, g.to(device, torch.float64)) for w, delta, g in zip(weights, deltas, grams) if w != 0)
     lam = ridge * mean_diagonal
-    prior_delta = None
-    if prior == "mean":
-        prior_delta = sum(w * _as_float64(delta, device) for w, delta in zip(weights, deltas) if w != 0) / sum(weights)
+    # lam * P with P = sum_i w_i delta_i / sum_i w_i folds into the right-hand side as a shift of every G_i
+    shift = lam / sum(weights) if prior == "mean" else 0.0
+    rhs = _right_hand_side(deltas, grams, weights, shift, device)
     if lam > 0:
-        if prior_delta is not None:
-            rhs = rhs + lam * prior_delta
-        system = G + lam * torch.eye(width, dtype=torch.float64, device=device)
-        factor, info = torch.linalg.cholesky_ex(system)
+        G.diagonal().add_(lam)
+        factor, info = torch.linalg.cholesky_ex(G)
         if int(info) == 0:
             return torch.cholesky_solve(rhs.T, factor).T.to(torch.float32)
+        G.diagonal().sub_(lam)
     # Exact least squares (ridge 0) or a G that rounding left slightly indefinite: solve on the
     # eigenbasis of G, dropping (ridge 0) or ridging (ridge > 0) its smallest eigenvalues.
     eigenvalues, vectors = torch.linalg.eigh(G)
@@ -272,6 +290,7 @@ def fuse_layer(
     kept = eigenvalues > rcond * eigenvalues.max()
     basis = vectors[:, kept]
     fused = ((rhs @ basis) / eigenvalues[kept]) @ basis.T
-    if prior_delta is not None:
-        fused = fused + prior_delta - (prior_delta @ basis) @ basis.T
+    if prior == "mean":  # the null space of G keeps the weighted mean of the deltas
+        mean = sum(w * _dense_float64(d, device) for w, d in zip(weights, deltas) if w != 0) / sum(weights)
+        fused += mean - (mean @ basis) @ basis.T
     return fused.to(torch.float32)
