@@ -28,7 +28,7 @@ def random_adapter(rank=4, out_features=24, in_features=40, seed=1, scale=0.5):
 
 
 def test_registry_names():
-    assert method_names() == ["magmax", "merge_init", "naive", "ortho_init"]
+    assert method_names() == ["blocklora", "magmax", "merge_init", "naive", "ortho_init", "orthogonal_adaptation"]
     for name in method_names():
         method = make_method(name)
         assert isinstance(method, ContinualMethod) and method.name == name

@@ -25,6 +25,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from test_workflow import job_counts as _job_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -42,16 +43,6 @@ def _env() -> dict[str, str]:
     # SLURM jobs run the submitting interpreter and inherit PATH (--export=ALL): venv first.
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:{os.environ.get('PATH', '')}"}
 
-
-def _job_counts(output: str) -> dict[str, int]:
-    table = output[output.index("Job stats:") :]
-    counts = {}
-    for line in table.splitlines()[3:]:
-        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if not match:
-            break
-        counts[match.group(1)] = int(match.group(2))
-    return counts
 
 
 def _snakemake(*args: str, workdir: Path, timeout: int = 600) -> subprocess.CompletedProcess:

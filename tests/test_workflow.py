@@ -229,7 +229,8 @@ def test_demo_samples_every_state_on_its_tasks(demo_run):
     for domain, block in config["domains"].items():
         T = block["num_tasks"]
         base = read_index(workdir / "results" / domain / "base" / "samples")
-        assert len(base) == T * 5 * sampling["num_samples"]  # every task, 5 prompts, N noises
+        pool = block.get("task_pool") or T  # the base model is sampled on every concept of the pool
+        assert len(base) == pool * 5 * sampling["num_samples"]  # every concept, 5 prompts, N noises
         for method in config["methods"]:
             for after in range(1, T + 1):
                 index = read_index(workdir / "results" / domain / method / "order0-seed0" / "samples" / f"after{after:02d}")
@@ -396,6 +397,7 @@ def test_missing_metric_checkpoint_fails_before_any_job(tmp_path):
 def test_demo_failure_of_a_bad_dataset_names_the_directory(tmp_path):
     def point_at_missing(config):
         config["domains"] = {"objects": {"dataset": {"layout": "dreambooth", "root": str(tmp_path / "nowhere")}, "num_tasks": 2}}
+        config.pop("modular")
 
     result = snakemake("--cores", "1", "--configfile", str(write_config(tmp_path, point_at_missing)), workdir=tmp_path)
     assert result.returncode != 0

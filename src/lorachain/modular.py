@@ -126,6 +126,7 @@ def merge_and_sample(
             raise ModularError(f"{concept.name}: trained on concept {manifest.get('concept')!r}, but task {position + 1} of {tasks_file} is {tasks[position].concept!r}")
     concepts = [concept for concept, _ in loaded]
     read_s = time.perf_counter() - started
+    method.load_dependencies()
     merge_started = time.perf_counter()
     delta = method.merge(concepts)
     merge_s = time.perf_counter() - merge_started

@@ -90,6 +90,10 @@ class MergeMethod(ABC):
         """Accepted parameters and their defaults."""
         return {"weights": cls.default_weights}
 
+    @classmethod
+    def load_dependencies(cls) -> None:
+        """Import what merge_layer imports lazily, so that timing a merge does not time imports."""
+
     def check_params(self) -> None:
         """Validate the method's own parameters (raise :meth:`error`)."""
 

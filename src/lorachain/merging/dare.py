@@ -34,6 +34,10 @@ class Dare(MergeMethod):
     def parameters(cls) -> dict:
         return {**super().parameters(), "variant": "linear", "density": 0.5, "seed": 0, "majority_sign_method": "total"}
 
+    @classmethod
+    def load_dependencies(cls) -> None:
+        import peft.utils.merge_utils  # noqa: F401  (peft's import takes seconds: not part of the merge time)
+
     def check_params(self) -> None:
         check_density(self)
         if self.params["variant"] not in VARIANTS:

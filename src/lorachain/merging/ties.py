@@ -35,6 +35,10 @@ class Ties(MergeMethod):
     def parameters(cls) -> dict:
         return {**super().parameters(), "density": 0.2, "majority_sign_method": "total"}
 
+    @classmethod
+    def load_dependencies(cls) -> None:
+        import peft.utils.merge_utils  # noqa: F401  (peft's import takes seconds: not part of the merge time)
+
     def check_params(self) -> None:
         check_density(self)
         if self.params["majority_sign_method"] not in SIGN_METHODS:
