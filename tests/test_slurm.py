@@ -69,6 +69,21 @@ def test_paper_grid_dry_runs_through_the_cluster_profile(tmp_path):
     assert "gpu=1" in resources and "runtime=120" in resources and "mem_mb=48000" in resources, resources
 
 
+def test_cluster_profile_sizes_every_rule_and_requests_a_gpu_for_every_gpu_rule():
+    """A rule added to the workflow gets its runtime/memory (and GPU) in profiles/slurm too."""
+    import yaml
+
+    gpu_rules, rules = set(), set()
+    for path in (ROOT / "workflow" / "rules").glob("*.smk"):
+        for name, body in re.findall(r"^rule (\w+):\n(.*?)(?=^rule |\Z)", path.read_text(), flags=re.M | re.S):
+            rules.add(name)
+            if re.search(r"^\s+gpu=1,", body, flags=re.M):
+                gpu_rules.add(name)
+    profile = yaml.safe_load((ROOT / "profiles" / "slurm" / "config.yaml").read_text())["set-resources"]
+    assert rules == set(profile), sorted(rules ^ set(profile))
+    assert {name for name, block in profile.items() if block.get("gpu") == 1} == gpu_rules
+
+
 # ------------------------------------------------------------------------------- the cluster
 
 
