@@ -447,6 +447,10 @@ def modular_records(wildcards):
     return canonical({f"{merge}|{k}": f"{MERGE_DIR.format(domain=wildcards.domain, merge=merge, k=k)}/merge.json" for merge in MERGES for k in merge_sizes()})
 
 
+def modular_results_inputs(wildcards):
+    return {"scores": list(modular_scores(wildcards).values()), "records": list(modular_records(wildcards).values())}
+
+
 def modular_merges():
     """The table's rows: each merge label's method and the adapters it merges (sorted by label)."""
     return canonical({label: {"method": block["method"], "adapters": block["adapters"]} for label, block in MODULAR.get("merges", {}).items()})

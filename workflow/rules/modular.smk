@@ -124,7 +124,7 @@ rule modular_results:
     """BlockLoRA's Table 1 (merge type, method, merge time, image/text alignment, average) for the
     largest k, and its Figure 5 (image alignment against the number of merged concepts)."""
     input:
-        unpack(lambda wildcards: {"scores": list(modular_scores(wildcards).values()), "records": list(modular_records(wildcards).values())}),
+        unpack(modular_results_inputs),
     output:
         table=report(f"{MODULAR_TABLE}.csv", caption="../report/modular_table.rst", category="Modular", subcategory="{domain}"),
         markdown=f"{MODULAR_TABLE}.md",
