@@ -18,32 +18,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorachain.merging.base import Concept, MergeMethod, register_merge
-from lorachain.merging.ties import SIGN_METHODS, check_density
+from lorachain.merging.base import Concept, register_merge
+from lorachain.merging.ties import PeftTensorMerge
 from lorachain.torch_env import torch
 
 VARIANTS = ("linear", "ties")
 
 
 @register_merge
-class Dare(MergeMethod):
+class Dare(PeftTensorMerge):
     name = "dare"
-    default_weights = 1.0
 
     @classmethod
     def parameters(cls) -> dict:
         return {**super().parameters(), "variant": "linear", "density": 0.5, "seed": 0, "majority_sign_method": "total"}
 
-    @classmethod
-    def load_dependencies(cls) -> None:
-        import peft.utils.merge_utils  # noqa: F401  (peft's import takes seconds: not part of the merge time)
-
     def check_params(self) -> None:
-        check_density(self)
+        super().check_params()
         if self.params["variant"] not in VARIANTS:
             raise self.error(f"parameter 'variant' must be one of {VARIANTS}, got {self.params['variant']!r}")
-        if self.params["majority_sign_method"] not in SIGN_METHODS:
-            raise self.error(f"parameter 'majority_sign_method' must be one of {SIGN_METHODS}, got {self.params['majority_sign_method']!r}")
         if isinstance(self.params["seed"], bool) or not isinstance(self.params["seed"], int):
             raise self.error(f"parameter 'seed' must be an integer, got {self.params['seed']!r}")
 

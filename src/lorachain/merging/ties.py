@@ -20,29 +20,31 @@ from lorachain.torch_env import torch
 SIGN_METHODS = ("total", "frequency")
 
 
-def check_density(method: MergeMethod) -> None:
-    density = method.params["density"]
-    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-        raise method.error(f"parameter 'density' (fraction of entries kept) must be in (0, 1], got {density!r}")
+class PeftTensorMerge(MergeMethod):
+    """What the merges built on ``peft.utils.merge_utils`` share: a kept fraction ``density`` of
+    each delta's entries and a sign-election rule. Not registered itself."""
 
-
-@register_merge
-class Ties(MergeMethod):
-    name = "ties"
     default_weights = 1.0
-
-    @classmethod
-    def parameters(cls) -> dict:
-        return {**super().parameters(), "density": 0.2, "majority_sign_method": "total"}
 
     @classmethod
     def load_dependencies(cls) -> None:
         import peft.utils.merge_utils  # noqa: F401  (peft's import takes seconds: not part of the merge time)
 
     def check_params(self) -> None:
-        check_density(self)
+        density = self.params["density"]
+        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+            raise self.error(f"parameter 'density' (fraction of entries kept) must be in (0, 1], got {density!r}")
         if self.params["majority_sign_method"] not in SIGN_METHODS:
             raise self.error(f"parameter 'majority_sign_method' must be one of {SIGN_METHODS}, got {self.params['majority_sign_method']!r}")
+
+
+@register_merge
+class Ties(PeftTensorMerge):
+    name = "ties"
+
+    @classmethod
+    def parameters(cls) -> dict:
+        return {**super().parameters(), "density": 0.2, "majority_sign_method": "total"}
 
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):
         from peft.utils.merge_utils import ties
