@@ -36,6 +36,7 @@ from lorachain.train import (
     deferred_sigterm,
     train_task,
 )
+from lorachain.train import read_checkpoint as read_checkpoint_file
 
 STEPS, EVERY = 12, 4
 TRAINING = dict(rank=4, lora_alpha=8, steps=STEPS, learning_rate=1e-3, resolution=64, batch_size=2, checkpoint_every=EVERY)
@@ -97,7 +98,7 @@ def assert_incomplete(directory) -> None:
 
 
 def read_checkpoint(directory) -> dict:
-    return torch.load(Path(directory) / RESUME_DIR / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return read_checkpoint_file(Path(directory) / RESUME_DIR / CHECKPOINT_FILE)
 
 
 class StepHook:
@@ -207,7 +208,7 @@ def test_sigterm_mid_step_stops_after_the_step_and_resumes_bit_identically(tiny_
     assert info.value.step == 6 and info.value.checkpoint == out / RESUME_DIR / CHECKPOINT_FILE
     assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer's handler is gone
     assert_incomplete(out)
-    checkpoint = read_checkpoint(out)  # loads with weights_only=True: tensors, numbers and strings only
+    checkpoint = read_checkpoint(out)  # safetensors + JSON metadata: no pickle
     assert checkpoint["step"] == 6 and checkpoint["losses"].shape == (6,)
     assert all(".lora_A." in name or ".lora_B." in name for name in checkpoint["lora"])
     assert len(checkpoint["optimizer"]["state"]) == len(checkpoint["lora"])

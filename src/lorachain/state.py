@@ -16,13 +16,16 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorachain.files import canonical_safetensors, sha256_file
 from lorachain.methods.base import ContinualMethod, LayerAdapter
 from lorachain.torch_env import torch
 
 STATE_FILE = "state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(dir) looks for
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the manifest records the LoRA file's sha256 (format 1 only its byte count)
+READABLE_FORMATS = (1, 2)
 _UNET_PREFIX = "unet."
+_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 
 
 class StateError(RuntimeError):
@@ -61,12 +64,43 @@ def read_manifest(task_dir: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise StateError(f"{path}: not valid JSON ({error}); delete the task directory and rerun it") from None
-    if manifest.get("format") != STATE_FORMAT:
-        raise StateError(f"{path}: state format {manifest.get('format')!r}, this lorachain reads format {STATE_FORMAT}")
+    if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise StateError(f"{path}: state format {found!r}, this lorachain reads formats {READABLE_FORMATS}; {_rerun_hint(task_dir)}")
     lora = Path(task_dir) / LORA_FILE
     if not lora.is_file():
-        raise StateError(f"{lora}: LoRA file of a finished task is missing; delete {task_dir} and rerun that task")
+        raise StateError(f"{lora}: LoRA file of a finished task is missing; {_rerun_hint(task_dir)}")
     return manifest
+
+
+def _rerun_hint(task_dir: str | Path) -> str:
+    return (
+        f"delete the directory {Path(task_dir).absolute()} and rerun the workflow: Snakemake retrains that task "
+        "and everything that was built on it"
+    )
+
+
+def lora_file_record(path: str | Path) -> dict:
+    """What the manifest records of a LoRA file: its byte count and sha256."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def check_lora_file(task_dir: str | Path, manifest: dict) -> None:
+    """The task's LoRA file is the one its manifest recorded (byte count, sha256 where recorded)."""
+    lora = Path(task_dir) / LORA_FILE
+    recorded = manifest.get("bytes", {}).get("lora") if isinstance(manifest.get("bytes"), dict) else None
+    size = lora.stat().st_size
+    if recorded is not None and size != recorded:
+        raise StateError(
+            f"{lora}: {size} bytes, but {Path(task_dir) / STATE_FILE} recorded {recorded} bytes when the task finished "
+            f"(the file was truncated, replaced or damaged); {_rerun_hint(task_dir)}"
+        )
+    digest = manifest.get("sha256", {}).get("lora") if isinstance(manifest.get("sha256"), dict) else None
+    if digest is not None and (actual := sha256_file(lora)) != digest:
+        raise StateError(
+            f"{lora}: sha256 {actual[:16]}..., but {Path(task_dir) / STATE_FILE} recorded {digest[:16]}... when the task "
+            f"finished (the file was changed or damaged since); {_rerun_hint(task_dir)}"
+        )
 
 
 def read_chain(task_dir: str | Path) -> list[tuple[Path, dict]]:
@@ -92,17 +126,46 @@ def read_chain(task_dir: str | Path) -> list[tuple[Path, dict]]:
     return chain
 
 
-def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapter]:
+def _read_tensors(task_dir: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(Path(task_dir) / LORA_FILE))
-    scale = manifest["lora_alpha"] / manifest["rank"]
+    lora = Path(task_dir) / LORA_FILE
+    try:
+        return load_file(str(lora))
+    except (SafetensorError, OSError) as error:
+        raise StateError(f"{lora}: not a readable safetensors file ({error}); {_rerun_hint(task_dir)}") from None
+
+
+def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapter]:
+    """The task's LoRA factors, after checking the file against its manifest: bytes and sha256,
+    a lora_B for every lora_A (and back), the manifest's rank and layer count."""
+    check_lora_file(task_dir, manifest)
+    tensors = _read_tensors(task_dir)
+    lora = Path(task_dir) / LORA_FILE
+    rank, layers_recorded = manifest["rank"], manifest.get("layers")
     adapters = {}
-    for key, A in tensors.items():
-        if key.endswith(".lora_A.weight"):
-            layer = key[len(_UNET_PREFIX) : -len(".lora_A.weight")] if key.startswith(_UNET_PREFIX) else key[: -len(".lora_A.weight")]
-            B = tensors[key.replace(".lora_A.", ".lora_B.")]
-            adapters[layer] = LayerAdapter(A=A.float(), B=B.float(), scale=scale)
+    for key in sorted(tensors):
+        suffix = _A_SUFFIX if key.endswith(_A_SUFFIX) else _B_SUFFIX if key.endswith(_B_SUFFIX) else None
+        if suffix is None:
+            raise StateError(f"{lora}: key {key!r} is not a LoRA factor ({_A_SUFFIX} / {_B_SUFFIX}); {_rerun_hint(task_dir)}")
+        other = key[: -len(suffix)] + (_B_SUFFIX if suffix == _A_SUFFIX else _A_SUFFIX)
+        if other not in tensors:
+            raise StateError(f"{lora}: key {key!r} has no matching {other!r}; {_rerun_hint(task_dir)}")
+        if suffix == _B_SUFFIX:
+            continue
+        A, B = tensors[key], tensors[other]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != rank or B.shape[1] != rank:
+            raise StateError(
+                f"{lora}: {key!r} has shape {tuple(A.shape)} and {other!r} {tuple(B.shape)}, but {Path(task_dir) / STATE_FILE} "
+                f"records rank {rank} (factors (r, in) and (out, r)); {_rerun_hint(task_dir)}"
+            )
+        layer = key.removeprefix(_UNET_PREFIX)[: -len(_A_SUFFIX)]
+        adapters[layer] = LayerAdapter(A=A.float(), B=B.float(), scale=manifest["lora_alpha"] / rank)
+    if not adapters or (layers_recorded is not None and len(adapters) != layers_recorded):
+        raise StateError(
+            f"{lora}: {len(adapters)} LoRA layers, but {Path(task_dir) / STATE_FILE} records {layers_recorded}; {_rerun_hint(task_dir)}"
+        )
     return adapters
 
 
@@ -151,6 +214,18 @@ def _readable_by_group(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
+def _sorted_sets(value):
+    """peft's LoraConfig holds target_modules as a set; diffusers writes it as list(set), whose
+    order follows the hash seed. Sorted, the metadata (and so the file) is byte-reproducible."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value)
+    if isinstance(value, dict):
+        return {key: _sorted_sets(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_sorted_sets(item) for item in value]
+    return value
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
     temporary.write_text(text)
@@ -174,12 +249,13 @@ def write_task_state(
         layers[f"{layer}.lora_B.weight"] = adapters[layer].B.detach().to("cpu", torch.float32).contiguous()
     staging = output_dir / f".staging{os.getpid()}"
     staging.mkdir(exist_ok=True)
-    pipeline_class.save_lora_weights(staging, unet_lora_layers=layers, unet_lora_adapter_metadata=lora_config)
+    pipeline_class.save_lora_weights(staging, unet_lora_layers=layers, unet_lora_adapter_metadata=_sorted_sets(lora_config))
+    canonical_safetensors(staging / LORA_FILE)
     os.replace(staging / LORA_FILE, output_dir / LORA_FILE)
     staging.rmdir()
     _readable_by_group(output_dir / LORA_FILE)
-    lora_bytes = (output_dir / LORA_FILE).stat().st_size
-    manifest = {"format": STATE_FORMAT, **manifest, "bytes": {"lora": lora_bytes}}
+    record = lora_file_record(output_dir / LORA_FILE)
+    manifest = {"format": STATE_FORMAT, **manifest, "layers": len(adapters), "bytes": {"lora": record["bytes"]}, "sha256": {"lora": record["sha256"]}}
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     _atomic_write_text(output_dir / STATE_FILE, text)
-    return lora_bytes + len(text.encode())
+    return record["bytes"] + len(text.encode())

@@ -11,9 +11,10 @@ VAE and text encoders are dropped before the first step.
 
 Preemption (SLURM requeue, walltime, a Snakemake retry): every ``training.checkpoint_every`` steps,
 and at the end of the step during which SIGTERM arrives, the trainer writes an in-task checkpoint to
-``<task dir>/.resume/checkpoint.pt`` (not a declared output, so a retry keeps it): the LoRA factors,
-the optimizer (and grad-scaler) state, the losses so far and the state of the step generator, with a
-fingerprint of the run. A rerun of the same call continues from it and ends bit-identical to an
+``<task dir>/.resume/checkpoint.safetensors`` (not a declared output, so a retry keeps it): the LoRA
+factors, the optimizer (and grad-scaler) state, the losses so far and the state of the step
+generator as tensors, with the step, the optimizer's hyperparameters and a fingerprint of the run as
+JSON in the file's metadata (no pickle anywhere). A rerun of the same call continues from it and ends bit-identical to an
 uninterrupted run (the crops, posteriors and prompt embedding are recomputed deterministically); a
 checkpoint of another configuration is logged and deleted. ``.resume/`` goes once the state is written.
 """
@@ -37,6 +38,7 @@ from pathlib import Path
 
 from lorachain.methods import ContinualMethod, InitContext, LayerAdapter, make_method
 from lorachain.state import LORA_FILE, STATE_FILE, FoldedState, apply_to_unet, fold_state, read_chain, write_task_state
+from lorachain.files import sha256_file
 from lorachain.torch_env import torch
 
 # Derived per-task seeds: the reference reuses one seed for every task, which makes every fresh A
@@ -44,10 +46,11 @@ from lorachain.torch_env import torch
 SEED_STRIDE = 1000
 SEED_POLICIES = ("per_task", "same")
 
-# In-task checkpoints (resume after preemption): <task dir>/.resume/checkpoint.pt.
+# In-task checkpoints (resume after preemption): <task dir>/.resume/checkpoint.safetensors.
 RESUME_DIR = ".resume"
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = 2  # 2: safetensors + JSON metadata (1 was a torch.save pickle)
+_CHECKPOINT_METADATA = "lorachain_checkpoint"
 # Fields that do not change what is computed: a checkpoint stays valid when they change.
 _NOT_FINGERPRINTED = ("checkpoint_every",)
 
@@ -292,14 +295,6 @@ def _accelerator(config: TrainingConfig):
 # ------------------------------------------------------------------------------ resume checkpoints
 
 
-def _sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_fingerprint(
     *, config: TrainingConfig, method: ContinualMethod, task_index: int, seed: int, this_seed: int, model_source, vae,
     train_images, train_prompt: str, previous_state, run: dict | None, concept: str | None, slot: int = 0,
@@ -312,7 +307,7 @@ def run_fingerprint(
     if previous_state is not None:
         previous = {
             "chain": [hashlib.sha256((directory / STATE_FILE).read_bytes()).hexdigest() for directory, _ in read_chain(previous_state)],
-            "lora": _sha256_file(Path(previous_state) / LORA_FILE),
+            "lora": sha256_file(Path(previous_state) / LORA_FILE),
         }
     fingerprint = {
         "format": CHECKPOINT_FORMAT,
@@ -324,7 +319,7 @@ def run_fingerprint(
         "vae": None if vae is None else str(vae),
         "training": training,
         "train_prompt": train_prompt,
-        "train_images": [_sha256_file(path) for path in train_images],
+        "train_images": [sha256_file(path) for path in train_images],
         "previous_state": previous,
         "run": run or {},
         "concept": concept,
@@ -346,18 +341,71 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def _checkpoint_tensors_and_json(payload: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split a checkpoint payload into safetensors tensors and a JSON document that names them."""
+    tensors = {"losses": payload["losses"], "generator": payload["generator"]}
+    tensors.update({f"lora/{name}": value for name, value in payload["lora"].items()})
+    optimizer = payload["optimizer"]
+    state = {}
+    for index, entry in optimizer["state"].items():
+        state[str(index)] = {}
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value
+                state[str(index)][key] = {"tensor": f"optimizer/{index}/{key}"}
+            else:
+                state[str(index)][key] = {"value": value}
+    document = {
+        "format": payload["format"],
+        "fingerprint": payload["fingerprint"],
+        "step": payload["step"],
+        "lora": sorted(payload["lora"]),
+        "optimizer": {"state": state, "param_groups": optimizer["param_groups"]},
+        "scaler": payload["scaler"],
+    }
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}, document
+
+
 def save_checkpoint(resume_dir: Path, payload: dict) -> Path:
-    """Write the checkpoint atomically: a temporary file, flushed to disk, then renamed over the old one."""
+    """Write the checkpoint atomically (a temporary file, flushed to disk, then renamed over the old
+    one) as one safetensors file whose metadata holds the JSON part."""
+    from safetensors.torch import save
+
     resume_dir.mkdir(parents=True, exist_ok=True)
     path = resume_dir / CHECKPOINT_FILE
     temporary = resume_dir / f".{CHECKPOINT_FILE}.tmp{os.getpid()}"
+    tensors, document = _checkpoint_tensors_and_json(payload)
+    data = save(tensors, metadata={_CHECKPOINT_METADATA: json.dumps(document, sort_keys=True)})
     with open(temporary, "wb") as handle:
-        torch.save(payload, handle)
+        handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
     _fsync_directory(resume_dir)
     return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """An in-task checkpoint as the payload it was written from (raises on an unreadable file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        document = json.loads((handle.metadata() or {})[_CHECKPOINT_METADATA])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    state = {
+        int(index): {key: tensors[item["tensor"]] if "tensor" in item else item["value"] for key, item in entry.items()}
+        for index, entry in document["optimizer"]["state"].items()
+    }
+    return {
+        "format": document["format"],
+        "fingerprint": document["fingerprint"],
+        "step": document["step"],
+        "losses": tensors["losses"],
+        "lora": {name: tensors[f"lora/{name}"] for name in document["lora"]},
+        "optimizer": {"state": state, "param_groups": document["optimizer"]["param_groups"]},
+        "scaler": document["scaler"],
+        "generator": tensors["generator"],
+    }
 
 
 def _checkpoint_problem(checkpoint: dict, fingerprint: dict, named_parameters, optimizer, generator_state, steps: int) -> str | None:
@@ -409,7 +457,7 @@ def load_checkpoint(resume_dir: Path, fingerprint: dict, named_parameters, optim
     if not path.is_file():
         return None
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path)
     except Exception as error:  # a truncated or foreign file: start afresh rather than fail the job
         problem = f"unreadable ({type(error).__name__}: {error})"
     else:

@@ -161,6 +161,8 @@ def save_grams(path: str | Path, grams: dict[str, tuple[torch.Tensor, int]], dty
     all see the same text embeddings) are stored once and listed in the metadata's aliases."""
     from safetensors.torch import save_file
 
+    from lorachain.files import canonical_safetensors
+
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # layer -> the stored layer whose G is bitwise the same
     stored_by_fingerprint: dict[tuple, list[str]] = {}
@@ -182,6 +184,7 @@ def save_grams(path: str | Path, grams: dict[str, tuple[torch.Tensor, int]], dty
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(temporary), metadata=metadata)
+    canonical_safetensors(temporary)  # three metadata keys: their order would follow the process
     temporary.replace(path)
 
 
