@@ -1,7 +1,9 @@
 # lorachain: continual and modular LoRA personalisation of text-to-image diffusion models.
 #   snakemake --profile profiles/local                              # the embedded demo (config/demo.yaml)
 #   snakemake --profile profiles/local --configfile config/config.yaml   # the paper's grid
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version
+
+from lorachain.config_checks import validate_config
 
 min_version("9.0")
 
@@ -10,7 +12,7 @@ if not config:  # --configfile replaces the demo instead of being merged into it
     configfile: "config/demo.yaml"
 
 
-validate(config, "workflow/schemas/config.schema.yaml")
+validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
@@ -27,7 +29,6 @@ report: "workflow/report/workflow.rst"
 
 
 onstart:
-    check_metric_models()
     check_cluster_settings()
 
 

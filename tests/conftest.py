@@ -57,3 +57,59 @@ def synthetic_tasks(synthetic_dataset) -> list[tuple[str, list[str]]]:
 def synthetic_images(synthetic_tasks) -> list[str]:
     """A few 64 px JPEG paths (the first subject's images)."""
     return synthetic_tasks[0][1]
+
+
+# ------------------------------------------------------------------------------- the rehearsal
+# config/config.yaml with only models, dataset roots and sizes substituted (lorachain.rehearsal),
+# run end to end through profiles/local here and through profiles/slurm-ci in test_slurm.py.
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_DREAMBOOTH = Path(os.environ.get("LORACHAIN_DREAMBOOTH", ROOT.parent / "shared" / "data" / "dreambooth"))
+REHEARSAL_TIMEOUT = 1500  # seconds
+
+
+def snakemake_command(*args: str, workdir: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
+
+
+@pytest.fixture(scope="session")
+def rehearsal_setup(tmp_path_factory) -> dict:
+    """Stand-ins for every model of config/config.yaml, and the rehearsal config that names them."""
+    import yaml
+
+    from lorachain.rehearsal import build_stand_ins, rehearsal_config
+
+    if not (REAL_DREAMBOOTH / "prompts_and_classes.txt").is_file():
+        pytest.skip(f"the real DreamBooth dataset is absent ({REAL_DREAMBOOTH}; set LORACHAIN_DREAMBOOTH)")
+    root = tmp_path_factory.mktemp("rehearsal")
+    paper = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    stand_ins = build_stand_ins(root / "stand-ins", paper)
+    config = rehearsal_config(paper, stand_ins, REAL_DREAMBOOTH)
+    path = root / "rehearsal.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return {"paper": paper, "config": config, "path": path, "stand_ins": stand_ins, "root": root}
+
+
+@pytest.fixture(scope="session")
+def rehearsal_run(rehearsal_setup) -> dict:
+    """The rehearsal through profiles/local to its tables, modular table and report (jobs hash with
+    PYTHONHASHSEED=1; test_slurm.py's run uses 2 and compares the bytes)."""
+    import subprocess
+    import time
+
+    workdir = rehearsal_setup["root"] / "local"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "1"}
+    config = f"--configfile={rehearsal_setup['path']}"
+    started = time.monotonic()
+    run = subprocess.run(
+        snakemake_command("--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2", config, workdir=workdir),
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=REHEARSAL_TIMEOUT,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-6000:]
+    report = subprocess.run(snakemake_command("--report", "results/report.html", config, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0, report.stderr[-3000:]
+    seconds = time.monotonic() - started
+    print(f"\nrehearsal through profiles/local: {seconds:.0f} s")
+    return {**rehearsal_setup, "workdir": workdir, "output": run.stdout + run.stderr, "seconds": seconds}

@@ -206,6 +206,12 @@ def test_cli_inspect_bad_input_exits_2_naming_the_file(tmp_path):
     result = run_cli("inspect", single, tmp_path / "broken.safetensors")
     assert result.returncode == 2 and "broken.safetensors" in result.stderr and "Traceback" not in result.stderr
 
+    poisoned = random_concept("e", 3)
+    poisoned.adapters["down.attn1.to_q"].B[0, 0] = float("nan")
+    result = run_cli("inspect", single, write_lora_file(tmp_path / "nan.safetensors", poisoned))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "nan.safetensors: key" in result.stderr and "non-finite value(s) (NaN or inf)" in result.stderr, result.stderr
+
     result = run_cli("inspect", single, single, "--names", "one")
     assert result.returncode == 2 and "--names" in result.stderr
     assert run_cli().returncode == 2  # no subcommand: argparse's usage error

@@ -169,6 +169,21 @@ def test_load_pipeline_file_and_empty_directory(tmp_path):
         load_pipeline(empty)
 
 
+def test_a_damaged_tiny_model_names_model_tiny_and_how_to_rebuild_it(tmp_path):
+    """A pipeline the workflow built (rule build_tiny_model) is blamed on model.tiny, not on a
+    model.pretrained the config never set, and the message says that deleting it rebuilds it."""
+    from lorachain.models.tiny import save_tiny_pipeline
+
+    built = save_tiny_pipeline("sd1", tmp_path / "resources" / "models" / "tiny-sd1", config_key="model.tiny")
+    (built / "unet" / "config.json").unlink()
+    with pytest.raises(ModelError) as info:
+        load_pipeline(built)
+    message = str(info.value)
+    assert message.startswith(f"config key model.tiny (built by the workflow in {built}): cannot load")
+    assert message.endswith(f"; delete {built} and rerun: the workflow builds it again")
+    assert "model.pretrained" not in message
+
+
 def test_load_pipeline_uncached_hub_id_offline():
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
     with pytest.raises(ModelError, match="offline") as info:

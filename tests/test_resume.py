@@ -198,6 +198,38 @@ def test_sigterm_to_a_training_process_then_rerun_is_bit_identical(tiny_sd1_dir,
     assert_same_outcome(out, reference)
 
 
+def test_sigkill_of_a_training_process_then_rerun_resumes_from_the_periodic_checkpoint(tiny_sd1_dir, synthetic_tasks, tmp_path, reference):
+    """A hard kill (SIGKILL after the grace period, OOM killer, node failure): no handler runs, the
+    process leaves its last periodic checkpoint and no state; the rerun continues from it."""
+    out = tmp_path / "task1"
+    kwargs = call_kwargs(tiny_sd1_dir, synthetic_tasks, out)
+    with open(tmp_path / "job.log", "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(DRIVER), json.dumps(kwargs)],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    checkpoint = out / RESUME_DIR / CHECKPOINT_FILE
+    deadline = time.monotonic() + 180
+    try:
+        while not checkpoint.exists():
+            assert process.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.02)
+        process.kill()
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
+    assert_incomplete(out)
+    stopped = read_checkpoint(out)["step"]
+    assert stopped % EVERY == 0 and EVERY <= stopped < STEPS
+    manifest = run(tiny_sd1_dir, synthetic_tasks, out)
+    assert manifest["resumed_from_step"] == stopped
+    assert_same_outcome(out, reference)
+
+
 def test_sigterm_mid_step_stops_after_the_step_and_resumes_bit_identically(tiny_sd1_dir, synthetic_tasks, tmp_path, reference, monkeypatch):
     out = tmp_path / "task1"
     handler_before = signal.getsignal(signal.SIGTERM)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from test_workflow import job_counts as _job_counts
+from test_workflow import paper_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -33,9 +35,11 @@ VENV_BIN = Path(sys.executable).parent
 REQUIRE = os.environ.get("LORACHAIN_REQUIRE_SLURM") == "1"
 ALREADY_RUNNING = os.environ.get("LORACHAIN_SLURM_RUNNING") == "1"
 STATE = Path(os.environ.get("LORACHAIN_SLURM_STATE", "/var/tmp/lorachain-slurm"))
-RUN_TIMEOUT = 1200  # seconds; snakemake runs under `timeout -k 30` (a lost job must not hang CI)
-CI_CONFIG = ROOT / "config" / "ci-slurm.yaml"
-GPU_RULES = {"train_task", "sample_state", "sample_base", "embed_references", "score_run", "score_base"}
+RUN_TIMEOUT = 1800  # seconds; snakemake runs under `timeout -k 30` (a lost job must not hang CI)
+GPU_RULES = {
+    "train_task", "sample_state", "sample_base", "embed_references", "score_run", "score_base",
+    "train_concept", "record_layer_inputs", "merge_and_sample", "score_merges",
+}
 
 
 
@@ -56,9 +60,9 @@ def _snakemake(*args: str, workdir: Path, timeout: int = 600) -> subprocess.Comp
 def test_paper_grid_dry_runs_through_the_cluster_profile(tmp_path):
     """profiles/slurm (executor: slurm, resources scaled by attempt) plans the same DAG as a plain dry-run."""
     config = str(ROOT / "config" / "config.yaml")
-    cluster = _snakemake("-n", "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", config, workdir=tmp_path / "slurm")
+    cluster = _snakemake("-n", "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", config, workdir=paper_workdir(tmp_path / "slurm"))
     assert cluster.returncode == 0, cluster.stdout[-3000:] + cluster.stderr[-3000:]
-    local = _snakemake("-n", "--configfile", config, workdir=tmp_path / "local")
+    local = _snakemake("-n", "--configfile", config, workdir=paper_workdir(tmp_path / "local"))
     assert local.returncode == 0, local.stderr[-3000:]
     counts = _job_counts(cluster.stdout)
     assert counts == _job_counts(local.stdout)
@@ -158,20 +162,25 @@ def _timestamp(value: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory):
-    """config/ci-slurm.yaml through profiles/slurm-ci to completion, and what sacct saw of it."""
+def slurm_run(slurm_cluster, rehearsal_setup, tmp_path_factory):
+    """The rehearsal of config/config.yaml (conftest.py) through profiles/slurm-ci to its tables,
+    modular table and report, and what sacct saw of it. Jobs hash with PYTHONHASHSEED=2 (the local
+    rehearsal's with 1)."""
     workdir = tmp_path_factory.mktemp("slurm-run")
     since = (datetime.now() - timedelta(seconds=5)).strftime("%Y-%m-%dT%H:%M:%S")
     command = [
         "timeout", "-k", "30", str(RUN_TIMEOUT),
         PYTHON, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-        "--profile", str(ROOT / "profiles" / "slurm-ci"), "--configfile", str(CI_CONFIG),
+        "--profile", str(ROOT / "profiles" / "slurm-ci"), f"--configfile={rehearsal_setup['path']}",
     ]  # fmt: skip
     started = time.time()
-    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT + 120)
+    env = {**_env(), "PYTHONHASHSEED": "2"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT + 120)
     wall = time.time() - started
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"snakemake through SLURM failed ({result.returncode}):\n{output[-8000:]}"
+    report = _snakemake("--report", "results/report.html", f"--configfile={rehearsal_setup['path']}", workdir=workdir)
+    assert report.returncode == 0, report.stderr[-3000:]
     run_uuid = re.search(r"SLURM run ID: (\S+)", output).group(1)
     queried = time.monotonic()
     jobs = _sacct(run_uuid, since)
@@ -183,7 +192,7 @@ def slurm_run(slurm_cluster, tmp_path_factory):
         job["rule"] = log.relative_to(workdir / ".snakemake" / "slurm_logs").parts[0].removeprefix("rule_") if log else None
         job["wildcards"] = log.parent.name if log else None
         job["log"] = log
-    run = {"workdir": workdir, "output": output, "wall": wall, "started": started, "jobs": jobs}
+    run = {"workdir": workdir, "output": output, "wall": wall, "started": started, "jobs": jobs, "config": rehearsal_setup["config"]}
     run["figures"] = _figures(run, slurm_cluster)
     run["figures"]["sacct_query_seconds"] = round(sacct_seconds, 1)
     (workdir / "slurm-figures.json").write_text(json.dumps(run["figures"], indent=2))
@@ -224,19 +233,44 @@ def _figures(run: dict, cluster: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_slurm_run_writes_the_table(slurm_run):
-    table = slurm_run["workdir"] / "results" / "tables" / "objects.csv"
-    assert table.is_file(), slurm_run["output"][-3000:]
-    with table.open() as handle:
-        rows = list(csv.DictReader(handle))
-    import yaml
-
-    config = yaml.safe_load(CI_CONFIG.read_text())
+def test_slurm_run_writes_both_tables_the_modular_table_and_the_report(slurm_run):
     from lorachain.metrics.catalog import DEFAULT_METRICS
 
-    expected = sorted((method, metric) for method in config["methods"] for metric in DEFAULT_METRICS["dreambooth"])
-    assert sorted((row["method"], row["metric"]) for row in rows) == expected
-    assert all(row["n_runs"] == "1" for row in rows)
+    config, workdir = slurm_run["config"], slurm_run["workdir"]
+    for domain, block in config["domains"].items():
+        table = workdir / "results" / "tables" / f"{domain}.csv"
+        assert table.is_file(), slurm_run["output"][-3000:]
+        with table.open() as handle:
+            rows = list(csv.DictReader(handle))
+        expected = sorted((method, metric) for method in config["methods"] for metric in DEFAULT_METRICS[block["dataset"]["layout"]])
+        assert sorted((row["method"], row["metric"]) for row in rows) == expected
+        assert all(row["n_runs"] == "1" and math.isfinite(float(row["S_mean"])) for row in rows), rows
+    with (workdir / "results" / "tables" / "objects-modular.csv").open() as handle:
+        merges = [row["merge"] for row in csv.DictReader(handle)]
+    assert merges == list(config["modular"]["merges"])
+    assert "objects-modular.csv" in (workdir / "results" / "report.html").read_text()
+
+
+def _digests(workdir: Path) -> dict[str, str]:
+    """sha256 of what must not depend on the process or executor: LoRA files, manifests, losses,
+    sample PNGs and their indexes, scores and tables."""
+    from lorachain.files import sha256_file
+
+    results = workdir / "results"
+    keep = lambda path: path.suffix in (".safetensors", ".json", ".png", ".csv", ".md") and "benchmarks" not in path.parts and "figures" not in path.parts  # noqa: E731
+    return {str(path.relative_to(results)): sha256_file(path) for path in sorted(results.rglob("*")) if path.is_file() and keep(path)}
+
+
+@pytest.mark.slow
+def test_the_local_and_the_slurm_rehearsal_write_identical_bytes(slurm_run, rehearsal_run):
+    """Same config and seeds, two Snakemake runs (local and SLURM executors), every job a separate
+    process, PYTHONHASHSEED 1 and 2: every LoRA, manifest, sample PNG, score file and table is
+    byte-identical."""
+    local, cluster = _digests(rehearsal_run["workdir"]), _digests(slurm_run["workdir"])
+    assert sorted(local) == sorted(cluster)
+    assert sum(name.endswith(".safetensors") for name in local) >= 16 and sum(name.endswith(".png") for name in local) >= 16
+    differ = sorted(name for name in local if local[name] != cluster[name])
+    assert differ == [], differ[:20]
 
 
 @pytest.mark.slow
@@ -260,9 +294,9 @@ def test_gpu_rules_request_one_gpu_and_cpu_rules_none(slurm_run):
 
 @pytest.mark.slow
 def test_every_train_task_job_completed_on_a_gpu(slurm_run):
-    config_methods, num_tasks = 2, 2
+    config = slurm_run["config"]
     train = [job for job in slurm_run["jobs"] if job["rule"] == "train_task"]
-    assert len(train) == config_methods * num_tasks
+    assert len(train) == len(config["methods"]) * sum(block["num_tasks"] for block in config["domains"].values())
     for job in train:
         assert job["State"] == "COMPLETED", job
         assert "gres/gpu=1" in job["AllocTRES"], job
@@ -283,14 +317,14 @@ def test_every_train_task_job_completed_on_a_gpu(slurm_run):
     ],
     ids=["no-account", "unknown-partition"],
 )
-def test_bad_cluster_settings_fail_before_any_submission(slurm_cluster, tmp_path, edit, message):
+def test_bad_cluster_settings_fail_before_any_submission(slurm_cluster, rehearsal_setup, tmp_path, edit, message):
     import yaml
 
     profile = yaml.safe_load((ROOT / "profiles" / "slurm-ci" / "config.yaml").read_text())
     edit(profile)
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
-    result = _snakemake("--profile", str(tmp_path / "profile"), "--configfile", str(CI_CONFIG), workdir=tmp_path / "run", timeout=300)
+    result = _snakemake("--profile", str(tmp_path / "profile"), f"--configfile={rehearsal_setup['path']}", workdir=tmp_path / "run", timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode != 0 and message in output, output[-3000:]
     assert "SLURM profile check failed before any job was submitted" in output

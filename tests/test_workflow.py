@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +36,14 @@ def job_counts(output: str) -> dict[str, int]:
             break
         counts[match.group(1)] = int(match.group(2))
     return counts
+
+
+def paper_workdir(path: Path) -> Path:
+    """A working directory for dry-runs of config/config.yaml: the CSD checkpoint it names is checked
+    while the Snakefile is parsed, so it must exist (an empty placeholder is enough for a dry-run)."""
+    (path / "data" / "csd").mkdir(parents=True, exist_ok=True)
+    (path / "data" / "csd" / "checkpoint.pth").touch()
+    return path
 
 
 def write_config(tmp_path: Path, edit) -> Path:
@@ -67,7 +76,7 @@ def test_every_rule_but_all_uses_the_cluster_conda_env():
 
 
 def test_paper_grid_dry_run_job_counts(tmp_path):
-    result = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=tmp_path)
+    result = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=paper_workdir(tmp_path))
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     runs = 2 * 4 * 4 * 2  # domains x methods x order seeds x training seeds
@@ -97,7 +106,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
 
 
 def test_paper_grid_table_target_dry_runs_only_its_domain(tmp_path):
-    result = snakemake("-n", "results/tables/styles.csv", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=tmp_path)
+    result = snakemake("-n", "results/tables/styles.csv", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=paper_workdir(tmp_path))
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["train_task"] == counts["sample_state"] == 4 * 4 * 2 * 10 and counts["continual_table"] == 1
@@ -129,7 +138,7 @@ def _train_jobs(dry_run_output: str) -> dict[tuple, set[tuple]]:
 
 
 def test_paper_grid_task_t_depends_on_task_t_minus_1_of_the_same_run(tmp_path):
-    result = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=tmp_path)
+    result = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=paper_workdir(tmp_path))
     assert result.returncode == 0, result.stderr
     jobs = _train_jobs(result.stdout)
     assert len(jobs) == 640
@@ -383,14 +392,32 @@ def test_demo_rerun_has_nothing_to_do(demo_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def test_missing_metric_checkpoint_fails_before_any_job(tmp_path):
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_missing_metric_checkpoint_fails_before_any_job(tmp_path, dry_run):
     def point_at_missing(config):
         config["metrics"]["csd"] = {"checkpoint": str(tmp_path / "csd" / "checkpoint.pth")}
 
-    result = snakemake("--cores", "1", "--configfile", str(write_config(tmp_path, point_at_missing)), workdir=tmp_path)
+    result = snakemake(*(["-n"] if dry_run else ["--cores", "1"]), "--configfile", str(write_config(tmp_path, point_at_missing)), workdir=tmp_path)
     assert result.returncode != 0
     assert f"metrics.csd.checkpoint: '{tmp_path / 'csd' / 'checkpoint.pth'}' does not exist" in result.stdout + result.stderr
     assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
+
+
+def test_paper_config_without_the_csd_checkpoint_fails_the_dry_run_naming_the_key(tmp_path):
+    result = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "config key metrics.csd.checkpoint: 'data/csd/checkpoint.pth' does not exist" in output, output[-2000:]
+    # the other models are hub ids (not checked offline), so nothing else is reported
+    assert "tiny_seed" not in output and "metrics.dino" not in output and "metrics.clip" not in output
+
+
+def test_an_unquoted_exponent_is_refused_with_the_fix(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text((ROOT / "config" / "demo.yaml").read_text().replace("learning_rate: 5.0e-4", "learning_rate: 5e-4"))
+    result = snakemake("-n", "--configfile", str(path), workdir=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "config key training.learning_rate: '5e-4' was read as text, not a number" in output and "write 5.0e-4" in output, output[-2000:]
 
 
 @pytest.mark.slow
@@ -404,3 +431,28 @@ def test_demo_failure_of_a_bad_dataset_names_the_directory(tmp_path):
     log = (tmp_path / "logs" / "objects" / "tasks" / "order0.log").read_text()
     assert str(tmp_path / "nowhere") in log
     assert not list((tmp_path / "results").rglob("state.json"))
+
+
+def test_a_run_killed_hard_leaves_a_lock_that_names_the_fix(tmp_path):
+    """SIGKILL of Snakemake itself (a login node reboot, kill -9) leaves .snakemake/locks behind: the
+    next run refuses to start, naming --unlock; after --unlock it runs, rerunning the incomplete job."""
+    workdir = tmp_path / "run"
+    target = "resources/models/tiny-sd1"
+    command = [*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "1", target]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    locks = workdir / ".snakemake" / "locks"
+    deadline = time.monotonic() + 120
+    while not (locks.is_dir() and any(locks.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, "snakemake finished or never locked"
+        time.sleep(0.05)
+    process.kill()
+    process.wait(timeout=60)
+    locked = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert locked.returncode != 0
+    assert "Directory cannot be locked" in locked.stderr and "--unlock" in locked.stderr, locked.stderr[-2000:]
+    unlocked = subprocess.run([*command[:-1], "--unlock"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert unlocked.returncode == 0, unlocked.stderr[-2000:]
+    rerun = subprocess.run([*command, "--rerun-incomplete"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (workdir / target / "model_index.json").is_file()

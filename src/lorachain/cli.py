@@ -8,6 +8,12 @@ Subcommands:
     and with ``--out`` writes ``cosine.csv`` (one row per layer), ``cosine_pairs.csv`` (long),
     ``sign_conflicts.csv``, ``cosine.png`` and ``sign_conflicts.png``.
 
+``lorachain rehearsal DIR --dreambooth ROOT [--paper config/config.yaml]``
+    Writes local stand-ins of the same classes for every model the paper config names, a generated
+    UnlearnCanvas tree and ``DIR/config.yaml``: the paper config with only models, dataset roots
+    and sizes substituted (:mod:`lorachain.rehearsal`), and prints the Snakemake command that runs
+    it end to end on a CPU.
+
 Exit codes: 0 done, 2 unusable input (fewer than two files, unreadable or incompatible files; the
 message names the file), as argparse does for bad arguments. Each subcommand is a function
 ``_<name>(args) -> int`` registered in :func:`build_parser`.
@@ -79,6 +85,25 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rehearsal(args: argparse.Namespace) -> int:
+    import yaml
+
+    from lorachain.rehearsal import build_stand_ins, rehearsal_config
+
+    paper_file, dreambooth = Path(args.paper), Path(args.dreambooth)
+    if not paper_file.is_file():
+        return _fail("rehearsal", f"--paper {paper_file}: no such file")
+    if not (dreambooth / "prompts_and_classes.txt").is_file():
+        return _fail("rehearsal", f"--dreambooth {dreambooth}: not a DreamBooth dataset (no prompts_and_classes.txt)")
+    paper = yaml.safe_load(paper_file.read_text())
+    out = Path(args.directory).absolute()
+    config = rehearsal_config(paper, build_stand_ins(out / "stand-ins", paper), dreambooth)
+    (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    print(f"wrote {out / 'config.yaml'} and its stand-ins in {out / 'stand-ins'}; run it with")
+    print(f"  snakemake --profile profiles/local --configfile={out / 'config.yaml'} --directory {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorachain", description="Continual and modular LoRA personalisation tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -91,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--names", nargs="+", metavar="NAME", help="one label per file (default: shortest distinguishing path)")
     inspect.add_argument("--out", metavar="DIR", help="write CSV tables and PNG plots here")
     inspect.set_defaults(handler=_inspect)
+    rehearsal = commands.add_parser(
+        "rehearsal", help="write a CPU rehearsal of the paper config (local stand-ins for its models)",
+        description="Write local stand-ins of the same classes for every model of the paper config and "
+        "DIR/config.yaml, the paper config with only its models, dataset roots and sizes substituted.",
+    )
+    rehearsal.add_argument("directory", metavar="DIR", help="where the stand-ins and the config go (the run's working directory)")
+    rehearsal.add_argument("--dreambooth", required=True, metavar="ROOT", help="a DreamBooth dataset directory (prompts_and_classes.txt)")
+    rehearsal.add_argument("--paper", default="config/config.yaml", metavar="YAML", help="the config to rehearse (default config/config.yaml)")
+    rehearsal.set_defaults(handler=_rehearsal)
     return parser
 
 

@@ -52,3 +52,41 @@ def canonical_safetensors(path: str | os.PathLike[str]) -> None:
     temporary = path.with_name(f".{path.name}.canonical{os.getpid()}")
     temporary.write_bytes(_HEADER_LENGTH.pack(len(padded)) + padded + data)
     os.replace(temporary, path)
+
+
+# ------------------------------------------------------------------ models the workflow built
+# A tiny pipeline or encoder that a workflow rule built carries this marker, so that an error in
+# loading it names the config key that asked for it (model.tiny, metrics.<name>.tiny) and says
+# that deleting the directory makes the workflow build it again, instead of blaming a path the
+# user never wrote.
+BUILT_MARKER = "lorachain-built.json"
+
+
+def write_built_marker(directory: str | os.PathLike[str], config_key: str, **details) -> None:
+    text = json.dumps({"config_key": config_key, **details}, indent=2, sort_keys=True) + "\n"
+    (Path(directory) / BUILT_MARKER).write_text(text)
+
+
+def built_by_workflow(source: str | os.PathLike[str]) -> tuple[Path, str] | None:
+    """(directory, config key) when `source` (a directory or a file in it) was built by a rule."""
+    path = Path(source).expanduser()
+    for directory in (path, path.parent):
+        marker = directory / BUILT_MARKER
+        if marker.is_file():
+            try:
+                return directory, json.loads(marker.read_text())["config_key"]
+            except (OSError, ValueError, KeyError, TypeError):
+                return directory, "the tiny model's config key"
+    return None
+
+
+def loading_error_prefix(source: str | os.PathLike[str], key: str) -> tuple[str, str]:
+    """(what the message starts with, the fix it ends with) for a model that cannot be loaded."""
+    built = built_by_workflow(source)
+    if built is None:
+        return f"config key {key}", ""
+    directory, built_key = built
+    return (
+        f"config key {built_key} (built by the workflow in {directory})",
+        f"; delete {directory} and rerun: the workflow builds it again",
+    )

@@ -1,6 +1,7 @@
 # Config lookups, input functions and wildcard constraints. Rules stay declarative.
 import os
 
+from lorachain.config_checks import MODEL_KEYS, check_model_sources
 from lorachain.metrics.catalog import DEFAULT_METRICS, TINY_ENCODER_ENTRY, encoders_for
 
 RESULTS = "results"
@@ -233,7 +234,7 @@ def encoder_blocks(wildcards):
             key, entry = TINY_ENCODER_ENTRY[name]
             blocks[name] = {key: os.path.join(f"{RESOURCES}/metrics/tiny-{name}", entry)}
         else:
-            blocks[name] = {key: value for key, value in block.items() if key != "tiny"}
+            blocks[name] = {MODEL_KEYS[name]: block[MODEL_KEYS[name]]}
     return canonical(blocks)
 
 
@@ -245,22 +246,9 @@ def encoder_inputs(wildcards):
     ]
 
 
-def check_metric_models():
-    """Before any job runs: local metric model paths (e.g. the CSD checkpoint) must exist, so a
-    typo fails now instead of after hours of training and sampling."""
-    problems = []
-    for name in sorted({encoder for domain_name in DOMAINS for encoder in domain_encoders(domain_name)}):
-        block = config["metrics"][name]
-        if block.get("tiny"):
-            continue
-        for key, value in block.items():
-            text = str(value)
-            # A hub id is "owner/name"; anything else (absolute, ./relative, ~) is a local path.
-            looks_local = key == "checkpoint" or os.path.isabs(text) or text.startswith((".", "~")) or text.count(os.sep) != 1
-            if looks_local and not os.path.exists(os.path.expanduser(str(value))):
-                problems.append(f"config key metrics.{name}.{key}: {value!r} does not exist (give the path of the downloaded file or directory)")
-    if problems:
-        raise ValueError("\n".join(problems))
+# Before any job, in the dry-run too: local model paths (the CSD checkpoint, a local base model)
+# must exist, so a typo fails now instead of after hours of training and sampling.
+check_model_sources(config, sorted({encoder for name in DOMAINS for encoder in domain_encoders(name)}))
 
 
 def state_chain_files(wildcards):

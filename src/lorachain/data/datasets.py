@@ -63,7 +63,7 @@ def _existing_root(root: str | os.PathLike[str], dataset: str, fix: str) -> Path
     if not path.exists():
         raise DatasetError(f"{dataset} dataset directory {path} does not exist; {fix}")
     if not path.is_dir():
-        raise DatasetError(f"{dataset} dataset path {path} is not a directory; {fix}")
+        raise DatasetError(f"{dataset} dataset root {path} is not a directory; {fix}")
     return path
 
 
@@ -126,14 +126,14 @@ def _parse_classes_section(classes_file: Path) -> dict[str, str]:
     return subject_classes
 
 
-def read_dreambooth(root: str | os.PathLike[str]) -> dict[str, dict]:
+def read_dreambooth(root: str | os.PathLike[str], config_key: str = "the dataset root") -> dict[str, dict]:
     """Read a DreamBooth-layout directory: ``{subject: {"class": str, "images": [abs paths]}}``.
 
     Subjects come from the "Classes" section of ``prompts_and_classes.txt`` (sorted by name);
     directories not listed there are ignored. Each listed subject must have a directory with at
     least one image. Images are not decoded here (see :func:`check_images_decode`).
     """
-    fix = "point the objects dataset path at a copy of google/dreambooth's dataset/ directory"
+    fix = f"point {config_key} at a copy of google/dreambooth's dataset/ directory"
     root_path = _existing_root(root, "DreamBooth", fix)
     classes_file = root_path / DREAMBOOTH_CLASSES_FILE
     if not classes_file.is_file():
@@ -160,14 +160,14 @@ def read_dreambooth(root: str | os.PathLike[str]) -> dict[str, dict]:
     return subjects
 
 
-def read_unlearncanvas(root: str | os.PathLike[str]) -> dict[str, dict[str, list[str]]]:
+def read_unlearncanvas(root: str | os.PathLike[str], config_key: str = "the dataset root") -> dict[str, dict[str, list[str]]]:
     """Read an UnlearnCanvas-layout directory: ``{style: {object: [abs image paths]}}``.
 
     A style is a top-level directory holding object directories; ``Seed_Images`` and directories
     without sub-directories are not styles. Images are sorted by numeric stem (``1.jpg`` ..
     ``20.jpg``). Every object directory must contain an image. Images are not decoded here.
     """
-    fix = "point the styles dataset path at a local copy of UnlearnCanvas (<Style>/<Object>/<n>.jpg)"
+    fix = f"point {config_key} at a local copy of UnlearnCanvas (<Style>/<Object>/<n>.jpg)"
     root_path = _existing_root(root, "UnlearnCanvas", fix)
 
     styles: dict[str, dict[str, list[str]]] = {}

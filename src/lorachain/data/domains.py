@@ -14,22 +14,32 @@ LAYOUTS = ("dreambooth", "unlearncanvas")
 
 
 def select_domain_tasks(layout: str, root: str | os.PathLike[str], block: dict[str, Any], domain: str = "<domain>") -> list[Task]:
-    """The reference's task selection for one domain block of the config (before ordering)."""
+    """The reference's task selection for one domain block of the config (before ordering). Every
+    error names the domain's config keys (domains.<domain>.dataset.root, num_tasks, concepts)."""
+    try:
+        return _select(layout, root, block, domain)
+    except DatasetError as error:
+        raise DatasetError(f"domain {domain!r} (config key domains.{domain}, dataset.root {root}): {error}") from None
+
+
+def _select(layout: str, root: str | os.PathLike[str], block: dict[str, Any], domain: str) -> list[Task]:
+    key = f"domains.{domain}.dataset.root"
     concepts = block.get("concepts")
     if concepts is not None and len(concepts) != block["num_tasks"]:
         raise DatasetError(
-            f"config: domains.{domain}.concepts lists {len(concepts)} concepts but the selection needs {block['num_tasks']} "
+            f"concepts lists {len(concepts)} concepts but the selection needs {block['num_tasks']} "
             "(num_tasks, or task_pool when it is set); make them agree"
         )
     if layout == "dreambooth":
         tokens = {"tokens": tuple(block["tokens"])} if block.get("tokens") else {}
         return select_object_tasks(
-            root, num_tasks=block["num_tasks"], seed=block.get("selection_seed", 42), subjects=block.get("concepts"), **tokens
+            root, num_tasks=block["num_tasks"], seed=block.get("selection_seed", 42), subjects=block.get("concepts"),
+            config_key=key, **tokens,
         )
     if layout == "unlearncanvas":
         return select_style_tasks(
             root, num_tasks=block["num_tasks"], seed=block.get("selection_seed", 42),
-            train_images_per_style=block.get("train_images_per_style", 5), styles=block.get("concepts"),
+            train_images_per_style=block.get("train_images_per_style", 5), styles=block.get("concepts"), config_key=key,
         )
     raise ValueError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
 

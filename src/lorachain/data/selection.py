@@ -179,9 +179,10 @@ def select_object_tasks(
     tokens: Sequence[str] = OBJECT_TOKENS,
     seed: int = 42,
     subjects: Sequence[str] | None = None,
+    config_key: str = "the dataset root",
 ) -> list[Task]:
     """Select DreamBooth object tasks the reference's way (see the module docstring)."""
-    dataset = read_dreambooth(root)
+    dataset = read_dreambooth(root, config_key)
     subjects_of_class: dict[str, list[str]] = {}
     for subject in sorted(dataset):
         subjects_of_class.setdefault(dataset[subject]["class"], []).append(subject)
@@ -237,9 +238,10 @@ def select_style_tasks(
     seed: int = 42,
     train_images_per_style: int = 5,
     styles: Sequence[str] | None = None,
+    config_key: str = "the dataset root",
 ) -> list[Task]:
     """Select UnlearnCanvas style tasks the reference's way (see the module docstring)."""
-    dataset = read_unlearncanvas(root)
+    dataset = read_unlearncanvas(root, config_key)
     root_path = Path(root).absolute()
     style_names = sorted(dataset)
     object_names = sorted({obj for objects in dataset.values() for obj in objects})

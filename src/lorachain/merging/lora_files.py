@@ -178,6 +178,10 @@ def read_lora(path: str | Path) -> LoraFile:
                 f"{path}: key {b_key!r} has shape {tuple(B.shape)} but {a_key!r} has shape {tuple(A.shape)}: "
                 "lora_B must be (out_features, r) and lora_A (r, in_features) with the same r"
             )
+        for key, tensor in ((a_key, A), (b_key, B)):
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise LoraFileError(f"{path}: key {key!r} holds {bad} non-finite value(s) (NaN or inf); the LoRA is damaged or diverged in training")
         rank = int(A.shape[0])
         ranks[layer] = rank
         if (pattern_alpha := _pattern_value(alpha_pattern, layer)) is not None:

@@ -26,6 +26,7 @@ import os
 import re
 from pathlib import Path
 
+from lorachain.files import loading_error_prefix
 from lorachain.metrics.catalog import METRIC_ENCODER  # noqa: F401  (re-exported: metric -> encoder)
 from lorachain.torch_env import torch
 
@@ -208,7 +209,8 @@ def _from_pretrained(cls, source: str, key: str, **kwargs):
         loaded = cls.from_pretrained(str(path) if local else source, local_files_only=local or offline, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         where = "directory" if local else "hub id (offline: only the local cache is searched)" if offline else "hub id"
-        raise EncoderError(f"config key {key}: cannot load {cls.__name__} from {source!r} as a {where}: {error}") from error
+        prefix, fix = loading_error_prefix(source, key)
+        raise EncoderError(f"{prefix}: cannot load {cls.__name__} from {source!r} as a {where}: {error}{fix}") from error
     if not is_model:
         return loaded
     model, info = loaded
@@ -255,7 +257,8 @@ def _read_csd_state(path: Path, key: str) -> dict:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, foreign pickle, ...: say which file and key
-        raise EncoderError(f"config key {key}: cannot read CSD checkpoint {path}: {error}") from error
+        prefix, fix = loading_error_prefix(path, key)
+        raise EncoderError(f"{prefix}: cannot read CSD checkpoint {path}: {error}{fix}") from error
     if isinstance(state, dict) and "model_state_dict" in state:
         state = state["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -297,13 +300,18 @@ def _load_csd(source: str, key: str):
 # ----------------------------------------------------------------------------- tiny models
 
 
-def save_tiny_encoder(name: str, output_dir: str | Path, seed: int = 0) -> Path:
+def save_tiny_encoder(name: str, output_dir: str | Path, seed: int = 0, config_key: str | None = None) -> Path:
     """Write a seeded random-weight encoder of the real classes; returns what load_encoder takes
-    (the directory for dino/clip, the checkpoint file for csd)."""
+    (the directory for dino/clip, the checkpoint file for csd). `config_key`: the workflow built it
+    for this key (metrics.<name>.tiny), recorded so that a load error can say how to rebuild it."""
     if name not in ENCODERS:
         raise EncoderError(f"unknown encoder {name!r}; expected one of {ENCODERS}")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if config_key is not None:
+        from lorachain.files import write_built_marker
+
+        write_built_marker(output_dir, config_key, encoder=name, seed=seed)
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
         torch.manual_seed(seed)
         if name == "dino":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lorachain.files import loading_error_prefix
 from lorachain.torch_env import torch
 
 
@@ -32,7 +33,8 @@ def _from_pretrained(cls, source: str, key: str, **kwargs):
         return cls.from_pretrained(resolved, local_files_only=local or offline, **kwargs)
     except (OSError, ValueError) as error:
         where = "directory" if local else "hub id (offline: only the local cache is searched)" if offline else "hub id"
-        raise ModelError(f"config key {key}: cannot load {source!r} as a {where}: {error}") from error
+        prefix, fix = loading_error_prefix(source, key)
+        raise ModelError(f"{prefix}: cannot load {source!r} as a {where}: {error}{fix}") from error
 
 
 def load_pipeline(source: str | Path, vae: str | None = None, torch_dtype=torch.float32, key: str = "model.pretrained"):

@@ -57,6 +57,14 @@ def _unet(cross_attention_dim: int, **sdxl_conditioning):
     )
 
 
+def build_tiny_vae(seed: int = 0):
+    """The tiny pipelines' VAE class and layout, seeded on its own (a stand-in for a replacement
+    VAE such as SDXL's fp16-fix one)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _vae()
+
+
 def build_tiny_pipeline(architecture: str, seed: int = 0):
     """A randomly initialised pipeline of the given architecture ("sd1" or "sdxl")."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -88,7 +96,13 @@ def build_tiny_pipeline(architecture: str, seed: int = 0):
     )
 
 
-def save_tiny_pipeline(architecture: str, output_dir: str | Path, seed: int = 0) -> Path:
+def save_tiny_pipeline(architecture: str, output_dir: str | Path, seed: int = 0, config_key: str | None = None) -> Path:
+    """Write the pipeline with save_pretrained. `config_key`: the workflow built it for this key
+    (model.tiny), recorded so that a load error can say so and how to rebuild it."""
     output_dir = Path(output_dir)
     build_tiny_pipeline(architecture, seed=seed).save_pretrained(output_dir, safe_serialization=True)
+    if config_key is not None:
+        from lorachain.files import write_built_marker
+
+        write_built_marker(output_dir, config_key, architecture=architecture, seed=seed)
     return output_dir

@@ -1,0 +1,122 @@
+"""Checks of the workflow config, run while the Snakefile is parsed (so the dry-run makes them too).
+
+The JSON schema (``workflow/schemas/config.schema.yaml``) checks keys, types and ranges; this module
+adds what a schema cannot see: whether the models a config names by local path exist (so a missing
+CSD checkpoint fails before hours of training, not in the first scoring job), and why a number was
+refused when YAML read it as text. Every message names the config key and the fix. Torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+# What PyYAML (YAML 1.1) reads as text although it looks like a number: an exponent without a
+# decimal point (1e-4) or without a sign (1.0e4), or digits with underscores in odd places.
+_NUMBER_LIKE = re.compile(r"^[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+# The keys of a metric block that name a model; the others (tiny, tiny_seed) are settings.
+MODEL_KEYS = {"dino": "pretrained", "clip": "pretrained", "csd": "checkpoint"}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+def is_hub_id(text: str) -> bool:
+    """owner/name, as the hub spells it (a path that exists locally is never taken for one)."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(text).expanduser().exists()
+
+
+def directory_or_hub_problem(value, key: str) -> str | None:
+    """Why `value` is neither an existing directory (save_pretrained) nor a hub id, or None."""
+    text = str(value)
+    path = Path(text).expanduser()
+    if path.is_dir() or is_hub_id(text):
+        return None
+    if path.exists():
+        return f"config key {key}: {text!r} is a file; give the directory written by save_pretrained (or a hub id owner/name)"
+    return (
+        f"config key {key}: {text!r} does not exist and is not a hub id (owner/name); give the path of the "
+        f"downloaded directory (relative paths are read from {Path.cwd()})"
+    )
+
+
+def file_problem(value, key: str) -> str | None:
+    text = str(value)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return None
+    what = "is a directory, not a file" if path.exists() else "does not exist"
+    return f"config key {key}: {text!r} {what}; give the path of the downloaded file (relative paths are read from {Path.cwd()})"
+
+
+def model_source_problems(config: dict, encoders: list[str]) -> list[str]:
+    """Local model paths of the base model and of the metric encoders in use that do not exist.
+    Hub ids cannot be checked without the network and are left to the jobs."""
+    problems = []
+    model = config["model"]
+    if "pretrained" in model:
+        problems.append(directory_or_hub_problem(model["pretrained"], "model.pretrained"))
+    if model.get("vae"):
+        problems.append(directory_or_hub_problem(model["vae"], "model.vae"))
+    for name in sorted(encoders):
+        block = config.get("metrics", {}).get(name) or {}
+        if block.get("tiny"):
+            continue
+        key = MODEL_KEYS[name]
+        if key not in block:
+            problems.append(f"config key metrics.{name}.{key} is not set; name the model (or set metrics.{name}.tiny: true)")
+        elif name == "csd":
+            problems.append(file_problem(block[key], f"metrics.{name}.{key}"))
+        else:
+            problems.append(directory_or_hub_problem(block[key], f"metrics.{name}.{key}"))
+    return [problem for problem in problems if problem]
+
+
+def check_model_sources(config: dict, encoders: list[str]) -> None:
+    if problems := model_source_problems(config, encoders):
+        raise ConfigError("\n".join(problems))
+
+
+def number_like_strings(value, path: str = "") -> list[tuple[str, str]]:
+    """(config key, text) of every string in the config that reads as a number."""
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in number_like_strings(item, f"{path}.{key}" if path else str(key))]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in number_like_strings(item, f"{path}[{index}]")]
+    if isinstance(value, str) and _NUMBER_LIKE.match(value.strip()) and not value.strip().isdigit():
+        return [(path, value)]
+    return []
+
+
+def number_string_hints(config: dict) -> list[str]:
+    return [
+        f"config key {key}: {text!r} was read as text, not a number (YAML reads exponent notation as a number only "
+        f"with a decimal point and a signed exponent); write {_yaml_number(text)}"
+        for key, text in number_like_strings(config)
+    ]
+
+
+def _yaml_number(text: str) -> str:
+    """The same value in the notation YAML 1.1 reads as a float (1e-4 -> 1.0e-4)."""
+    value = float(text.replace("_", ""))
+    if "e" not in text.lower():
+        return repr(value)
+    mantissa, exponent = f"{value:e}".split("e")
+    return f"{float(mantissa)!r}e{int(exponent):+d}".replace("e+", "e+")
+
+
+def validate_config(config: dict, schema: str | os.PathLike[str]) -> None:
+    """Snakemake's schema validation (it fills in the defaults), with a hint added when a number
+    was refused because YAML read it as text."""
+    from snakemake.utils import validate
+
+    try:
+        validate(config, str(schema))
+    except Exception as error:
+        hints = number_string_hints(config)
+        if not hints:
+            raise
+        raise ConfigError(f"{error}\n" + "\n".join(hints)) from None

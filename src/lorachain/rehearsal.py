@@ -1,0 +1,119 @@
+"""A rehearsal of the paper's config on a CPU: ``config/config.yaml`` with only its models, its
+dataset roots and its sizes substituted, so the code paths the paper's grid takes (models loaded by
+path through ``from_pretrained``, a replacement VAE, real encoder classes, a CSD checkpoint in the
+published layout, the real DreamBooth layout, gradient checkpointing, every method, adapter and
+merge of the config) run end to end in minutes, with nothing switched to the ``tiny:`` paths.
+
+* :func:`build_stand_ins` writes a local stand-in of the same class for every model the paper
+  names, with ``save_pretrained`` (an SDXL pipeline, its VAE, DINO's ``ViTModel``, ``CLIPModel``
+  with its processor) or ``torch.save`` (CSD's training ``save_dict``), plus a generated
+  UnlearnCanvas tree. They carry no marker of the workflow's tiny builds: to the workflow they are
+  downloads.
+* :func:`rehearsal_config` substitutes them into the paper's config; :func:`substituted_keys`
+  lists what differs, which the tests hold to :data:`SUBSTITUTABLE`.
+
+``lorachain rehearsal DIR`` does both and prints the Snakemake command.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+# The sizes of a rehearsal (everything else is the paper's): one order, one seed, two tasks per
+# domain, two modular concepts, a few steps at 64 px, fp32, AdamW (bitsandbytes needs a GPU).
+REHEARSAL_SIZES = {
+    "num_tasks": 2,
+    "modular_concepts": 2,
+    "training": {"rank": 4, "lora_alpha": 4, "steps": 3, "resolution": 64, "mixed_precision": "no"},
+    "optimizer": "adamw",
+    "sampling": {"num_samples": 1, "steps": 2, "resolution": 64, "precision": "no"},
+    "layer_inputs_timesteps": 2,
+}
+# Every key a rehearsal may change ("*" any name at that level).
+SUBSTITUTABLE = {
+    "model.pretrained", "model.vae",
+    "domains.*.dataset.root", "domains.*.num_tasks",
+    "orders", "seeds",
+    "training.rank", "training.lora_alpha", "training.steps", "training.resolution", "training.mixed_precision",
+    "training.optimizer.name",
+    "sampling.num_samples", "sampling.steps", "sampling.resolution", "sampling.precision",
+    "metrics.dino.pretrained", "metrics.clip.pretrained", "metrics.csd.checkpoint",
+    "modular.concepts", "modular.merge_sizes", "modular.layer_inputs.timesteps",
+}
+
+
+def _stand_in_name(hub_id: str) -> str:
+    return hub_id.replace("/", "--")
+
+
+def build_stand_ins(directory: str | Path, paper: dict, seed: int = 0) -> dict[str, Path]:
+    """Write a stand-in for every model `paper` names (by the key that names it) and a generated
+    UnlearnCanvas tree; returns key -> path. A model of a kind not known here is an error, so a
+    change of the paper config cannot slip past the rehearsal."""
+    from lorachain.data.synthetic import generate_unlearncanvas_like
+    from lorachain.metrics.encoders import save_tiny_encoder
+    from lorachain.models.tiny import build_tiny_pipeline, build_tiny_vae
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    model, metrics = paper["model"], paper.get("metrics", {})
+    paths: dict[str, Path] = {}
+    if "pretrained" in model:
+        if "xl" not in model["pretrained"].lower():
+            raise ValueError(f"model.pretrained {model['pretrained']!r}: the rehearsal has a stand-in for SDXL pipelines only")
+        paths["model.pretrained"] = directory / _stand_in_name(model["pretrained"])
+        build_tiny_pipeline("sdxl", seed=seed).save_pretrained(paths["model.pretrained"], safe_serialization=True)
+    if model.get("vae"):
+        paths["model.vae"] = directory / _stand_in_name(model["vae"])
+        build_tiny_vae(seed=seed + 1).save_pretrained(paths["model.vae"], safe_serialization=True)
+    for name, key in (("dino", "pretrained"), ("clip", "pretrained"), ("csd", "checkpoint")):
+        source = (metrics.get(name) or {}).get(key)
+        if source is None:
+            continue
+        folder = directory / (_stand_in_name(source) if key == "pretrained" else name)
+        paths[f"metrics.{name}.{key}"] = save_tiny_encoder(name, folder, seed=seed)
+    paths["unlearncanvas"] = generate_unlearncanvas_like(directory / "unlearncanvas", size=64, seed=seed)
+    return paths
+
+
+def rehearsal_config(paper: dict, stand_ins: dict[str, Path], dreambooth_root: str | Path) -> dict:
+    """`paper` with its models, dataset roots and sizes substituted (see the module docstring)."""
+    config = copy.deepcopy(paper)
+    for key, path in stand_ins.items():
+        if "." in key:
+            *parents, last = key.split(".")
+            block = config
+            for part in parents:
+                block = block[part]
+            block[last] = str(path)
+    roots = {"dreambooth": str(Path(dreambooth_root).absolute()), "unlearncanvas": str(stand_ins["unlearncanvas"])}
+    for block in config["domains"].values():
+        block["dataset"]["root"] = roots[block["dataset"]["layout"]]
+        block["num_tasks"] = REHEARSAL_SIZES["num_tasks"]
+    config["orders"], config["seeds"] = config["orders"][:1], config["seeds"][:1]
+    config["training"].update(REHEARSAL_SIZES["training"])
+    config["training"].setdefault("optimizer", {})["name"] = REHEARSAL_SIZES["optimizer"]
+    config.setdefault("sampling", {}).update(REHEARSAL_SIZES["sampling"])
+    if config.get("modular"):
+        concepts = REHEARSAL_SIZES["modular_concepts"]
+        config["modular"]["concepts"] = concepts
+        config["modular"]["merge_sizes"] = list(range(1, concepts + 1))
+        config["modular"].setdefault("layer_inputs", {})["timesteps"] = REHEARSAL_SIZES["layer_inputs_timesteps"]
+    return config
+
+
+def substituted_keys(paper, rehearsal, path: str = "") -> set[str]:
+    """The dotted keys at which `rehearsal` differs from `paper` (added, removed or changed)."""
+    if isinstance(paper, dict) and isinstance(rehearsal, dict):
+        keys = set(paper) | set(rehearsal)
+        return {found for key in keys for found in substituted_keys(paper.get(key), rehearsal.get(key), f"{path}.{key}" if path else key)}
+    return set() if paper == rehearsal else {path}
+
+
+def allowed(key: str) -> bool:
+    parts = key.split(".")
+    return any(
+        len(pattern.split(".")) == len(parts) and all(p in ("*", k) for p, k in zip(pattern.split("."), parts))
+        for pattern in SUBSTITUTABLE
+    )

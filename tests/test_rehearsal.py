@@ -1,0 +1,102 @@
+"""The paper's path, rehearsed: config/config.yaml with only its models (local stand-ins of the same
+classes, loaded by path), its dataset roots (the real DreamBooth copy, a generated UnlearnCanvas
+tree) and its sizes substituted, run end to end through profiles/local. The SLURM rehearsal is in
+test_slurm.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, snakemake_command
+from test_workflow import job_counts
+
+from lorachain.rehearsal import allowed, substituted_keys
+
+
+def _walk(value, path=""):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _walk(item, f"{path}.{key}" if path else key)
+    else:
+        yield path, value
+
+
+def test_the_rehearsal_substitutes_only_models_roots_and_sizes(rehearsal_setup):
+    paper, config = rehearsal_setup["paper"], rehearsal_setup["config"]
+    changed = substituted_keys(paper, config)
+    assert changed and all(allowed(key) for key in changed), sorted(key for key in changed if not allowed(key))
+    assert not [key for key, _ in _walk(config) if key.split(".")[-1] in ("tiny", "tiny_seed")]  # no tiny: code path
+    # every model the paper names by hub id or file is now a local stand-in of the same class
+    for key in ("model.pretrained", "model.vae", "metrics.dino.pretrained", "metrics.clip.pretrained", "metrics.csd.checkpoint"):
+        assert key in changed
+        value = dict(_walk(config))[key]
+        assert Path(value).is_absolute() and Path(value).exists(), (key, value)
+    for name in ("model_index.json", "unet/config.json", "text_encoder_2/config.json"):
+        assert (Path(config["model"]["pretrained"]) / name).is_file()
+    assert json.loads((Path(config["model"]["vae"]) / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    assert config["training"]["gradient_checkpointing"] is True and config["methods"] == paper["methods"]
+    assert config["modular"]["adapters"] == paper["modular"]["adapters"] and config["modular"]["merges"] == paper["modular"]["merges"]
+
+
+@pytest.mark.slow
+def test_the_rehearsal_writes_both_tables_the_modular_table_and_the_report(rehearsal_run):
+    workdir, config = rehearsal_run["workdir"], rehearsal_run["config"]
+    for domain in config["domains"]:
+        table = pd.read_csv(workdir / "results" / "tables" / f"{domain}.csv")
+        assert sorted(set(table["method"])) == sorted(config["methods"])
+        numbers = table.drop(columns=["domain", "method", "metric"]).select_dtypes("number")
+        assert numbers.map(math.isfinite).all().all(), table
+    modular = pd.read_csv(workdir / "results" / "tables" / "objects-modular.csv")
+    assert list(modular["merge"]) == list(config["modular"]["merges"])
+    assert modular[["image_alignment", "text_alignment", "average"]].map(math.isfinite).all().all(), modular
+    html = (workdir / "results" / "report.html").read_text()
+    for name in ("objects.csv", "styles.csv", "objects-modular.csv", "grid.png"):
+        assert name in html, name
+
+
+@pytest.mark.slow
+def test_the_rehearsal_trained_on_the_stand_ins_by_path(rehearsal_run):
+    workdir, config = rehearsal_run["workdir"], rehearsal_run["config"]
+    state = json.loads((workdir / "results" / "objects" / "naive" / "order0-seed0" / "task02" / "state.json").read_text())
+    assert state["base_model"] == config["model"]["pretrained"] and state["architecture"] == "StableDiffusionXLPipeline"
+    tasks = json.loads((workdir / "results" / "objects" / "tasks" / "order0.json").read_text())
+    assert Path(tasks["dataset_root"]) == Path(config["domains"]["objects"]["dataset"]["root"]).resolve()
+    assert not (workdir / "resources").exists()  # nothing was built: every model came from its path
+
+
+@pytest.mark.slow
+def test_a_corrupt_lora_is_refused_and_deleting_the_named_directory_reruns_it_and_what_follows(rehearsal_run, tmp_path):
+    """Truncate task 1's LoRA of one run: the next job that reads it fails naming the file and the
+    directory to delete; once deleted, Snakemake retrains task 1 and task 2 of that run."""
+    workdir = tmp_path / "run"
+    shutil.copytree(rehearsal_run["workdir"], workdir, symlinks=True)
+    run_dir = workdir / "results" / "objects" / "naive" / "order0-seed0"
+    lora = run_dir / "task01" / "pytorch_lora_weights.safetensors"
+    size = lora.stat().st_size
+    with open(lora, "r+b") as handle:
+        handle.truncate(size - 100)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    target = "results/objects/naive/order0-seed0/task02/state.json"
+    args = ("--profile", str(ROOT / "profiles" / "local"), f"--configfile={rehearsal_run['path']}", target)
+    failed = subprocess.run(snakemake_command(*args, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert failed.returncode != 0
+    log = (workdir / "logs" / "objects" / "naive" / "order0-seed0" / "task02.log").read_text()
+    assert f"{lora.absolute()}: {size - 100} bytes, but" in log and f"recorded {size} bytes" in log, log[-3000:]
+    assert f"delete the directory {lora.parent.absolute()} and rerun the workflow" in log
+
+    shutil.rmtree(lora.parent)
+    rerun = subprocess.run(snakemake_command(*args, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    counts = job_counts(rerun.stdout + rerun.stderr)
+    assert counts == {"train_task": 2, "total": 2}, counts  # task 1 and task 2 of this run, nothing else
+    assert lora.stat().st_size == size
+    # the failed attempt's log is kept beside the new one (and the first run's beside it)
+    logs = workdir / "logs" / "objects" / "naive" / "order0-seed0"
+    assert "bytes, but" in (logs / "task02.log.1").read_text() and "bytes, but" not in (logs / "task02.log").read_text()
