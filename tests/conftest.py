@@ -7,6 +7,7 @@ weights (lorachain.models.tiny) and the images are written by lorachain.data's g
 from __future__ import annotations
 
 import os
+import threading
 
 # Set before anything imports huggingface_hub / transformers / diffusers: no test may touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -61,17 +62,92 @@ def synthetic_images(synthetic_tasks) -> list[str]:
 
 # ------------------------------------------------------------------------------- the rehearsal
 # config/config.yaml with only models, dataset roots and sizes substituted (lorachain.rehearsal),
-# run end to end through profiles/local here and through profiles/slurm-ci in test_slurm.py.
+# run end to end through profiles/local (test_rehearsal.py) and through profiles/slurm-ci on the
+# local test cluster (test_slurm.py), one after the other (run side by side on 2 cores they took
+# 20 min against 17 one after the other: every job is mostly imports, which need the CPU).
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DREAMBOOTH = Path(os.environ.get("LORACHAIN_DREAMBOOTH", ROOT.parent / "shared" / "data" / "dreambooth"))
-REHEARSAL_TIMEOUT = 1500  # seconds
+REHEARSAL_TIMEOUT = 2400  # seconds; the SLURM run is under `timeout -k 30` too (a lost job must not hang CI)
+
+REQUIRE_SLURM = os.environ.get("LORACHAIN_REQUIRE_SLURM") == "1"
+SLURM_ALREADY_RUNNING = os.environ.get("LORACHAIN_SLURM_RUNNING") == "1"
+SLURM_STATE = Path(os.environ.get("LORACHAIN_SLURM_STATE", "/var/tmp/lorachain-slurm"))
 
 
 def snakemake_command(*args: str, workdir: Path) -> list[str]:
     import sys
 
     return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
+
+
+def slurm_env() -> dict[str, str]:
+    """SLURM jobs run the submitting interpreter and inherit PATH (--export=ALL): venv first."""
+    import sys
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:{os.environ.get('PATH', '')}"}
+
+
+def slurm_unavailable() -> str | None:
+    """Why this machine cannot run the test cluster (None: it can)."""
+    import shutil
+
+    if SLURM_ALREADY_RUNNING:
+        return None if shutil.which("sbatch") else "LORACHAIN_SLURM_RUNNING=1 but sbatch is not on PATH"
+    if shutil.which("sbatch") is None and not REQUIRE_SLURM:
+        return "SLURM is not installed (sbatch not on PATH); LORACHAIN_REQUIRE_SLURM=1 installs a local test cluster"
+    if os.geteuid() != 0:
+        return "ci/slurm/start.sh needs root (set LORACHAIN_SLURM_RUNNING=1 to use a running test cluster)"
+    if shutil.which("apt-get") is None and shutil.which("sbatch") is None:
+        return "no sbatch and no apt-get to install SLURM with"
+    return None
+
+
+def skip_without_slurm() -> None:
+    """Skip (or, with LORACHAIN_REQUIRE_SLURM=1 or LORACHAIN_SLURM_RUNNING=1, fail)."""
+    if (reason := slurm_unavailable()) is not None:
+        if REQUIRE_SLURM or SLURM_ALREADY_RUNNING:
+            pytest.fail(f"the SLURM test cluster is required: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The local test cluster (ci/slurm/start.sh), up for the session; a lock file serialises
+    concurrent sessions. Stopped afterwards unless LORACHAIN_SLURM_RUNNING=1."""
+    import fcntl
+    import shutil
+    import subprocess
+    import time
+
+    skip_without_slurm()
+    SLURM_STATE.parent.mkdir(parents=True, exist_ok=True)
+    with open(SLURM_STATE.parent / "lorachain-slurm.lock", "w") as lock:
+        deadline = time.monotonic() + 1800
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail("another session holds the SLURM test cluster lock")
+                time.sleep(2)
+        started = time.monotonic()
+        if not SLURM_ALREADY_RUNNING:
+            result = subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "start.sh")], capture_output=True, text=True, timeout=900)
+            if result.returncode != 0:
+                subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300)
+                pytest.fail(f"ci/slurm/start.sh failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+        assert shutil.which("sbatch", path=slurm_env()["PATH"]), "sbatch not on PATH after ci/slurm/start.sh"
+        start_seconds = time.monotonic() - started
+        try:
+            yield {"start_seconds": start_seconds}
+        finally:
+            if not SLURM_ALREADY_RUNNING:
+                stopped = time.monotonic()
+                result = subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300)
+                print(f"\nci/slurm/stop.sh: rc {result.returncode}, {time.monotonic() - stopped:.1f} s")
+                assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="session")
@@ -92,24 +168,70 @@ def rehearsal_setup(tmp_path_factory) -> dict:
     return {"paper": paper, "config": config, "path": path, "stand_ins": stand_ins, "root": root}
 
 
-@pytest.fixture(scope="session")
-def rehearsal_run(rehearsal_setup) -> dict:
-    """The rehearsal through profiles/local to its tables, modular table and report (jobs hash with
-    PYTHONHASHSEED=1; test_slurm.py's run uses 2 and compares the bytes)."""
-    import subprocess
-    import time
+class _Run:
+    """A Snakemake run in the background: its output goes to a file (a full pipe would stall it)."""
 
-    workdir = rehearsal_setup["root"] / "local"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "1"}
+    def __init__(self, name: str, command: list[str], env: dict, workdir: Path):
+        import subprocess
+        import time
+
+        self.name, self.workdir = name, workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.output_file = workdir.parent / f"{workdir.name}.snakemake.log"
+        self.started = time.time()
+        with open(self.output_file, "w") as handle:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        self.ended = None
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+
+    def _watch(self) -> None:
+        import subprocess
+        import time
+
+        try:
+            self.process.wait(timeout=REHEARSAL_TIMEOUT + 120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.ended = time.time()
+
+    def wait(self) -> dict:
+        self.watcher.join()
+        output = self.output_file.read_text()
+        return {"returncode": self.process.returncode, "output": output, "started": self.started, "wall": self.ended - self.started}
+
+
+@pytest.fixture(scope="session")
+def rehearsal_runs(rehearsal_setup, request) -> dict:
+    """The rehearsal through profiles/local (PYTHONHASHSEED=1), then, when the session runs the
+    SLURM tests and the cluster is available, through profiles/slurm-ci (PYTHONHASHSEED=2), each
+    down to its report. Returns {"local": ..., "slurm": ... or None}."""
+    import subprocess
+
     config = f"--configfile={rehearsal_setup['path']}"
-    started = time.monotonic()
-    run = subprocess.run(
-        snakemake_command("--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2", config, workdir=workdir),
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=REHEARSAL_TIMEOUT,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-6000:]
-    report = subprocess.run(snakemake_command("--report", "results/report.html", config, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert report.returncode == 0, report.stderr[-3000:]
-    seconds = time.monotonic() - started
-    print(f"\nrehearsal through profiles/local: {seconds:.0f} s")
-    return {**rehearsal_setup, "workdir": workdir, "output": run.stdout + run.stderr, "seconds": seconds}
+    root = rehearsal_setup["root"]
+    results = {"local": None, "slurm": None}
+    for name in ("local", "slurm"):
+        if name == "local":
+            command = snakemake_command("--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2", config, workdir=root / name)
+            env, cluster = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "1"}, None
+        else:
+            if not any("slurm_run" in item.fixturenames for item in request.session.items) or slurm_unavailable() is not None:
+                break
+            cluster = request.getfixturevalue("slurm_cluster")
+            command = ["timeout", "-k", "30", str(REHEARSAL_TIMEOUT), *snakemake_command("--profile", str(ROOT / "profiles" / "slurm-ci"), config, workdir=root / name)]
+            env = {**slurm_env(), "PYTHONHASHSEED": "2"}
+        result = _Run(name, command, env, root / name).wait()
+        assert result["returncode"] == 0, f"the {name} rehearsal failed ({result['returncode']}):\n{result['output'][-8000:]}"
+        report = subprocess.run(snakemake_command("--report", "results/report.html", config, workdir=root / name), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert report.returncode == 0, report.stderr[-3000:]
+        results[name] = {**rehearsal_setup, **result, "workdir": root / name, "cluster": cluster}
+        print(f"\nrehearsal through {name}: {result['wall']:.0f} s")
+    return results
+
+
+@pytest.fixture(scope="session")
+def rehearsal_run(rehearsal_runs) -> dict:
+    """The rehearsal through profiles/local (see rehearsal_runs)."""
+    return rehearsal_runs["local"]

@@ -100,3 +100,24 @@ def test_a_corrupt_lora_is_refused_and_deleting_the_named_directory_reruns_it_an
     # the failed attempt's log is kept beside the new one (and the first run's beside it)
     logs = workdir / "logs" / "objects" / "naive" / "order0-seed0"
     assert "bytes, but" in (logs / "task02.log.1").read_text() and "bytes, but" not in (logs / "task02.log").read_text()
+
+
+def test_the_rehearsal_command_writes_a_config_that_dry_runs(tmp_path):
+    from conftest import REAL_DREAMBOOTH
+
+    if not (REAL_DREAMBOOTH / "prompts_and_classes.txt").is_file():
+        pytest.skip(f"the real DreamBooth dataset is absent ({REAL_DREAMBOOTH})")
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "lorachain.cli", "rehearsal", str(tmp_path), "--dreambooth", str(REAL_DREAMBOOTH), "--paper", str(ROOT / "config" / "config.yaml")]
+    written = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert written.returncode == 0, written.stderr[-3000:]
+    assert f"--configfile={tmp_path / 'config.yaml'} --directory {tmp_path}" in written.stdout
+    dry = subprocess.run(snakemake_command("-n", f"--configfile={tmp_path / 'config.yaml'}", workdir=tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    counts = job_counts(dry.stdout)
+    assert counts["train_task"] == 4 * 2 * 2 and counts["train_concept"] == 5 * 2 and "build_tiny_model" not in counts
+    again = [*command[:4], str(tmp_path / "again"), "--dreambooth", str(tmp_path / "nowhere"), "--paper", str(ROOT / "config" / "config.yaml")]
+    missing = subprocess.run(again, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "not a DreamBooth dataset" in missing.stderr

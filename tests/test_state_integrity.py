@@ -99,9 +99,9 @@ def test_an_unreadable_file_with_matching_records_is_refused_by_name(tmp_path):
 def test_a_missing_lora_b_key_is_refused_by_name(tmp_path):
     directory = write_state(tmp_path / "task01")
     tensors = load_file(str(directory / LORA_FILE))
-    tensors.pop("down.attn1.to_k.lora_B.weight")
+    tensors.pop("unet.down.attn1.to_k.lora_B.weight")
     rewrite_lora(directory, tensors, update_manifest=True)
-    assert "key 'down.attn1.to_k.lora_A.weight' has no matching 'down.attn1.to_k.lora_B.weight'" in refused(directory)
+    assert "key 'unet.down.attn1.to_k.lora_A.weight' has no matching 'unet.down.attn1.to_k.lora_B.weight'" in refused(directory)
 
 
 def test_a_lora_of_another_rank_than_the_manifest_is_refused(tmp_path):

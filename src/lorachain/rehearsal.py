@@ -21,7 +21,8 @@ import copy
 from pathlib import Path
 
 # The sizes of a rehearsal (everything else is the paper's): one order, one seed, two tasks per
-# domain, two modular concepts, a few steps at 64 px, fp32, AdamW (bitsandbytes needs a GPU).
+# domain, two modular concepts merged together, a few steps at 64 px, fp32, AdamW (bitsandbytes
+# needs a GPU). Every job is mostly imports, so the job count is what costs: 93 jobs.
 REHEARSAL_SIZES = {
     "num_tasks": 2,
     "modular_concepts": 2,
@@ -98,7 +99,7 @@ def rehearsal_config(paper: dict, stand_ins: dict[str, Path], dreambooth_root: s
     if config.get("modular"):
         concepts = REHEARSAL_SIZES["modular_concepts"]
         config["modular"]["concepts"] = concepts
-        config["modular"]["merge_sizes"] = list(range(1, concepts + 1))
+        config["modular"]["merge_sizes"] = [concepts]  # the paper's sizes stop at its concept count
         config["modular"].setdefault("layer_inputs", {})["timesteps"] = REHEARSAL_SIZES["layer_inputs_timesteps"]
     return config
 

@@ -87,7 +87,8 @@ def lora_file_record(path: str | Path) -> dict:
 
 def check_lora_file(task_dir: str | Path, manifest: dict) -> None:
     """The task's LoRA file is the one its manifest recorded (byte count, sha256 where recorded)."""
-    lora = Path(task_dir) / LORA_FILE
+    task_dir = Path(task_dir).absolute()
+    lora = task_dir / LORA_FILE
     recorded = manifest.get("bytes", {}).get("lora") if isinstance(manifest.get("bytes"), dict) else None
     size = lora.stat().st_size
     if recorded is not None and size != recorded:
@@ -130,7 +131,7 @@ def _read_tensors(task_dir: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    lora = Path(task_dir) / LORA_FILE
+    lora = Path(task_dir).absolute() / LORA_FILE
     try:
         return load_file(str(lora))
     except (SafetensorError, OSError) as error:
@@ -140,9 +141,10 @@ def _read_tensors(task_dir: str | Path) -> dict[str, torch.Tensor]:
 def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapter]:
     """The task's LoRA factors, after checking the file against its manifest: bytes and sha256,
     a lora_B for every lora_A (and back), the manifest's rank and layer count."""
+    task_dir = Path(task_dir).absolute()
     check_lora_file(task_dir, manifest)
     tensors = _read_tensors(task_dir)
-    lora = Path(task_dir) / LORA_FILE
+    lora = task_dir / LORA_FILE
     rank, layers_recorded = manifest["rank"], manifest.get("layers")
     adapters = {}
     for key in sorted(tensors):

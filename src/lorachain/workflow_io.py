@@ -4,34 +4,46 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
+import os
 from pathlib import Path
 
 
-KEPT_LOGS = 9  # earlier attempts kept beside a job's log: <log>.1 (the latest) .. <log>.9
+KEPT_LOGS = 9  # earlier failed attempts kept beside a job's log: <log>.1 (the latest) .. <log>.9
 
 
-def keep_earlier_log(path: Path, kept: int = KEPT_LOGS) -> None:
-    """Move an existing log aside (<log>.1, shifting older ones up), so the traceback of a failed or
-    interrupted attempt survives the rerun that follows it."""
-    if not path.is_file() or path.stat().st_size == 0:
-        return
+def _attempt_link(path: Path) -> Path:
+    return path.with_name(f".{path.name}.attempt")
+
+
+def keep_failed_log(source: Path, log: Path, kept: int = KEPT_LOGS) -> None:
+    """Move `source` (a failed attempt's log) to <log>.1, shifting older ones up to <log>.<kept>."""
     for index in range(kept - 1, 0, -1):
-        older = path.with_name(f"{path.name}.{index}")
+        older = log.with_name(f"{log.name}.{index}")
         if older.exists():
-            older.replace(path.with_name(f"{path.name}.{index + 1}"))
-    path.replace(path.with_name(f"{path.name}.1"))
+            older.replace(log.with_name(f"{log.name}.{index + 1}"))
+    source.replace(log.with_name(f"{log.name}.1"))
 
 
 @contextlib.contextmanager
 def job_log(path: str | Path):
     """Send a job's stdout, stderr and logging to its Snakemake log file; on failure the
-    traceback lands there too, and Snakemake names the file in its error. A log left by an
-    earlier attempt is kept as <log>.1 (see :func:`keep_earlier_log`)."""
+    traceback lands there too, and Snakemake names the file in its error.
+
+    Snakemake deletes a job's log before it runs the job again, so a failed attempt's traceback
+    would be lost with it. While the job runs, the log has a second, hidden name (a hard link,
+    ``.<log>.attempt``): a finished job drops it; a failed one renames it to ``<log>.1`` (older
+    failures move up to ``<log>.9``); one killed outright (SIGKILL) leaves it, and the next attempt
+    files it as ``<log>.1`` before it starts."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep_earlier_log(path)
+    attempt = _attempt_link(path)
+    if attempt.exists():  # an attempt that was killed before it could file its log
+        keep_failed_log(attempt, path)
     with open(path, "w", buffering=1) as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        try:
+            os.link(path, attempt)
+        except OSError:  # a filesystem without hard links: the log is kept only until the rerun
+            attempt = None
         logging.basicConfig(stream=handle, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         try:
             yield handle
@@ -39,4 +51,8 @@ def job_log(path: str | Path):
             import traceback
 
             traceback.print_exc(file=handle)
+            if attempt is not None:
+                keep_failed_log(attempt, path)
             raise
+    if attempt is not None:
+        attempt.unlink(missing_ok=True)
