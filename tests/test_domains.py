@@ -33,6 +33,15 @@ def test_explicit_concepts_must_match_num_tasks(tmp_path):
     assert [task.concept for task in tasks] == ["teapot"]
 
 
+@pytest.mark.parametrize("layout", ["dreambooth", "unlearncanvas"])
+def test_dataset_errors_name_the_domain_and_its_root_key(tmp_path, layout):
+    with pytest.raises(DatasetError) as error:
+        select_domain_tasks(layout, tmp_path / "absent", {"num_tasks": 2}, domain="faces")
+    message = str(error.value)
+    assert message.startswith(f"domain 'faces' (config key domains.faces, dataset.root {tmp_path / 'absent'}): ")
+    assert "point domains.faces.dataset.root at" in message and "objects" not in message and "styles" not in message
+
+
 def test_missing_dataset_root_names_the_path(tmp_path):
     with pytest.raises(DatasetError, match=str(tmp_path / "absent")):
         select_domain_tasks("unlearncanvas", tmp_path / "absent", {"num_tasks": 2})

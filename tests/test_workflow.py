@@ -438,7 +438,8 @@ def test_a_run_killed_hard_leaves_a_lock_that_names_the_fix(tmp_path):
     next run refuses to start, naming --unlock; after --unlock it runs, rerunning the incomplete job."""
     workdir = tmp_path / "run"
     target = "resources/models/tiny-sd1"
-    command = [*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "1", target]
+    command = [*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "1",
+               f"--configfile={ROOT / 'config' / 'demo.yaml'}", target]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     locks = workdir / ".snakemake" / "locks"

@@ -27,7 +27,7 @@ def _select(layout: str, root: str | os.PathLike[str], block: dict[str, Any], do
     concepts = block.get("concepts")
     if concepts is not None and len(concepts) != block["num_tasks"]:
         raise DatasetError(
-            f"concepts lists {len(concepts)} concepts but the selection needs {block['num_tasks']} "
+            f"domains.{domain}.concepts lists {len(concepts)} concepts but the selection needs {block['num_tasks']} "
             "(num_tasks, or task_pool when it is set); make them agree"
         )
     if layout == "dreambooth":
