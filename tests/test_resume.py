@@ -163,11 +163,10 @@ train_task(**json.loads(sys.argv[1]))
 """
 
 
-def test_sigterm_to_a_training_process_then_rerun_is_bit_identical(tiny_sd1_dir, synthetic_tasks, tmp_path, reference):
-    out = tmp_path / "task1"
-    kwargs = call_kwargs(tiny_sd1_dir, synthetic_tasks, out)
-    log_path = tmp_path / "job.log"  # a file, not a pipe: a full pipe would stall the child
-    with open(log_path, "w") as log:
+def signal_after_first_checkpoint(kwargs: dict, out: Path, log_path: Path, signum: int) -> int:
+    """Train in a subprocess (DRIVER), send `signum` once the periodic checkpoint after step 4
+    exists, and return the exit code."""
+    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the child
         process = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(DRIVER), json.dumps(kwargs)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -175,17 +174,23 @@ def test_sigterm_to_a_training_process_then_rerun_is_bit_identical(tiny_sd1_dir,
     checkpoint = out / RESUME_DIR / CHECKPOINT_FILE
     deadline = time.monotonic() + 180
     try:
-        while not checkpoint.exists():  # the periodic checkpoint after step 4
+        while not checkpoint.exists():
             assert process.poll() is None, log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.02)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         process.wait(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    assert process.returncode != 0
+    return process.returncode
+
+
+def test_sigterm_to_a_training_process_then_rerun_is_bit_identical(tiny_sd1_dir, synthetic_tasks, tmp_path, reference):
+    out, log_path = tmp_path / "task1", tmp_path / "job.log"
+    returncode = signal_after_first_checkpoint(call_kwargs(tiny_sd1_dir, synthetic_tasks, out), out, log_path, signal.SIGTERM)
+    assert returncode != 0
     stderr = log_path.read_text()
     assert "TrainingInterrupted" in stderr and "interrupted by SIGTERM after step" in stderr, stderr[-3000:]
     assert_incomplete(out)  # an interrupted task never looks complete
@@ -202,26 +207,8 @@ def test_sigkill_of_a_training_process_then_rerun_resumes_from_the_periodic_chec
     """A hard kill (SIGKILL after the grace period, OOM killer, node failure): no handler runs, the
     process leaves its last periodic checkpoint and no state; the rerun continues from it."""
     out = tmp_path / "task1"
-    kwargs = call_kwargs(tiny_sd1_dir, synthetic_tasks, out)
-    with open(tmp_path / "job.log", "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(DRIVER), json.dumps(kwargs)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-    checkpoint = out / RESUME_DIR / CHECKPOINT_FILE
-    deadline = time.monotonic() + 180
-    try:
-        while not checkpoint.exists():
-            assert process.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.02)
-        process.kill()
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == -signal.SIGKILL
+    returncode = signal_after_first_checkpoint(call_kwargs(tiny_sd1_dir, synthetic_tasks, out), out, tmp_path / "job.log", signal.SIGKILL)
+    assert returncode == -signal.SIGKILL
     assert_incomplete(out)
     stopped = read_checkpoint(out)["step"]
     assert stopped % EVERY == 0 and EVERY <= stopped < STEPS

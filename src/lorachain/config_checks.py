@@ -105,7 +105,7 @@ def _yaml_number(text: str) -> str:
     if "e" not in text.lower():
         return repr(value)
     mantissa, exponent = f"{value:e}".split("e")
-    return f"{float(mantissa)!r}e{int(exponent):+d}".replace("e+", "e+")
+    return f"{float(mantissa)!r}e{int(exponent):+d}"
 
 
 def validate_config(config: dict, schema: str | os.PathLike[str]) -> None:

@@ -11,6 +11,7 @@ the strict regime allows. Bytes per task are those of one LoRA (SDXL rank 64: 93
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -85,21 +86,21 @@ def lora_file_record(path: str | Path) -> dict:
     return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
 
 
-def check_lora_file(task_dir: str | Path, manifest: dict) -> None:
-    """The task's LoRA file is the one its manifest recorded (byte count, sha256 where recorded)."""
+def check_lora_file(task_dir: str | Path, manifest: dict, data: bytes) -> None:
+    """`data` (the task's LoRA file, read once) is what its manifest recorded: the byte count, and
+    the sha256 where recorded."""
     task_dir = Path(task_dir).absolute()
     lora = task_dir / LORA_FILE
     recorded = manifest.get("bytes", {}).get("lora") if isinstance(manifest.get("bytes"), dict) else None
-    size = lora.stat().st_size
-    if recorded is not None and size != recorded:
+    if recorded is not None and len(data) != recorded:
         raise StateError(
-            f"{lora}: {size} bytes, but {Path(task_dir) / STATE_FILE} recorded {recorded} bytes when the task finished "
+            f"{lora}: {len(data)} bytes, but {task_dir / STATE_FILE} recorded {recorded} bytes when the task finished "
             f"(the file was truncated, replaced or damaged); {_rerun_hint(task_dir)}"
         )
     digest = manifest.get("sha256", {}).get("lora") if isinstance(manifest.get("sha256"), dict) else None
-    if digest is not None and (actual := sha256_file(lora)) != digest:
+    if digest is not None and (actual := hashlib.sha256(data).hexdigest()) != digest:
         raise StateError(
-            f"{lora}: sha256 {actual[:16]}..., but {Path(task_dir) / STATE_FILE} recorded {digest[:16]}... when the task "
+            f"{lora}: sha256 {actual[:16]}..., but {task_dir / STATE_FILE} recorded {digest[:16]}... when the task "
             f"finished (the file was changed or damaged since); {_rerun_hint(task_dir)}"
         )
 
@@ -127,24 +128,24 @@ def read_chain(task_dir: str | Path) -> list[tuple[Path, dict]]:
     return chain
 
 
-def _read_tensors(task_dir: str | Path) -> dict[str, torch.Tensor]:
+def _read_tensors(task_dir: Path, data: bytes) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    lora = Path(task_dir).absolute() / LORA_FILE
     try:
-        return load_file(str(lora))
-    except (SafetensorError, OSError) as error:
-        raise StateError(f"{lora}: not a readable safetensors file ({error}); {_rerun_hint(task_dir)}") from None
+        return load(data)
+    except SafetensorError as error:
+        raise StateError(f"{task_dir / LORA_FILE}: not a readable safetensors file ({error}); {_rerun_hint(task_dir)}") from None
 
 
 def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapter]:
     """The task's LoRA factors, after checking the file against its manifest: bytes and sha256,
     a lora_B for every lora_A (and back), the manifest's rank and layer count."""
     task_dir = Path(task_dir).absolute()
-    check_lora_file(task_dir, manifest)
-    tensors = _read_tensors(task_dir)
     lora = task_dir / LORA_FILE
+    data = lora.read_bytes()  # one read: checked against the manifest, then parsed
+    check_lora_file(task_dir, manifest, data)
+    tensors = _read_tensors(task_dir, data)
     rank, layers_recorded = manifest["rank"], manifest.get("layers")
     adapters = {}
     for key in sorted(tensors):
