@@ -56,3 +56,33 @@ def job_log(path: str | Path):
             raise
     if attempt is not None:
         attempt.unlink(missing_ok=True)
+
+
+def job_arguments(snakemake) -> dict:
+    """A job's named inputs, outputs and params as keyword arguments of its entry point: a rule
+    names them as the entry point's parameters, so the script adds nothing. A name used twice is
+    an error (a rule's input and param would shadow each other)."""
+    arguments = {}
+    for section in (snakemake.input, snakemake.output, snakemake.params):
+        for name, value in section.items():
+            if name in arguments:
+                raise ValueError(f"rule {snakemake.rule}: {name!r} is named twice among its input, output and params")
+            arguments[name] = list(value) if isinstance(value, list) else value
+    return arguments
+
+
+def run_job(snakemake, entry_point: str) -> None:
+    """The whole of a workflow script: import `entry_point` ("module:function") inside the job's
+    log, give torch the job's threads, call it with :func:`job_arguments`, print what it returns."""
+    with job_log(snakemake.log[0]):
+        import importlib
+        import json
+        import sys
+
+        module, _, function = entry_point.partition(":")
+        job = getattr(importlib.import_module(module), function)
+        if "torch" in sys.modules:  # only jobs that compute in torch import it
+            sys.modules["torch"].set_num_threads(snakemake.threads)
+        result = job(**job_arguments(snakemake))
+        if result is not None:
+            print(json.dumps(result, indent=2, default=str))
