@@ -58,13 +58,20 @@ def job_log(path: str | Path):
         attempt.unlink(missing_ok=True)
 
 
+RERUN_ONLY_PARAMS = ("revision",)
+
+
 def job_arguments(snakemake) -> dict:
     """A job's named inputs, outputs and params as keyword arguments of its entry point: a rule
-    names them as the entry point's parameters, so the script adds nothing. A name used twice is
-    an error (a rule's input and param would shadow each other)."""
+    names them as the entry point's parameters, so the script adds nothing. Unnamed inputs (files a
+    job reads by a path given in its params, such as a built model) and the ``revision`` param
+    (recorded only so that bumping it reruns the job) are not passed. A name used twice is an error
+    (a rule's input and param would shadow each other)."""
     arguments = {}
     for section in (snakemake.input, snakemake.output, snakemake.params):
         for name, value in section.items():
+            if section is snakemake.params and name in RERUN_ONLY_PARAMS:
+                continue
             if name in arguments:
                 raise ValueError(f"rule {snakemake.rule}: {name!r} is named twice among its input, output and params")
             arguments[name] = list(value) if isinstance(value, list) else value
