@@ -3,7 +3,9 @@
 #   snakemake --profile profiles/local --configfile config/config.yaml   # the paper's grid
 from snakemake.utils import min_version
 
-from lorachain.config_checks import validate_config
+from lorachain.cluster_checks import check_slurm_profile
+from lorachain.config_checks import check_config, validate_config
+from lorachain.plan import all_outputs
 
 min_version("9.0")
 
@@ -13,6 +15,7 @@ if not config:  # --configfile replaces the demo instead of being merged into it
 
 
 validate_config(config, f"{workflow.basedir}/workflow/schemas/config.schema.yaml")
+check_config(config)  # what the schema cannot see; the dry-run makes this check too
 
 
 include: "workflow/rules/common.smk"
@@ -29,10 +32,10 @@ report: "workflow/report/workflow.rst"
 
 
 onstart:
-    check_cluster_settings()
+    check_slurm_profile(workflow)
 
 
 rule all:
     """Every domain's tables, heatmaps, curves and image grid (and so every state, sample and score)."""
     input:
-        all_outputs(),
+        all_outputs(config),

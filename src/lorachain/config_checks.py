@@ -1,7 +1,7 @@
 """Checks of the workflow config, run while the Snakefile is parsed (so the dry-run makes them too).
 
 The JSON schema (``workflow/schemas/config.schema.yaml``) checks keys, types and ranges; this module
-adds what a schema cannot see: whether the models a config names by local path exist (so a missing
+adds what a schema cannot see: counts that must agree across blocks, labels that must exist, whether the models a config names by local path exist (so a missing
 CSD checkpoint fails before hours of training, not in the first scoring job), and why a number was
 refused when YAML read it as text. Every message names the config key and the fix. Torch-free.
 """
@@ -12,11 +12,12 @@ import os
 import re
 from pathlib import Path
 
+from lorachain import plan
+from lorachain.metrics.catalog import MODEL_KEYS
+
 # What PyYAML (YAML 1.1) reads as text although it looks like a number: an exponent without a
 # decimal point (1e-4) or without a sign (1.0e4), or digits with underscores in odd places.
 _NUMBER_LIKE = re.compile(r"^[-+]?(\d[\d_]*\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-# The keys of a metric block that name a model; the others (tiny, tiny_seed) are settings.
-MODEL_KEYS = {"dino": "pretrained", "clip": "pretrained", "csd": "checkpoint"}
 
 
 class ConfigError(ValueError):
@@ -120,3 +121,56 @@ def validate_config(config: dict, schema: str | os.PathLike[str]) -> None:
         if not hints:
             raise
         raise ConfigError(f"{error}\n" + "\n".join(hints)) from None
+
+
+# ------------------------------------------------------------------------------ across blocks
+
+
+def domain_problems(config: dict) -> list[str]:
+    """A task pool smaller than the tasks drawn from it."""
+    return [
+        f"config key domains.{name}.task_pool: {block['task_pool']} is smaller than num_tasks {block['num_tasks']}; "
+        "the pool is what every order is drawn from (raise task_pool or remove it)"
+        for name, block in config["domains"].items()
+        if block.get("task_pool") is not None and block["task_pool"] < block["num_tasks"]
+    ]
+
+
+def modular_problems(config: dict) -> list[str]:
+    """Labels that exist, concept counts within every domain's pool, merge sizes within the concepts."""
+    block, where, domains = plan.modular(config), "config key modular", list(config["domains"])
+    if not block:
+        return []
+    problems = [
+        f"{where}.domains: {name!r} is not a domain (domains: {', '.join(domains)})"
+        for name in block.get("domains") or []
+        if name not in domains
+    ]
+    concepts = block["concepts"]
+    for name in plan.modular_domains(config):
+        pool = plan.task_pool(config["domains"][name])
+        if concepts > pool:
+            problems.append(
+                f"{where}.concepts: {concepts} concepts but domain {name!r} selects {pool} "
+                f"(raise domains.{name}.task_pool or lower modular.concepts)"
+            )
+    problems += [
+        f"{where}.merge_sizes: k = {k} exceeds modular.concepts = {concepts}"
+        for k in block.get("merge_sizes") or []
+        if k > concepts
+    ]
+    adapters = list(block["adapters"])
+    problems += [
+        f"{where}.merges.{label}.adapters: {merge['adapters']!r} is not a label under modular.adapters ({', '.join(adapters)})"
+        for label, merge in block["merges"].items()
+        if merge["adapters"] not in adapters
+    ]
+    return problems
+
+
+def check_config(config: dict) -> None:
+    """Everything the schema cannot check, all problems at once; run while the Snakefile parses."""
+    problems = domain_problems(config) + modular_problems(config)
+    problems += model_source_problems(config, plan.encoders_in_use(config))
+    if problems:
+        raise ConfigError("\n".join(problems))

@@ -22,7 +22,7 @@ rule embed_references:
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
-        revision=revision("scoring"),
+        revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
     threads: 1
     resources:
@@ -48,7 +48,7 @@ rule score_run:
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
-        revision=revision("scoring"),
+        revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
     threads: 1
     resources:
@@ -74,7 +74,7 @@ rule score_base:
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
-        revision=revision("scoring"),
+        revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
     threads: 1
     resources:

@@ -11,9 +11,9 @@ rule train_concept:
         concept_index=lambda wildcards: int(wildcards.concept),
         method=adapter_method,
         method_params=adapter_block,
-        training=training_block(),
-        revision=revision("training"),
-        model=model_source(),
+        training=training_block(config),
+        revision=revision(config, "training"),
+        model=model_source(config),
         vae=config["model"].get("vae"),
         seed=MODULAR.get("seed"),
         run=concept_identity,
@@ -46,8 +46,8 @@ rule record_layer_inputs:
         layer_inputs=canonical(MODULAR.get("layer_inputs", {})),
         target_modules=config["training"]["target_modules"],
         resolution=config["training"]["resolution"],
-        revision=revision("training"),
-        model=model_source(),
+        revision=revision(config, "training"),
+        model=model_source(config),
         vae=config["model"].get("vae"),
     threads: 1
     resources:
@@ -76,9 +76,9 @@ rule merge_and_sample:
         method=merge_method,
         merge_params=merge_block,
         concept_dirs=merged_concept_dirs,
-        sampling=stage_block("sampling"),
-        revision=revision("sampling"),
-        model=model_source(),
+        sampling=stage_block(config, "sampling"),
+        revision=revision(config, "sampling"),
+        model=model_source(config),
         vae=config["model"].get("vae"),
         identity=merge_identity,
     threads: 1
@@ -105,7 +105,7 @@ rule score_merges:
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
-        revision=revision("scoring"),
+        revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
     threads: 1
     resources:
@@ -133,7 +133,7 @@ rule modular_results:
     params:
         scores=modular_scores,
         records=modular_records,
-        merges=modular_merges(),
+        merges=modular_merges(config),
         metrics=metrics_of,
     conda:
         "../../envs/lorachain.yaml"

@@ -14,7 +14,7 @@ rule continual_table:
         matrices=f"{MATRICES}",
     params:
         runs=domain_run_scores,
-        methods=sorted(METHODS),  # the set; rows follow the config's order (read by the script)
+        methods=sorted(config["methods"]),  # the set; rows follow the config's order (read by the script)
         metrics=metrics_of,
         num_tasks=lambda wildcards: domain(wildcards)["num_tasks"],
         orders=config["orders"],
@@ -48,7 +48,7 @@ rule plot_metric:
         ),
         curve_pdf=f"{FIGURES}/curve-{{metric}}.pdf",
     params:
-        methods=sorted(METHODS),  # the set; rows follow the config's order (read by the script)
+        methods=sorted(config["methods"]),  # the set; rows follow the config's order (read by the script)
         num_tasks=lambda wildcards: domain(wildcards)["num_tasks"],
     conda:
         "../../envs/lorachain.yaml"

@@ -11,9 +11,9 @@ rule sample_state:
         state_dir=state_dir,
         method=method_name,
         method_params=method_block,
-        sampling=stage_block("sampling"),
-        revision=revision("sampling"),
-        model=model_source(),
+        sampling=stage_block(config, "sampling"),
+        revision=revision(config, "sampling"),
+        model=model_source(config),
         vae=config["model"].get("vae"),
         run=run_identity,
     threads: 1
@@ -37,9 +37,9 @@ rule sample_base:
     output:
         directory(BASE_SAMPLES_DIR),
     params:
-        sampling=stage_block("sampling"),
-        revision=revision("sampling"),
-        model=model_source(),
+        sampling=stage_block(config, "sampling"),
+        revision=revision(config, "sampling"),
+        model=model_source(config),
         vae=config["model"].get("vae"),
     threads: 1
     resources:

@@ -13,9 +13,9 @@ rule train_task:
         previous_dir=previous_task_dir,
         method=method_name,
         method_params=method_block,
-        training=training_block(),
-        revision=revision("training"),
-        model=model_source(),
+        training=training_block(config),
+        revision=revision(config, "training"),
+        model=model_source(config),
         vae=config["model"].get("vae"),
         run=run_identity,
     threads: 1

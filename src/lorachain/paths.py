@@ -1,0 +1,64 @@
+"""Where every file of a run lives: the one home of the path templates that the workflow's rules,
+its input functions and the library share. Templates hold Snakemake wildcards in braces
+(``{domain}``, ``{method}``, ``{order}``, ``{seed}``, ``{task}``, ``{adapter}``, ``{concept}``,
+``{merge}``, ``{k}``, ``{metric}``); ``str.format`` fills them in the library. Import-light.
+"""
+
+from __future__ import annotations
+
+RESULTS = "results"
+RESOURCES = "resources"
+LOGS = "logs"
+
+# The files of one trained state (a continual task or a modular concept).
+STATE_FILE = "state.json"
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
+LOSS_FILE = "loss.csv"
+GRAMS_FILE = "grams.safetensors"
+
+# Built models and generated data.
+TINY_MODEL = f"{RESOURCES}/models/tiny-{{architecture}}"
+TINY_ENCODER = f"{RESOURCES}/metrics/tiny-{{encoder}}"
+SYNTHETIC_DATA = f"{RESOURCES}/data/synthetic-{{domain}}"
+
+# The continual regime: one run = (domain, method, order, seed), tasks 01..T.
+TASKS = f"{RESULTS}/{{domain}}/tasks/order{{order}}.json"
+RUN = "{domain}/{method}/order{order}-seed{seed}"
+TASK_DIR = f"{RESULTS}/{RUN}/task{{task}}"
+SAMPLES_DIR = f"{RESULTS}/{RUN}/samples/after{{task}}"
+RUN_SCORES = f"{RESULTS}/{RUN}/scores.csv"
+BASE_SAMPLES_DIR = f"{RESULTS}/{{domain}}/base/samples"
+BASE_SCORES = f"{RESULTS}/{{domain}}/base/scores.csv"
+REFERENCE_EMBEDDINGS = f"{RESULTS}/{{domain}}/references.safetensors"
+MATRICES = f"{RESULTS}/{{domain}}/matrices.csv"
+TABLE = f"{RESULTS}/tables/{{domain}}"  # .csv and .md
+FIGURES = f"{RESULTS}/figures/{{domain}}"
+
+# The modular regime: concepts trained independently, merged k at a time.
+MODULAR_DIR = f"{RESULTS}/{{domain}}/modular"
+CONCEPT_DIR = f"{MODULAR_DIR}/adapters/{{adapter}}/concept{{concept}}"
+GRAMS = f"{CONCEPT_DIR}/{GRAMS_FILE}"
+MERGE_DIR = f"{MODULAR_DIR}/merges/{{merge}}/k{{k}}"
+MERGE_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/scores.csv"
+MODULAR_TABLE = f"{RESULTS}/tables/{{domain}}-modular"  # .csv and .md
+DIAGNOSTICS_DIR = f"{MODULAR_DIR}/diagnostics/{{adapter}}"
+
+BENCHMARKS = f"{RESULTS}/benchmarks"
+
+
+def task_label(index: int) -> str:
+    """Tasks and concepts are numbered 01, 02, ... in paths (so they sort)."""
+    return f"{index:02d}"
+
+
+def run_dir(domain: str, method: str, order, seed) -> str:
+    return f"{RESULTS}/{RUN.format(domain=domain, method=method, order=order, seed=seed)}"
+
+
+def task_dir(domain: str, method: str, order, seed, task: int) -> str:
+    return TASK_DIR.format(domain=domain, method=method, order=order, seed=seed, task=task_label(task))
+
+
+def state_files(directory: str) -> list[str]:
+    """What a later job reads of a trained state: its manifest and its LoRA file."""
+    return [f"{directory}/{STATE_FILE}", f"{directory}/{LORA_FILE}"]

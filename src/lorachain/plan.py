@@ -1,0 +1,247 @@
+"""What the workflow runs for a config: the params each job gets and the files each target needs.
+
+Pure functions of the (validated, defaults-filled) config dict, so they are unit-tested without
+Snakemake; ``workflow/rules/common.smk`` wraps them as input functions of wildcards.
+
+Snakemake records a rule's params by ``repr()`` and reruns a job when they differ. Every dict
+passed as a param goes through :func:`canonical`, so reordering or reformatting the YAML changes
+nothing, and a rule gets only its own block, so a change reruns only what it affects.
+Import-light (no torch): the Snakefile imports it while it parses.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lorachain import paths
+from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, TINY_ENCODER_ENTRY, encoders_for
+from lorachain.paths import task_label
+
+# Keys of a domain block that the task selection reads; other changes do not re-select.
+SELECTION_KEYS = ("selection_seed", "concepts", "tokens", "train_images_per_style")
+
+
+def canonical(value):
+    """`value` with every dict's keys sorted (recursively): what a param's repr depends on."""
+    if isinstance(value, dict):
+        return {key: canonical(value[key]) for key in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [canonical(item) for item in value]
+    return value
+
+
+def stage_block(config: dict, name: str, leave_out=()) -> dict:
+    return canonical({key: value for key, value in config[name].items() if key not in leave_out})
+
+
+def training_block(config: dict) -> dict:
+    """What a task's result depends on: everything in `training` but how often it checkpoints."""
+    return stage_block(config, "training", leave_out=("checkpoint_every",))
+
+
+def revision(config: dict, stage: str):
+    """Code-change policy: editing the library or a script does not rerun anything (profiles set
+    rerun-triggers without `code`); bumping `revisions.<stage>` in the config reruns that stage
+    and everything downstream of it."""
+    return config["revisions"][stage]
+
+
+def parameters_of(block: dict, leave_out=("method",)) -> dict:
+    """A method, adapter or merge block's own parameters (without its `method` and labels)."""
+    return canonical({key: value for key, value in block.items() if key not in leave_out})
+
+
+# ------------------------------------------------------------------------------ model and data
+
+
+def model_source(config: dict) -> str:
+    """What training loads: a hub id / local directory, or the tiny pipeline the workflow builds."""
+    model = config["model"]
+    if "tiny" in model:
+        return paths.TINY_MODEL.format(architecture=model["tiny"])
+    return model["pretrained"]
+
+
+def model_inputs(config: dict) -> list[str]:
+    """The tiny model is built by a rule; a real model is read from its hub id or path by the job."""
+    return [model_source(config)] if "tiny" in config["model"] else []
+
+
+def dataset_root(config: dict, domain: str) -> str:
+    dataset = config["domains"][domain]["dataset"]
+    if "synthetic" in dataset:
+        return paths.SYNTHETIC_DATA.format(domain=domain)
+    return dataset["root"]
+
+
+def dataset_inputs(config: dict, domain: str) -> list[str]:
+    """A generated dataset is a rule's output; a local copy is validated by prepare_tasks itself, so
+    that the full grid can be dry-run on a machine without the data."""
+    return [dataset_root(config, domain)] if "synthetic" in config["domains"][domain]["dataset"] else []
+
+
+def task_pool(block: dict) -> int:
+    """How many concepts are selected and ordered; runs train the first num_tasks of them."""
+    return block.get("task_pool") or block["num_tasks"]
+
+
+def selection_block(config: dict, domain: str) -> dict:
+    """Only what the task selection reads. The selection is made for the pool (under the key
+    `num_tasks` that the selection functions take), so raising num_tasks within the pool keeps
+    every task file, and so every existing job, as it is."""
+    block = config["domains"][domain]
+    return canonical({"num_tasks": task_pool(block), **{key: block[key] for key in SELECTION_KEYS if key in block}})
+
+
+def reference_order(config: dict):
+    """Base samples, reference embeddings and modular concepts belong to concepts, not to an
+    order: they use the first order's task list (every order holds the same concepts)."""
+    return config["orders"][0]
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def domain_metrics(config: dict, domain: str) -> list[str]:
+    block = config["domains"][domain]
+    return list(block.get("metrics") or DEFAULT_METRICS[block["dataset"]["layout"]])
+
+
+def domain_encoders(config: dict, domain: str) -> list[str]:
+    return encoders_for(domain_metrics(config, domain))
+
+
+def encoders_in_use(config: dict) -> list[str]:
+    return sorted({encoder for domain in config["domains"] for encoder in domain_encoders(config, domain)})
+
+
+def encoder_blocks(config: dict, domain: str) -> dict:
+    """Loader blocks of the encoders a domain's metrics need; tiny ones point into resources/."""
+    blocks = {}
+    for name in domain_encoders(config, domain):
+        block = config["metrics"][name]
+        if block.get("tiny"):
+            key, entry = TINY_ENCODER_ENTRY[name]
+            blocks[name] = {key: os.path.join(paths.TINY_ENCODER.format(encoder=name), entry)}
+        else:
+            blocks[name] = {MODEL_KEYS[name]: block[MODEL_KEYS[name]]}
+    return canonical(blocks)
+
+
+def encoder_inputs(config: dict, domain: str) -> list[str]:
+    return [
+        paths.TINY_ENCODER.format(encoder=name)
+        for name in domain_encoders(config, domain)
+        if config["metrics"][name].get("tiny")
+    ]
+
+
+# ------------------------------------------------------------------------------ continual runs
+
+
+def runs(config: dict) -> list[tuple]:
+    """(method, order, seed) of every run of a domain, in config order."""
+    return [(method, order, seed) for method in config["methods"] for order in config["orders"] for seed in config["seeds"]]
+
+
+def chain_files(run: dict, through: int) -> list[str]:
+    """State and LoRA files of tasks 1..`through` of one run (a state is folded from its chain)."""
+    return [path for task in range(1, through + 1) for path in paths.state_files(paths.task_dir(**run, task=task))]
+
+
+def check_task_index(config: dict, domain: str, task: str) -> int:
+    index = int(task)
+    num_tasks = config["domains"][domain]["num_tasks"]
+    if not 1 <= index <= num_tasks:
+        raise ValueError(f"task {index} requested but domains.{domain}.num_tasks is {num_tasks}")
+    return index
+
+
+def run_sample_dirs(config: dict, run: dict) -> list[str]:
+    """Every sample set of one run: after task 1..T."""
+    num_tasks = config["domains"][run["domain"]]["num_tasks"]
+    return [paths.SAMPLES_DIR.format(**run, task=task_label(task)) for task in range(1, num_tasks + 1)]
+
+
+def domain_run_scores(config: dict, domain: str) -> dict:
+    return canonical({
+        f"{method}|{order}|{seed}": paths.RUN_SCORES.format(domain=domain, method=method, order=order, seed=seed)
+        for method, order, seed in runs(config)
+    })
+
+
+def grid_sample_dirs(config: dict, domain: str) -> dict:
+    """The image grid shows the first run (first order, first seed) of every method."""
+    order, seed = config["orders"][0], config["seeds"][0]
+    return canonical({
+        f"{method}|{task}": paths.SAMPLES_DIR.format(domain=domain, method=method, order=order, seed=seed, task=task_label(task))
+        for method in config["methods"]
+        for task in range(1, config["domains"][domain]["num_tasks"] + 1)
+    })
+
+
+# ------------------------------------------------------------------------------ modular regime
+
+
+def modular(config: dict) -> dict:
+    return config.get("modular") or {}
+
+
+def modular_domains(config: dict) -> list[str]:
+    """The domains the modular regime runs on (all of them unless `modular.domains` names some)."""
+    block = modular(config)
+    if not block:
+        return []
+    return [name for name in config["domains"] if block.get("domains") is None or name in block["domains"]]
+
+
+def merge_sizes(config: dict) -> list[int]:
+    block = modular(config)
+    return list(block.get("merge_sizes") or range(1, block["concepts"] + 1))
+
+
+def concept_labels(config: dict) -> list[str]:
+    return [task_label(index) for index in range(1, modular(config)["concepts"] + 1)]
+
+
+def merged_concept_dirs(config: dict, domain: str, merge: str, k: int) -> list[str]:
+    adapter = modular(config)["merges"][merge]["adapters"]
+    return [paths.CONCEPT_DIR.format(domain=domain, adapter=adapter, concept=task_label(index)) for index in range(1, k + 1)]
+
+
+def modular_merges(config: dict) -> dict:
+    """The table's rows: each merge label's method and the adapters it merges (sorted by label)."""
+    merges = modular(config).get("merges", {})
+    return canonical({label: {"method": block["method"], "adapters": block["adapters"]} for label, block in merges.items()})
+
+
+# ------------------------------------------------------------------------------ targets
+
+
+def domain_outputs(config: dict, domain: str) -> list[str]:
+    """Tables, figures and the image grid of one domain (what the report shows)."""
+    table, figures = paths.TABLE.format(domain=domain), paths.FIGURES.format(domain=domain)
+    outputs = [f"{table}.csv", f"{table}.md", f"{figures}/grid.png"]
+    for metric in domain_metrics(config, domain):
+        for kind in ("heatmap", "curve"):
+            outputs += [f"{figures}/{kind}-{metric}.{suffix}" for suffix in ("png", "pdf")]
+    return outputs
+
+
+def modular_outputs(config: dict, domain: str) -> list[str]:
+    table, figures = paths.MODULAR_TABLE.format(domain=domain), paths.FIGURES.format(domain=domain)
+    outputs = [f"{table}.{suffix}" for suffix in ("csv", "md")]
+    outputs += [f"{figures}/modular-curve.{suffix}" for suffix in ("png", "pdf")]
+    if modular(config)["concepts"] >= 2:
+        outputs += [
+            f"{figures}/diagnostics-{adapter}-{kind}.png"
+            for adapter in modular(config)["adapters"]
+            for kind in ("cosine", "sign-conflicts")
+        ]
+    return outputs
+
+
+def all_outputs(config: dict) -> list[str]:
+    """What `rule all` asks for: every domain's results, then the modular regime's."""
+    continual = [path for name in config["domains"] for path in domain_outputs(config, name)]
+    return continual + [path for name in modular_domains(config) for path in modular_outputs(config, name)]
