@@ -74,3 +74,16 @@ def test_cross_block_problems_name_the_key_and_the_fix(demo):
     assert "'missing' is not a label under modular.adapters" in problems
     with pytest.raises(ConfigError, match="task_pool"):
         check_config(demo)
+
+
+def test_the_schemas_enums_are_the_librarys_names():
+    """Names the schema lists by hand (it cannot import them) stay those the library knows."""
+    from lorachain.data.domains import LAYOUTS
+    from lorachain.metrics.catalog import ALL_METRICS
+    from lorachain.models.tiny import TINY_ARCHITECTURES
+
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    domain = schema["properties"]["domains"]["additionalProperties"]["properties"]
+    assert domain["dataset"]["properties"]["layout"]["enum"] == list(LAYOUTS)
+    assert domain["metrics"]["items"]["enum"] == list(ALL_METRICS)
+    assert schema["properties"]["model"]["properties"]["tiny"]["enum"] == list(TINY_ARCHITECTURES)

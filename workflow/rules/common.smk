@@ -2,6 +2,7 @@
 # for in lorachain.plan, checks in lorachain.config_checks: rules and these functions only name them.
 from lorachain import plan
 from lorachain.merging.base import merge_class
+from lorachain.metrics.catalog import ALL_METRICS, METRIC_ENCODER
 from lorachain.paths import *
 from lorachain.plan import canonical, merge_sizes, model_source, modular_merges, reference_order, revision, stage_block, training_block
 
@@ -16,8 +17,8 @@ wildcard_constraints:
     seed=r"-?\d+",
     task=r"\d{2}",
     architecture="sd1|sdxl",
-    metric="dino|clip_i|clip_t|csd",
-    encoder="dino|clip|csd",
+    metric="|".join(ALL_METRICS),
+    encoder="|".join(sorted(set(METRIC_ENCODER.values()))),
     concept=r"\d\d",
     k=r"\d+",
     adapter="|".join(MODULAR.get("adapters", {})) or "(?!)",
