@@ -87,8 +87,8 @@ def test_merge_and_sample_refuses_concepts_in_another_order(concepts, tiny_sd1_d
 def test_recorded_grams_let_gradient_fusion_reproduce_a_single_concept(concepts, tiny_sd1_dir, tmp_path):
     from lorachain import modular
     from lorachain.data import read_tasks
-    from lorachain.methods import make_merge
     from lorachain.merging.fusion import load_grams
+    from lorachain.methods import make_merge
 
     root, dirs = concepts
     grams_file = tmp_path / "grams.safetensors"

@@ -20,6 +20,7 @@ from lorachain.methods import (
     load_plugins,
     make_merge,
     make_method,
+    merge_base,
     merge_class,
     merge_names,
     method_class,
@@ -27,7 +28,6 @@ from lorachain.methods import (
     schema_defs,
 )
 from lorachain.methods import base as method_base
-from lorachain.methods import merge_base
 from lorachain.methods.registry import plugin_module_name
 from lorachain.params import Param
 from lorachain.torch_env import torch
