@@ -86,3 +86,19 @@ def test_the_registries_and_the_config_checks_import_no_torch():
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_methods_merges_and_the_lora_records_import_lorachain_at_module_level_only():
+    """Function-local imports of lorachain modules (a way to hide a cycle) are not used here;
+    external heavy imports (peft, safetensors) inside functions are fine."""
+    paths = [*PACKAGE.joinpath("methods").glob("*.py"), *PACKAGE.joinpath("merging").glob("*.py")]
+    paths += [PACKAGE / name for name in ("lora.py", "params.py", "state.py", "config_checks.py")]
+    local = []
+    for path in paths:
+        for function in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                local += [f"{path.name}:{node.lineno} {name}" for name in names if name.split(".")[0] == "lorachain"]
+    assert local == []
