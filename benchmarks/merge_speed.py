@@ -84,9 +84,9 @@ def layer_subset(shapes: list, count: int) -> list:
 
 
 def make_concepts(shapes, concepts: int, rank: int, seed: int = 0):
-    from lorachain.merging import Concept
-    from lorachain.merging.blocklora import block_mask
-    from lorachain.methods.base import LayerAdapter
+    from lorachain.lora import Concept
+    from lorachain.methods.blocklora import block_mask
+    from lorachain.lora import LayerAdapter
 
     generator = torch.Generator().manual_seed(seed)
     result = []
@@ -227,7 +227,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    from lorachain.merging import make_merge
+    from lorachain.methods import make_merge
 
     all_shapes = sdxl_layer_shapes()
     shapes = layer_subset(all_shapes, args.layers)

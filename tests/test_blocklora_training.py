@@ -9,8 +9,8 @@ import pytest
 from test_chain import factors, run_task
 
 from lorachain.methods import MethodError, make_method
-from lorachain.merging.blocklora import block_rows
-from lorachain.merging.orthogonal_adaptation import slot_down_projection
+from lorachain.methods.blocklora import block_rows
+from lorachain.methods.orthogonal_adaptation import slot_down_projection
 from lorachain.models.loading import load_pipeline
 from lorachain.state import apply_to_unet, fold_state
 from lorachain.torch_env import torch

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lorachain.merging import Concept, LoraFileError, read_lora
-from lorachain.merging.blocklora import block_mask
+from lorachain.lora import Concept, LayerAdapter, LoraFileError, read_lora
 from lorachain.merging.diagnostics import (
     STAT_COLUMNS,
     cosine_tables,
@@ -22,7 +21,7 @@ from lorachain.merging.diagnostics import (
     sign_conflicts,
     unique_labels,
 )
-from lorachain.methods.base import LayerAdapter
+from lorachain.methods.blocklora import block_mask
 from lorachain.torch_env import torch
 
 LAYERS = {"down.attn1.to_q": (12, 10), "down.attn2.to_k": (12, 16), "up.attn1.to_out.0": (9, 12)}

@@ -28,25 +28,3 @@ def test_constraints_pin_torch_and_torchvision_like_the_package():
     for pin in constraints:
         assert pin in package, f"constraints.txt pins {pin} but pyproject.toml does not"
     assert {"torch==2.13.0", "torchvision==0.28.0"} <= set(constraints)
-
-
-def test_schema_lists_exactly_the_registered_methods():
-    from lorachain.methods import method_names
-
-    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    enum = schema["$defs"]["method_block"]["properties"]["method"]["enum"]
-    assert sorted(enum) == method_names()
-
-
-def test_schema_lists_exactly_the_registered_merges_and_their_parameters():
-    from lorachain.merging.base import merge_class, merge_names
-
-    block = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())["$defs"]["merge_block"]
-    assert sorted(block["properties"]["method"]["enum"]) == merge_names()
-    for name in merge_names():
-        allowed = next(
-            set(rule["then"]["properties"]) - {"method", "adapters"}
-            for rule in block["allOf"]
-            if name in rule["if"]["properties"]["method"].get("enum", [rule["if"]["properties"]["method"].get("const")])
-        )
-        assert allowed == set(merge_class(name).parameters()), name

@@ -7,22 +7,12 @@ import math
 
 import pytest
 
-from lorachain.merging import (
-    Concept,
-    LoraFileError,
-    MergeError,
-    check_compatible,
-    linear_combination,
-    make_merge,
-    merge_class,
-    merge_names,
-    read_lora,
-)
-from lorachain.merging.blocklora import block_mask, block_rows
+from lorachain.lora import Concept, LayerAdapter, LoraFileError, check_compatible, linear_combination, read_lora
 from lorachain.merging.fusion import GramError, GramRecorder, fuse_layer, load_grams, save_grams
-from lorachain.merging.orthogonal_adaptation import orthogonal_basis, slot_down_projection
-from lorachain.merging.weighted_average import WeightedAverage
-from lorachain.methods.base import LayerAdapter
+from lorachain.methods import MergeError, make_merge, merge_class, merge_names
+from lorachain.methods.blocklora import block_mask, block_rows
+from lorachain.methods.orthogonal_adaptation import orthogonal_basis, slot_down_projection
+from lorachain.methods.weighted_average import WeightedAverage
 from lorachain.torch_env import torch
 
 LAYERS = {"down.attn1.to_q": (12, 10), "down.attn2.to_k": (12, 16), "up.attn1.to_out.0": (8, 12)}  # layer -> (out, in)

@@ -1,5 +1,5 @@
 """The modular regime's library: concept training with slots, gram recording, merge-and-sample,
-Table 1 / Figure 5 assembly, and the DAG-time merge catalog."""
+Table 1 / Figure 5 assembly."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ import pandas as pd
 import pytest
 from test_chain import TRAINING, factors
 
-from lorachain.merge_catalog import NEEDS_LAYER_INPUTS
-from lorachain.merging.base import merge_class, merge_names
 from lorachain.torch_env import torch
-
-
-def test_merge_catalog_matches_the_registry():
-    assert NEEDS_LAYER_INPUTS == {name for name in merge_names() if merge_class(name).needs_layer_inputs}
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +87,8 @@ def test_merge_and_sample_refuses_concepts_in_another_order(concepts, tiny_sd1_d
 def test_recorded_grams_let_gradient_fusion_reproduce_a_single_concept(concepts, tiny_sd1_dir, tmp_path):
     from lorachain import modular
     from lorachain.data import read_tasks
-    from lorachain.merging import make_merge
     from lorachain.merging.fusion import load_grams
+    from lorachain.methods import make_merge
 
     root, dirs = concepts
     grams_file = tmp_path / "grams.safetensors"

@@ -156,3 +156,18 @@ def test_a_two_task_chain_is_byte_identical_across_processes_and_hash_seeds(tiny
     assert sorted(digests[0]) == [f"task{t}/{name}" for t in ("01", "02") for name in ("loss.csv", LORA_FILE, STATE_FILE)]
     assert digests[0] == digests[1]
     print("\nsha256 of a two-task chain (identical under PYTHONHASHSEED 1 and 2):\n" + json.dumps(digests[0], indent=2))
+
+
+def test_the_state_reader_is_the_merges_reader_in_strict_mode(tmp_path):
+    """A state's LoRA is parsed by lorachain.lora (the merges' reader): its checks (finite values)
+    apply to states too, and strict mode refuses what a state never holds (alpha tensors)."""
+    directory = write_state(tmp_path / "task01")
+    tensors = load_file(str(directory / LORA_FILE))
+    tensors["unet.down.attn1.to_q.lora_B.weight"][0, 0] = float("nan")
+    rewrite_lora(directory, tensors, update_manifest=True)
+    assert "key 'unet.down.attn1.to_q.lora_B.weight' holds 1 non-finite value(s)" in refused(directory)
+    other = write_state(tmp_path / "task02")
+    tensors = load_file(str(other / LORA_FILE))
+    tensors["unet.down.attn1.to_q.alpha"] = torch.tensor(4.0)
+    rewrite_lora(other, tensors, update_manifest=True)
+    assert "key 'unet.down.attn1.to_q.alpha' is not a LoRA factor" in refused(other)

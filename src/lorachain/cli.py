@@ -41,7 +41,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.names is not None and len(args.names) != len(args.files):
         return _fail("inspect", f"--names has {len(args.names)} name(s) for {len(args.files)} file(s)")
 
-    from lorachain.merging.lora_files import LoraFileError, check_compatible, read_lora
+    from lorachain.lora import LoraFileError, check_compatible, read_lora
 
     try:
         files = [read_lora(path) for path in args.files]

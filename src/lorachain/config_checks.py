@@ -8,11 +8,16 @@ refused when YAML read it as text. Every message names the config key and the fi
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
+import yaml
+
 from lorachain import plan
+from lorachain.methods import MergeError, MethodError, PluginError, load_plugins, make_merge, make_method, schema_defs
 from lorachain.metrics.catalog import MODEL_KEYS
 
 # What PyYAML (YAML 1.1) reads as text although it looks like a number: an exponent without a
@@ -109,18 +114,79 @@ def _yaml_number(text: str) -> str:
     return f"{float(mantissa)!r}e{int(exponent):+d}"
 
 
+def full_schema(schema: str | os.PathLike[str]) -> dict:
+    """The YAML schema with the registries' ``$defs`` (method, merge and weights blocks) inserted."""
+    document = yaml.safe_load(Path(schema).read_text())
+    document["$defs"] = {**document.get("$defs", {}), **schema_defs()}
+    return document
+
+
+def _load_config_plugins(config: dict) -> None:
+    """Import the config's ``plugins`` (before the schema is built: their methods join the enums)."""
+    plugins = config.get("plugins") if isinstance(config, dict) else None
+    if isinstance(plugins, list) and all(isinstance(name, str) for name in plugins):
+        try:
+            load_plugins(plugins)
+        except PluginError as error:
+            raise ConfigError(str(error)) from None
+
+
 def validate_config(config: dict, schema: str | os.PathLike[str]) -> None:
-    """Snakemake's schema validation (it fills in the defaults), with a hint added when a number
-    was refused because YAML read it as text."""
+    """Snakemake's schema validation (it fills in the defaults) against the YAML schema completed by
+    the registries (:func:`full_schema`; the config's plugins are loaded first), with a hint added
+    when a number was refused because YAML read it as text."""
     from snakemake.utils import validate
 
+    _load_config_plugins(config)
+    with tempfile.TemporaryDirectory(prefix="lorachain-schema-") as directory:
+        path = Path(directory) / "config.schema.json"  # snakemake.utils.validate reads a file
+        path.write_text(json.dumps(full_schema(schema)))
+        try:
+            validate(config, str(path))
+        except Exception as error:
+            hints = number_string_hints(config)
+            if not hints:
+                raise
+            raise ConfigError(f"{error}\n" + "\n".join(hints)) from None
+
+
+def _slot_problem(method, slots: int, key: str) -> str | None:
     try:
-        validate(config, str(schema))
-    except Exception as error:
-        hints = number_string_hints(config)
-        if not hints:
-            raise
-        raise ConfigError(f"{error}\n" + "\n".join(hints)) from None
+        method.check_slots(slots, f"{key}.num_blocks")
+    except MethodError as error:
+        return f"config key {key}: {error}"
+    return None
+
+
+def registered_block_problems(config: dict) -> list[str]:
+    """Build every ``methods.<label>``, ``modular.adapters.<label>`` and ``modular.merges.<label>``
+    block through the registries (parameter checks and cross checks of the classes themselves),
+    and let each method check its slots: a chain's task t uses slot t - 1, so the longest chain
+    (``max(domains.*.num_tasks)``) needs that many; a modular adapter needs ``modular.concepts``."""
+    problems = []
+    longest = max((block["num_tasks"] for block in config.get("domains", {}).values()), default=0)
+    modular = config.get("modular") or {}
+    blocks = [(f"methods.{label}", block, longest) for label, block in config.get("methods", {}).items()]
+    blocks += [(f"modular.adapters.{label}", block, modular.get("concepts", 0)) for label, block in modular.get("adapters", {}).items()]
+    for key, block, slots in blocks:
+        try:
+            method = make_method(block["method"], {k: v for k, v in block.items() if k != "method"}, key=key)
+        except MethodError as error:
+            problems.append(str(error))
+            continue
+        problems.append(_slot_problem(method, slots, key))
+    for label, block in modular.get("merges", {}).items():
+        try:
+            make_merge(block["method"], {k: v for k, v in block.items() if k not in ("method", "adapters")}, key=f"modular.merges.{label}")
+        except MergeError as error:
+            problems.append(str(error))
+    return [problem for problem in problems if problem]
+
+
+def check_registered_blocks(config: dict) -> None:
+    """Raise :class:`ConfigError` listing every problem of :func:`registered_block_problems`."""
+    if problems := registered_block_problems(config):
+        raise ConfigError("\n".join(problems))
 
 
 # ------------------------------------------------------------------------------ across blocks
@@ -170,7 +236,7 @@ def modular_problems(config: dict) -> list[str]:
 
 def check_config(config: dict) -> None:
     """Everything the schema cannot check, all problems at once; run while the Snakefile parses."""
-    problems = domain_problems(config) + modular_problems(config)
+    problems = domain_problems(config) + modular_problems(config) + registered_block_problems(config)
     problems += model_source_problems(config, plan.encoders_in_use(config))
     if problems:
         raise ConfigError("\n".join(problems))

@@ -35,7 +35,7 @@ def concept_seed(seed: int, concept_index: int) -> int:
 
 def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None):
     """A trained concept state as a :class:`lorachain.merging.Concept` (slot from its manifest)."""
-    from lorachain.merging import Concept
+    from lorachain.lora import Concept
     from lorachain.merging.fusion import load_grams
     from lorachain.state import load_adapters, read_manifest
 
@@ -105,7 +105,7 @@ def merge_and_sample(
     Writes the sample set (PNG + index.csv) to `output_dir` and the merge time and what was merged
     to `merge_record` (JSON). The merge is timed alone: reading the LoRA files is not part of it."""
     from lorachain.data import read_tasks
-    from lorachain.merging import make_merge
+    from lorachain.methods import make_merge
     from lorachain.sample import SamplingConfig, load_model_for_sampling, sample_tasks
     from lorachain.state import FoldedState, apply_to_unet
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorachain.files import canonical_safetensors, sha256_file
-from lorachain.methods.base import ContinualMethod, LayerAdapter
+from lorachain.lora import LayerAdapter, LoraFileError, parse_lora
+from lorachain.methods.base import ContinualMethod
 from lorachain.torch_env import torch
 
 STATE_FILE = "state.json"
@@ -26,7 +27,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_
 STATE_FORMAT = 2  # 2: the manifest records the LoRA file's sha256 (format 1 only its byte count)
 READABLE_FORMATS = (1, 2)
 _UNET_PREFIX = "unet."
-_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # what write_task_state writes
 
 
 class StateError(RuntimeError):
@@ -128,46 +129,33 @@ def read_chain(task_dir: str | Path) -> list[tuple[Path, dict]]:
     return chain
 
 
-def _read_tensors(task_dir: Path, data: bytes) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        return load(data)
-    except SafetensorError as error:
-        raise StateError(f"{task_dir / LORA_FILE}: not a readable safetensors file ({error}); {_rerun_hint(task_dir)}") from None
-
-
 def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapter]:
     """The task's LoRA factors, after checking the file against its manifest: bytes and sha256,
-    a lora_B for every lora_A (and back), the manifest's rank and layer count."""
+    then the one LoRA reader (:func:`lorachain.lora.parse_lora`, strict: nothing but a lora_B for
+    every lora_A and back), then the manifest's rank and layer count. The scale is the manifest's
+    lora_alpha / rank."""
     task_dir = Path(task_dir).absolute()
     lora = task_dir / LORA_FILE
     data = lora.read_bytes()  # one read: checked against the manifest, then parsed
     check_lora_file(task_dir, manifest, data)
-    tensors = _read_tensors(task_dir, data)
+    try:
+        factors = parse_lora(data, lora, strict=True).adapters
+    except LoraFileError as error:
+        raise StateError(f"{error}; {_rerun_hint(task_dir)}") from None
     rank, layers_recorded = manifest["rank"], manifest.get("layers")
     adapters = {}
-    for key in sorted(tensors):
-        suffix = _A_SUFFIX if key.endswith(_A_SUFFIX) else _B_SUFFIX if key.endswith(_B_SUFFIX) else None
-        if suffix is None:
-            raise StateError(f"{lora}: key {key!r} is not a LoRA factor ({_A_SUFFIX} / {_B_SUFFIX}); {_rerun_hint(task_dir)}")
-        other = key[: -len(suffix)] + (_B_SUFFIX if suffix == _A_SUFFIX else _A_SUFFIX)
-        if other not in tensors:
-            raise StateError(f"{lora}: key {key!r} has no matching {other!r}; {_rerun_hint(task_dir)}")
-        if suffix == _B_SUFFIX:
-            continue
-        A, B = tensors[key], tensors[other]
-        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != rank or B.shape[1] != rank:
+    for layer in sorted(factors):
+        A, B = factors[layer].A, factors[layer].B
+        if A.shape[0] != rank or B.shape[1] != rank:
+            key, other = f"{_UNET_PREFIX}{layer}{_A_SUFFIX}", f"{_UNET_PREFIX}{layer}{_B_SUFFIX}"
             raise StateError(
-                f"{lora}: {key!r} has shape {tuple(A.shape)} and {other!r} {tuple(B.shape)}, but {Path(task_dir) / STATE_FILE} "
+                f"{lora}: {key!r} has shape {tuple(A.shape)} and {other!r} {tuple(B.shape)}, but {task_dir / STATE_FILE} "
                 f"records rank {rank} (factors (r, in) and (out, r)); {_rerun_hint(task_dir)}"
             )
-        layer = key.removeprefix(_UNET_PREFIX)[: -len(_A_SUFFIX)]
-        adapters[layer] = LayerAdapter(A=A.float(), B=B.float(), scale=manifest["lora_alpha"] / rank)
+        adapters[layer] = LayerAdapter(A=A, B=B, scale=manifest["lora_alpha"] / rank)
     if not adapters or (layers_recorded is not None and len(adapters) != layers_recorded):
         raise StateError(
-            f"{lora}: {len(adapters)} LoRA layers, but {Path(task_dir) / STATE_FILE} records {layers_recorded}; {_rerun_hint(task_dir)}"
+            f"{lora}: {len(adapters)} LoRA layers, but {task_dir / STATE_FILE} records {layers_recorded}; {_rerun_hint(task_dir)}"
         )
     return adapters
 

@@ -1,7 +1,7 @@
 # Input functions and wildcard constraints. Paths live in lorachain.paths, what a config asks
 # for in lorachain.plan, checks in lorachain.config_checks: rules and these functions only name them.
 from lorachain import plan
-from lorachain.merging.base import merge_class
+from lorachain.methods import merge_class
 from lorachain.metrics.catalog import ALL_METRICS, METRIC_ENCODER
 from lorachain.paths import *
 from lorachain.plan import canonical, merge_sizes, model_source, modular_merges, reference_order, revision, stage_block, training_block

@@ -1,27 +1,9 @@
-"""Merging independently trained concept LoRAs into one model, and diagnosing how they interfere.
+"""Tools around the merges that are not merge methods themselves.
 
-Methods behind one interface (:mod:`lorachain.merging.base`) and a registry:
-``weighted_average`` (DB-LoRA / FedAvg), ``ties``, ``dare`` (through peft's merge_utils),
-``orthogonal_adaptation`` (Po et al.), ``blocklora`` (BlockLoRA) and ``gradient_fusion``
-(Mix-of-Show, closed form). :mod:`lorachain.merging.lora_files` reads LoRA files,
-:mod:`lorachain.merging.diagnostics` measures cosine similarity and sign conflicts between deltas
-(BlockLoRA paper, Figure 4), :mod:`lorachain.merging.fusion` records layer inputs.
+The merge methods live with the continual methods in :mod:`lorachain.methods` (one module per
+paper method, training and merge side together; registry: :func:`lorachain.methods.make_merge`),
+and the LoRA file reader in :mod:`lorachain.lora`. Here: :mod:`lorachain.merging.diagnostics`
+measures cosine similarity and sign conflicts between deltas (BlockLoRA paper, Figure 4), and
+:mod:`lorachain.merging.fusion` records layer inputs (Grams) and solves gradient fusion's
+closed form.
 """
-
-from lorachain.merging import blocklora, dare, gradient_fusion, orthogonal_adaptation, ties, weighted_average  # noqa: F401  (registration)
-from lorachain.merging.base import (
-    Concept,
-    MergeError,
-    MergeMethod,
-    linear_combination,
-    make_merge,
-    merge_class,
-    merge_names,
-    register_merge,
-)
-from lorachain.merging.lora_files import LoraFile, LoraFileError, check_compatible, read_lora
-
-__all__ = [
-    "Concept", "MergeError", "MergeMethod", "linear_combination", "make_merge", "merge_class", "merge_names", "register_merge",
-    "LoraFile", "LoraFileError", "check_compatible", "read_lora",
-]

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from itertools import combinations
 from pathlib import Path
 
-from lorachain.merging.lora_files import LoraFile, check_compatible
+from lorachain.lora import LoraFile, check_compatible
 from lorachain.torch_env import torch
 
 STAT_COLUMNS = ("mean_cosine", "mean_abs_cosine", "max_abs_cosine")

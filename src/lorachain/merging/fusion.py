@@ -51,8 +51,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lorachain.methods.base import LayerAdapter
-from lorachain.torch_env import torch
+from lorachain.files import canonical_safetensors
+from lorachain.lazy_torch import torch
+from lorachain.lora import LayerAdapter
 
 GRAM_FORMAT = "lorachain-grams-1"
 PRIORS = ("mean", "base")
@@ -155,14 +156,13 @@ class GramRecorder:
         return sorted(set(self.layers) - set(self._sums))
 
 
-def save_grams(path: str | Path, grams: dict[str, tuple[torch.Tensor, int]], dtype: torch.dtype = torch.float32) -> None:
-    """Write layer -> (G, rows) as safetensors (G in `dtype`, rows in the metadata). Layers whose G
+def save_grams(path: str | Path, grams: dict[str, tuple[torch.Tensor, int]], dtype: torch.dtype | None = None) -> None:
+    """Write layer -> (G, rows) as safetensors (G in `dtype`, default float32; rows in the metadata). Layers whose G
     is bitwise identical to an earlier layer's (SDXL: the 140 cross-attention to_k / to_v layers
     all see the same text embeddings) are stored once and listed in the metadata's aliases."""
     from safetensors.torch import save_file
 
-    from lorachain.files import canonical_safetensors
-
+    dtype = torch.float32 if dtype is None else dtype
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}  # layer -> the stored layer whose G is bitwise the same
     stored_by_fingerprint: dict[tuple, list[str]] = {}

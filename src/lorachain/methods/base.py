@@ -15,8 +15,10 @@ A method decides two things and nothing else:
   features at every training forward pass, never at inference).
 
 The trainer, the state store and the workflow call these hooks and never branch on a method's name.
-Adding a method is one module with a subclass decorated by :func:`register_method`, plus its
-parameter block in ``workflow/schemas/config.schema.yaml``.
+Adding a method is one module with a subclass decorated by :func:`register_method` that declares
+its parameters once (``params``: :class:`lorachain.params.Param`); defaults, the checks made when it
+is built and its block of the config schema (:mod:`lorachain.methods.registry`) come from there.
+A module outside lorachain can do the same and be named under the config's ``plugins``.
 """
 
 from __future__ import annotations
@@ -25,25 +27,15 @@ from abc import ABC
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lorachain.torch_env import torch
+from lorachain.lazy_torch import torch
+from lorachain.lora import LayerAdapter
+from lorachain.params import Param, check_values, defaults, with_owner
 
 _REGISTRY: dict[str, type["ContinualMethod"]] = {}
 
 
 class MethodError(ValueError):
     """A method name or parameter that cannot be used; the message names the config key."""
-
-
-@dataclass
-class LayerAdapter:
-    """LoRA factors of one targeted linear layer: delta = scale * B @ A."""
-
-    A: torch.Tensor  # (rank, in_features)
-    B: torch.Tensor  # (out_features, rank)
-    scale: float
-
-    def delta(self) -> torch.Tensor:
-        return self.scale * (self.B @ self.A)
 
 
 @dataclass
@@ -75,19 +67,22 @@ class ContinualMethod(ABC):
     adapter_stays_live: ClassVar[bool] = False
     freeze_down_projection: ClassVar[bool] = False  # A stays as init_adapter made it; only B trains
 
+    param_specs: ClassVar[tuple[Param, ...]] = ()  # the accepted parameters, each declared once
+
     def __init__(self, **params):
-        unknown = set(params) - set(self.parameters())
-        if unknown:
-            raise MethodError(
-                f"method {self.name!r} has no parameter(s) {sorted(unknown)}; "
-                f"it accepts {sorted(self.parameters()) or 'none'}"
-            )
-        self.params = {**self.parameters(), **params}
+        values, problems = check_values(self.param_specs, params)
+        if problems:
+            raise MethodError("; ".join(with_owner(f"method {self.name!r}", problem) for problem in problems))
+        self.params = values
+        self.check_params()
 
     @classmethod
     def parameters(cls) -> dict:
         """Accepted parameters and their defaults."""
-        return {}
+        return defaults(cls.param_specs)
+
+    def check_params(self) -> None:
+        """Checks across parameters that a per-parameter schema cannot make (raise MethodError)."""
 
     def init_adapter(self, ctx: InitContext) -> LayerAdapter:
         return gaussian_adapter(ctx)
@@ -118,11 +113,17 @@ def method_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_method(name: str, params: dict | None = None, *, key: str = "methods") -> ContinualMethod:
-    """Instantiate a registered method; errors name the config key that holds it."""
+def method_class(name: str, *, key: str = "methods") -> type[ContinualMethod]:
+    """The registered class (for class attributes such as ``param_specs``)."""
     if name not in _REGISTRY:
         raise MethodError(f"config key {key}: unknown method {name!r}; known methods: {', '.join(method_names())}")
+    return _REGISTRY[name]
+
+
+def make_method(name: str, params: dict | None = None, *, key: str = "methods") -> ContinualMethod:
+    """Instantiate a registered method; errors name the config key that holds it."""
+    cls = method_class(name, key=key)
     try:
-        return _REGISTRY[name](**(params or {}))
+        return cls(**(params or {}))
     except MethodError as error:
         raise MethodError(f"config key {key}: {error}") from None

@@ -5,8 +5,8 @@ parameter keeps the entry of larger magnitude, ties going to the new task:
 tau_t = where(|delta_t| >= |tau_{t-1}|, delta_t, tau_{t-1}). No threshold, sign election or rescaling.
 """
 
+from lorachain.lazy_torch import torch
 from lorachain.methods.base import ContinualMethod, register_method
-from lorachain.torch_env import torch
 
 
 @register_method

@@ -1,6 +1,7 @@
 """Naive continual fine-tuning: one LoRA trained on and on; the model after task t is W0 + B_t A_t."""
 
-from lorachain.methods.base import ContinualMethod, InitContext, LayerAdapter, gaussian_adapter, register_method
+from lorachain.lora import LayerAdapter
+from lorachain.methods.base import ContinualMethod, InitContext, gaussian_adapter, register_method
 
 
 @register_method

@@ -7,7 +7,7 @@ orthogonal to what came before; B starts at 0. Two variants:
 column j, the new A[:, j] is the last right singular vector of the 1 x r matrix A_prev[:, j]^T, a
 unit vector in the null space of the previous task's column, so <A_new[:, j], A_prev[:, j]> = 0.
 Needs rank >= 2. The released code instead sums all factors ((sum B)(sum A), which adds untrained
-cross terms B_i A_j) and orthogonalises against sum A; we follow the figure (see REFERENCE.md 2.3).
+cross terms B_i A_j) and orthogonalises against sum A; we follow the figure (see docs/methods.md).
 
 ``rowspace`` (stronger, offered as an option): the rows of the new A are orthonormal and orthogonal
 to the row space of every previous task's A, so the subspaces are truly orthogonal. That row space
@@ -27,15 +27,10 @@ from __future__ import annotations
 
 import math
 
-from lorachain.methods.base import (
-    ContinualMethod,
-    InitContext,
-    LayerAdapter,
-    MethodError,
-    gaussian_adapter,
-    register_method,
-)
-from lorachain.torch_env import torch
+from lorachain.lazy_torch import torch
+from lorachain.lora import LayerAdapter
+from lorachain.methods.base import ContinualMethod, InitContext, MethodError, gaussian_adapter, register_method
+from lorachain.params import Param
 
 VARIANTS = ("columnwise", "rowspace")
 INIT_SCALES = ("gaussian", "unit")
@@ -66,16 +61,10 @@ def rows_orthogonal_to(merged: torch.Tensor, rank: int, tasks_done: int, generat
 class OrthoInit(ContinualMethod):
     name = "ortho_init"
 
-    @classmethod
-    def parameters(cls) -> dict:
-        return {"variant": "columnwise", "init_scale": "gaussian"}
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.params["variant"] not in VARIANTS:
-            raise MethodError(f"ortho_init: variant must be one of {VARIANTS}, got {self.params['variant']!r}")
-        if self.params["init_scale"] not in INIT_SCALES:
-            raise MethodError(f"ortho_init: init_scale must be one of {INIT_SCALES}, got {self.params['init_scale']!r}")
+    param_specs = (
+        Param("variant", "columnwise", {"type": "string", "enum": list(VARIANTS)}, "columnwise: null space of each column of the previous A; rowspace: orthogonal to the merged row space"),
+        Param("init_scale", "gaussian", {"type": "string", "enum": list(INIT_SCALES)}, "gaussian: the Gaussian init's expected norm; unit: unit vectors"),
+    )
 
     def init_adapter(self, ctx: InitContext) -> LayerAdapter:
         gaussian_scale = self.params["init_scale"] == "gaussian"

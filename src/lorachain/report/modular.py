@@ -121,7 +121,7 @@ def modular_results_job(*, domain, scores, records, merges, merge_order, metrics
 
 def diagnostics_job(*, lora_files: list, names: list[str], cosine_csv, conflicts_csv, cosine_png, conflicts_png):
     """Layer-wise pairwise cosine similarity and sign conflicts of a set of LoRA files."""
-    from lorachain.merging import read_lora
+    from lorachain.lora import read_lora
     from lorachain.merging.diagnostics import cosine_tables, plot_cosine_heatmap, plot_sign_conflicts, sign_conflicts
 
     loras = [read_lora(path) for path in lora_files]

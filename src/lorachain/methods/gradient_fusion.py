@@ -12,27 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorachain.merging.base import Concept, MergeMethod, register_merge
+from lorachain.lora import Concept
 from lorachain.merging.fusion import DEFAULT_RCOND, DEFAULT_RIDGE, PRIORS, fuse_layer
+from lorachain.methods.merge_base import MergeMethod, register_merge, weights_param
+from lorachain.params import Param
 
 
 @register_merge
 class GradientFusion(MergeMethod):
     name = "gradient_fusion"
     needs_layer_inputs = True
-    default_weights = "mean"
-
-    @classmethod
-    def parameters(cls) -> dict:
-        return {**super().parameters(), "ridge": DEFAULT_RIDGE, "prior": "mean", "rcond": DEFAULT_RCOND}
-
-    def check_params(self) -> None:
-        for key in ("ridge", "rcond"):
-            value = self.params[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise self.error(f"parameter {key!r} must be a non-negative number, got {value!r}")
-        if self.params["prior"] not in PRIORS:
-            raise self.error(f"parameter 'prior' must be one of {PRIORS}, got {self.params['prior']!r}")
+    param_specs = (
+        weights_param("mean", "w_i of the per-concept loss terms"),
+        Param("ridge", DEFAULT_RIDGE, {"type": "number", "minimum": 0}, "ridge, relative to the mean diagonal of sum_i w_i G_i"),
+        Param("prior", "mean", {"type": "string", "enum": list(PRIORS)}, "what unexcited input directions keep: the weighted average of the deltas (mean) or W0 (base)"),
+        Param("rcond", DEFAULT_RCOND, {"type": "number", "minimum": 0}, "eigenvalue cut-off of the ridge-0 pseudo-inverse, relative to the largest"),
+    )
 
     def prepare(self, concepts: Sequence[Concept], weights: list[float]) -> None:
         if sum(weights) <= 0:

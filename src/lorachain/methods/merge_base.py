@@ -17,8 +17,10 @@ paper; BlockLoRA, its Eq. 5) set ``weights_sum_to_one`` and refuse lists that do
 
 Layers are visited in sorted name order; :meth:`MergeMethod.iter_merge` yields one merged layer
 at a time so SDXL-size merges (955 M dense parameters over 560 layers, 3.8 GB in float32) need
-not hold every layer at once. This module stays import-light (torch only) because the workflow
-imports it to read the registry.
+not hold every layer at once. Parameters are declared once per class (``param_specs``, see
+:mod:`lorachain.params`); every merge accepts ``weights`` (:data:`WEIGHTS`). This module imports
+torch only on first use (:mod:`lorachain.lazy_torch`): the workflow reads the registry (parameters,
+``needs_layer_inputs``) while the Snakefile is parsed.
 """
 
 from __future__ import annotations
@@ -26,13 +28,12 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from numbers import Real
 from typing import ClassVar
 
-from lorachain.merging.lora_files import check_compatible
-from lorachain.methods.base import LayerAdapter
-from lorachain.torch_env import torch
+from lorachain.lazy_torch import torch
+from lorachain.lora import Concept, check_compatible
+from lorachain.params import Param, check_values, defaults, with_owner
 
 _REGISTRY: dict[str, type["MergeMethod"]] = {}
 WEIGHT_SUM_TOLERANCE = 1e-6
@@ -42,26 +43,19 @@ class MergeError(ValueError):
     """A merge that cannot run as asked; the message names the config key, parameter or concept."""
 
 
-@dataclass
-class Concept:
-    """One concept's LoRA as the merge sees it."""
-
-    name: str  # file path or concept id; used in error messages
-    adapters: dict[str, LayerAdapter]
-    slot: int | None = None  # concept slot (BlockLoRA block / orthogonal-adaptation basis block), if known
-    # layer -> (X^T X summed over the recorded inputs of that layer, number of input rows); gradient fusion only
-    grams: dict[str, tuple[torch.Tensor, int]] | None = None
-
-    def delta(self, layer: str) -> torch.Tensor:
-        return self.adapters[layer].delta()
+WEIGHTS_SCHEMA = {
+    "description": '"mean" (alpha_i = 1/k), a constant alpha for every concept, or one weight per merged concept',
+    "oneOf": [
+        {"const": "mean"},
+        {"type": "number", "minimum": 0},
+        {"type": "array", "items": {"type": "number", "minimum": 0}},
+    ],
+}
 
 
-def linear_combination(adapters: Sequence[LayerAdapter], coefficients: Sequence[float]) -> torch.Tensor:
-    """sum_i c_i * scale_i * B_i @ A_i, exactly (no cross terms), as one matmul of the factors
-    concatenated along the rank: [c_1 s_1 B_1 | ... | c_k s_k B_k] @ [A_1; ...; A_k]."""
-    B = torch.cat([float(c) * adapter.scale * adapter.B.float() for adapter, c in zip(adapters, coefficients)], dim=1)
-    A = torch.cat([adapter.A.float() for adapter in adapters], dim=0)
-    return B @ A
+def weights_param(default="mean", description: str = "alpha_i of the merge") -> Param:
+    """The ``weights`` parameter every merge has (its default differs by method)."""
+    return Param("weights", default, WEIGHTS_SCHEMA, description, shared="merge_weights")
 
 
 class MergeMethod(ABC):
@@ -71,31 +65,33 @@ class MergeMethod(ABC):
     needs_layer_inputs: ClassVar[bool] = False  # the workflow records grams for concepts only when true
     needs_equal_rank: ClassVar[bool] = False
     weights_sum_to_one: ClassVar[bool] = False  # the paper requires sum alpha_i = 1
-    default_weights: ClassVar[object] = "mean"
     requirement: ClassVar[str] = ""  # what the paper requires of the weights, for error messages
+
+    param_specs: ClassVar[tuple[Param, ...]] = (weights_param(),)  # the accepted parameters, each declared once
 
     def __init__(self, **params):
         self.config_key: str | None = None
-        unknown = set(params) - set(self.parameters())
+        values, problems = check_values(self.param_specs, params)
+        unknown = [problem for problem in problems if problem.startswith("has no")]
         if unknown:
-            raise MergeError(
-                f"merge {self.name!r} has no parameter(s) {sorted(unknown)}; it accepts {sorted(self.parameters())}"
-            )
-        self.params = {**self.parameters(), **params}
-        self._check_weights_spec(self.params["weights"])
+            raise MergeError(with_owner(f"merge {self.name!r}", unknown[0]))
+        self.params = values
+        self._check_weights_spec(self.params["weights"])  # its own messages (sum to 1, count) first
+        if problems:
+            raise self.error("; ".join(problems))
         self.check_params()
 
     @classmethod
     def parameters(cls) -> dict:
         """Accepted parameters and their defaults."""
-        return {"weights": cls.default_weights}
+        return defaults(cls.param_specs)
 
     @classmethod
     def load_dependencies(cls) -> None:
         """Import what merge_layer imports lazily, so that timing a merge does not time imports."""
 
     def check_params(self) -> None:
-        """Validate the method's own parameters (raise :meth:`error`)."""
+        """Checks across parameters that a per-parameter schema cannot make (raise :meth:`error`)."""
 
     def error(self, message: str) -> MergeError:
         where = f"config key {self.config_key}: " if self.config_key else ""
@@ -175,20 +171,12 @@ def register_merge(cls: type[MergeMethod]) -> type[MergeMethod]:
     return cls
 
 
-def _load_builtin_merges() -> None:
-    # The built-in methods register on import; importing them here lets `lorachain.merging.base`
-    # alone answer registry questions (the Snakefile imports only this module).
-    import lorachain.merging  # noqa: F401
-
-
 def merge_names() -> list[str]:
-    _load_builtin_merges()
     return sorted(_REGISTRY)
 
 
 def merge_class(name: str, *, key: str = "merges") -> type[MergeMethod]:
     """The registered class (for class attributes such as ``needs_layer_inputs``)."""
-    _load_builtin_merges()
     if name not in _REGISTRY:
         raise MergeError(f"config key {key}: unknown merge method {name!r}; known merge methods: {', '.join(merge_names())}")
     return _REGISTRY[name]

@@ -14,37 +14,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorachain.merging.base import Concept, MergeMethod, register_merge
-from lorachain.torch_env import torch
+from lorachain.lazy_torch import torch
+from lorachain.lora import Concept
+from lorachain.methods.merge_base import MergeMethod, register_merge, weights_param
+from lorachain.params import Param
 
 SIGN_METHODS = ("total", "frequency")
+SIGN_METHOD = Param(
+    "majority_sign_method", "total", {"type": "string", "enum": list(SIGN_METHODS)},
+    "sign election by the summed (total) or counted (frequency) values",
+)
+
+
+def density_param(default: float) -> Param:
+    return Param("density", default, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "fraction of each delta's entries kept")
 
 
 class PeftTensorMerge(MergeMethod):
     """What the merges built on ``peft.utils.merge_utils`` share: a kept fraction ``density`` of
     each delta's entries and a sign-election rule. Not registered itself."""
 
-    default_weights = 1.0
+    param_specs = (weights_param(1.0), density_param(0.2), SIGN_METHOD)
 
     @classmethod
     def load_dependencies(cls) -> None:
         import peft.utils.merge_utils  # noqa: F401  (peft's import takes seconds: not part of the merge time)
 
-    def check_params(self) -> None:
-        density = self.params["density"]
-        if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-            raise self.error(f"parameter 'density' (fraction of entries kept) must be in (0, 1], got {density!r}")
-        if self.params["majority_sign_method"] not in SIGN_METHODS:
-            raise self.error(f"parameter 'majority_sign_method' must be one of {SIGN_METHODS}, got {self.params['majority_sign_method']!r}")
-
 
 @register_merge
 class Ties(PeftTensorMerge):
     name = "ties"
-
-    @classmethod
-    def parameters(cls) -> dict:
-        return {**super().parameters(), "density": 0.2, "majority_sign_method": "total"}
 
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):
         from peft.utils.merge_utils import ties

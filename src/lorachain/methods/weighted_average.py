@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorachain.merging.base import Concept, MergeMethod, linear_combination, register_merge
+from lorachain.lora import Concept, linear_combination
+from lorachain.methods.merge_base import MergeMethod, register_merge, weights_param
 
 
 @register_merge
 class WeightedAverage(MergeMethod):
     name = "weighted_average"
     weights_sum_to_one = True
-    default_weights = "mean"
+    param_specs = (weights_param("mean", "alpha_i; they must sum to 1"),)
     requirement = "weighted averaging (BlockLoRA paper Eq. 2) requires weights that sum to 1"
 
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lorachain.merging.base import Concept, register_merge
-from lorachain.merging.ties import PeftTensorMerge
-from lorachain.torch_env import torch
+from lorachain.lazy_torch import torch
+from lorachain.lora import Concept
+from lorachain.methods.merge_base import register_merge, weights_param
+from lorachain.methods.ties import SIGN_METHOD, PeftTensorMerge, density_param
+from lorachain.params import Param
 
 VARIANTS = ("linear", "ties")
 
@@ -29,16 +31,13 @@ VARIANTS = ("linear", "ties")
 class Dare(PeftTensorMerge):
     name = "dare"
 
-    @classmethod
-    def parameters(cls) -> dict:
-        return {**super().parameters(), "variant": "linear", "density": 0.5, "seed": 0, "majority_sign_method": "total"}
-
-    def check_params(self) -> None:
-        super().check_params()
-        if self.params["variant"] not in VARIANTS:
-            raise self.error(f"parameter 'variant' must be one of {VARIANTS}, got {self.params['variant']!r}")
-        if isinstance(self.params["seed"], bool) or not isinstance(self.params["seed"], int):
-            raise self.error(f"parameter 'seed' must be an integer, got {self.params['seed']!r}")
+    param_specs = (
+        weights_param(1.0),
+        Param("variant", "linear", {"type": "string", "enum": list(VARIANTS)}, "combine by weighted sum (linear) or TIES' sign election (ties)"),
+        density_param(0.5),
+        Param("seed", 0, {"type": "integer"}, "seed of the drop masks (layer i uses seed + i)"),
+        SIGN_METHOD,
+    )
 
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):
         from peft.utils.merge_utils import dare_linear, dare_ties
