@@ -29,8 +29,11 @@ class ModularError(ValueError):
 
 
 def concept_seed(seed: int, concept_index: int) -> int:
-    """Each independently trained concept gets its own seed (its own initial LoRA and data draws)."""
-    return seed * 1000 + concept_index
+    """Each independently trained concept gets its own seed (its own initial LoRA and data draws),
+    by the trainer's rule for the tasks of a run (whatever training.seed_policy says)."""
+    from lorachain.training.config import derived_seed
+
+    return derived_seed(seed, concept_index)
 
 
 def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None):
@@ -64,7 +67,8 @@ def record_layer_inputs(
     from lorachain.models.loading import load_pipeline
     from lorachain.sample import device_for_sampling
     from lorachain.state import apply_to_unet, fold_state
-    from lorachain.train import encode_condition, load_training_image, lora_layers, unet_kwargs
+    from lorachain.training.adapters import lora_layers
+    from lorachain.training.conditioning import encode_condition, load_training_image, sdxl_time_ids, unet_kwargs
 
     started = time.perf_counter()
     device = device_for_sampling()
@@ -76,9 +80,7 @@ def record_layer_inputs(
     pixels = torch.stack([image for image, _, _ in images]).to(device)
     latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
     condition = encode_condition(pipe, task.train_prompt, device)
-    time_ids = None
-    if "text_embeds" in condition:
-        time_ids = torch.tensor([[*original, *crop, resolution, resolution] for _, original, crop in images], dtype=torch.float32, device=device)
+    time_ids = sdxl_time_ids(condition, images, resolution, device)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     total = scheduler.config.num_train_timesteps
     levels = torch.linspace(0, total - 1, timesteps).round().long()
