@@ -459,3 +459,42 @@ def train_task(
     timings["write_s"] = time.perf_counter() - write_started
     timings["total_s"] = time.perf_counter() - started
     return {**manifest, "bytes_written": bytes_written, "timings": timings, "resumed_from_step": state.start_step}
+
+
+# ------------------------------------------------------------------------------ jobs
+
+
+def train_task_from_file(
+    *, tasks, position: int, task_index: int, previous_state, slot: int | None, seed: int, method: str, method_params: dict,
+    training: dict, checkpoint_every: int, model: str, vae: str | None, run: dict, state, lora, loss,
+) -> dict:
+    """What the train_task and train_concept jobs share: train task `position` (1-based) of the task
+    file `tasks` as task `task_index` of a chain and write its state: the manifest `state` and the
+    LoRA file `lora` (which must be beside it), the losses to `loss`. `checkpoint_every` joins the training
+    block here: how often a job checkpoints does not change its result. Returns a summary."""
+    from lorachain.data import read_tasks
+
+    if Path(lora) != Path(state).parent / LORA_FILE:
+        raise TrainingError(f"{lora}: a task's LoRA file is written beside its manifest, as {Path(state).parent / LORA_FILE}")
+    task = read_tasks(tasks)[position - 1]
+    manifest = train_task(
+        model_source=model, vae=vae, train_images=list(task.train_images), train_prompt=task.train_prompt, task_index=task_index,
+        slot=slot, previous_state=previous_state, method_name=method, method_params=dict(method_params),
+        training=dict(training, checkpoint_every=checkpoint_every), seed=seed, output_dir=Path(state).parent, run=dict(run),
+        concept=task.concept, loss_log=loss,
+    )
+    return {key: manifest[key] for key in ("task_index", "slot", "concept", "final_loss", "bytes_written", "timings")}
+
+
+def train_task_job(
+    *, tasks, task_index: int, previous_dir, method: str, method_params: dict, training: dict, checkpoint_every: int, model: str,
+    vae: str | None, run: dict, seed: int, state, lora, loss,
+) -> dict:
+    """The train_task job: task `task_index` of run `run` (training seed `seed`) on top of the state
+    in `previous_dir` (None for task 1)."""
+    return train_task_from_file(
+        tasks=tasks, position=task_index, task_index=task_index, previous_state=previous_dir, slot=None, seed=int(seed), method=method,
+        method_params=method_params, training=training, checkpoint_every=checkpoint_every, model=model, vae=vae, run=run, state=state, lora=lora,
+        loss=loss,
+    )
+
