@@ -27,8 +27,6 @@ and callers use are re-exported here. :func:`train_task_job` is the ``train_task
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import contextlib
 import csv
 import logging
