@@ -39,7 +39,7 @@ REAL_DREAMBOOTH = Path(
     os.environ.get("LORACHAIN_DREAMBOOTH", Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth")
 )
 
-# The 60 style directories and 20 object classes of UnlearnCanvas (REFERENCE.md section 5).
+# The 60 style directories and 20 object classes of UnlearnCanvas (docs/protocol.md#selection-styles).
 UNLEARNCANVAS_STYLES = """
 Abstractionism Artist_Sketch Blossom_Season Blue_Blooming Bricks Byzantine Cartoon Cold_Warm
 Color_Fantasy Comic_Etch Crayon Crypto_Punks Cubism Dadaism Dapple Defoliation Dreamweave

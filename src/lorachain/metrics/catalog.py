@@ -1,5 +1,5 @@
-"""Which metric needs which encoder, and each dataset layout's default metrics (REFERENCE
-section 6). Import-light (no torch) so the Snakefile can read it while parsing."""
+"""Which metric needs which encoder, and each dataset layout's default metrics
+(docs/metrics.md#default-metrics). Import-light (no torch) so the Snakefile can read it while parsing."""
 
 METRIC_ENCODER = {"dino": "dino", "clip_i": "clip", "clip_t": "clip", "csd": "csd"}
 IMAGE_METRICS = ("dino", "clip_i", "csd")  # mean all-pairs cosine against the task's reference images
