@@ -131,9 +131,10 @@ def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
         records[f"m|{k}"] = str(path)
     table = modular_results_job(
         domain="objects", scores={"m": str(tmp_path / "scores.csv")}, records=records, merges={"m": {"method": "blocklora", "adapters": "b"}},
-        merge_order=["m"], metrics=["dino", "clip_i", "clip_t"], table_csv=tmp_path / "t.csv", table_md=tmp_path / "t.md", curve_stem=tmp_path / "curve",
+        merge_order=["m"], metrics=["dino", "clip_i", "clip_t"], table=tmp_path / "t.csv", markdown=tmp_path / "t.md", curve=tmp_path / "curve.png",
+        curve_pdf=tmp_path / "curve.pdf",
     )
-    row = table.iloc[0]
+    row = table[0]
     assert row["k"] == 2 and row["merge_s"] == pytest.approx(0.02) and row["image_metric"] == "clip_i"
     assert row["image_alignment"] == pytest.approx((0.5 + 0.1 - 0.1 + 0.5 + 0.2 - 0.1) / 2)
     assert row["average"] == pytest.approx((row["image_alignment"] + 0.3) / 2)
@@ -142,5 +143,6 @@ def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
     with pytest.raises(ModularResultError, match="no merge record for merge 'm' at k = 1"):
         modular_results_job(
             domain="objects", scores={"m": str(tmp_path / "scores.csv")}, records=records, merges={"m": {"method": "blocklora", "adapters": "b"}},
-            merge_order=["m"], metrics=["clip_i", "clip_t"], table_csv=tmp_path / "t.csv", table_md=tmp_path / "t.md", curve_stem=tmp_path / "curve",
+            merge_order=["m"], metrics=["clip_i", "clip_t"], table=tmp_path / "t.csv", markdown=tmp_path / "t.md", curve=tmp_path / "curve.png",
+            curve_pdf=tmp_path / "curve.pdf",
         )

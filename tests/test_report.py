@@ -40,8 +40,8 @@ def score_files(tmp_path):
 def table(tmp_path, files, base, **overrides):
     arguments = dict(
         domain="objects", run_scores=files, base_scores=base, methods=["naive", "magmax"], metrics=["dino", "clip_t"],
-        num_tasks=T, orders=[0, 5], seeds=[0], table_csv=tmp_path / "tables" / "objects.csv",
-        table_md=tmp_path / "tables" / "objects.md", matrices_csv=tmp_path / "objects" / "matrices.csv",
+        num_tasks=T, orders=[0, 5], seeds=[0], table=tmp_path / "tables" / "objects.csv",
+        markdown=tmp_path / "tables" / "objects.md", matrices=tmp_path / "objects" / "matrices.csv",
     )
     return continual_table_job(**{**arguments, **overrides})
 
@@ -77,14 +77,15 @@ def test_figures_are_written_as_png_and_pdf(tmp_path, score_files):
     files, base = score_files
     table(tmp_path, files, base)
     plot_metric_job(
-        domain="objects", metric="dino", matrices_csv=tmp_path / "objects" / "matrices.csv", base_scores=base,
-        methods=["naive", "magmax"], num_tasks=T, heatmap_stem=tmp_path / "fig" / "heatmap-dino", curve_stem=tmp_path / "fig" / "curve-dino",
+        domain="objects", metric="dino", matrices=tmp_path / "objects" / "matrices.csv", base_scores=base, methods=["naive", "magmax"],
+        num_tasks=T, heatmap=tmp_path / "fig" / "heatmap-dino.png", heatmap_pdf=tmp_path / "fig" / "heatmap-dino.pdf",
+        curve=tmp_path / "fig" / "curve-dino.png", curve_pdf=tmp_path / "fig" / "curve-dino.pdf",
     )
     for name in ("heatmap-dino", "curve-dino"):
         for suffix in ("png", "pdf"):
             assert (tmp_path / "fig" / f"{name}.{suffix}").stat().st_size > 1000
     with pytest.raises(SummaryError, match="no dino scores for methods \\['ortho_init'\\]"):
         plot_metric_job(
-            domain="objects", metric="dino", matrices_csv=tmp_path / "objects" / "matrices.csv", base_scores=base,
-            methods=["naive", "ortho_init"], num_tasks=T, heatmap_stem=tmp_path / "h", curve_stem=tmp_path / "c",
+            domain="objects", metric="dino", matrices=tmp_path / "objects" / "matrices.csv", base_scores=base, methods=["naive", "ortho_init"],
+            num_tasks=T, heatmap=tmp_path / "h.png", heatmap_pdf=tmp_path / "h.pdf", curve=tmp_path / "c.png", curve_pdf=tmp_path / "c.pdf",
         )

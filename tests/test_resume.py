@@ -283,7 +283,7 @@ def test_checkpoint_of_another_configuration_is_not_used(tiny_sd1_dir, synthetic
         run(tiny_sd1_dir, synthetic_tasks, out)
     assert read_checkpoint(out)["step"] == 6
     monkeypatch.undo()
-    with caplog.at_level(logging.WARNING, logger="lorachain.train"):
+    with caplog.at_level(logging.WARNING, logger="lorachain.training.resume"):
         manifest = run(tiny_sd1_dir, synthetic_tasks, out, **change)
     assert manifest["resumed_from_step"] == 0
     key = "seed" if "seed" in change else "training"
@@ -299,7 +299,7 @@ def test_unreadable_checkpoint_is_ignored(tiny_sd1_dir, synthetic_tasks, tmp_pat
     out = tmp_path / "task1"
     (out / RESUME_DIR).mkdir(parents=True)
     (out / RESUME_DIR / CHECKPOINT_FILE).write_bytes(b"truncated by a node failure")
-    with caplog.at_level(logging.WARNING, logger="lorachain.train"):
+    with caplog.at_level(logging.WARNING, logger="lorachain.training.resume"):
         manifest = run(tiny_sd1_dir, synthetic_tasks, out)
     assert manifest["resumed_from_step"] == 0
     assert "unreadable" in caplog.text
@@ -328,7 +328,7 @@ def test_task2_resumes_on_its_previous_state_and_ignores_a_changed_one(tiny_sd1_
     shutil.copytree(kept, out / RESUME_DIR)
     for name in (LORA_FILE, STATE_FILE):
         shutil.copy(other_seed["dir"] / name, previous / name)
-    with caplog.at_level(logging.WARNING, logger="lorachain.train"):
+    with caplog.at_level(logging.WARNING, logger="lorachain.training.resume"):
         manifest = run(tiny_sd1_dir, synthetic_tasks, out, index=2, previous=previous)
     assert manifest["resumed_from_step"] == 0
     assert "differs in: previous_state" in caplog.text
@@ -390,3 +390,17 @@ def test_checkpoint_every_config():
     schema = yaml.safe_load(SCHEMA.read_text())["properties"]["training"]["properties"]["checkpoint_every"]
     assert schema["type"] == "integer" and schema["minimum"] == 0
     assert schema["default"] == TrainingConfig().checkpoint_every
+
+
+def test_training_config_defaults_are_the_schemas():
+    """The schema is the home of config defaults; TrainingConfig's may not disagree with it."""
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["training"]["properties"]
+    defaults = TrainingConfig()
+    optimizer = {key: block["default"] for key, block in schema.pop("optimizer")["properties"].items()}
+    assert (defaults.optimizer, list(defaults.betas), defaults.weight_decay, defaults.eps) == (
+        optimizer["name"], optimizer["betas"], optimizer["weight_decay"], optimizer["eps"]
+    )
+    for key, block in schema.items():
+        value = getattr(defaults, key)
+        assert (list(value) if isinstance(value, tuple) else value) == block["default"], key
+    assert set(schema) | {"optimizer", "betas", "weight_decay", "eps"} == set(TrainingConfig.__dataclass_fields__)

@@ -59,3 +59,24 @@ def test_a_finished_job_leaves_only_its_log(tmp_path):
     log = tmp_path / "a.log"
     attempt(log, fail=False)
     assert [p.name for p in tmp_path.iterdir()] == ["a.log"]
+
+
+def test_job_arguments_pass_named_items_but_not_the_revision():
+    """Snakemake's script object builds .input/.output/.params anew on every access (properties)."""
+    from snakemake.iocontainers import Namedlist
+
+    from lorachain.workflow_io import job_arguments
+
+    def named(unnamed, **items):
+        section = Namedlist([*unnamed, *items.values()])
+        for index, name in enumerate(items, start=len(unnamed)):
+            section._set_name(name, index)
+        return section
+
+    class Script:
+        rule = "r"
+        input = property(lambda self: named(["model-dir"], tasks="t.json"))
+        output = property(lambda self: named([], state="s.json"))
+        params = property(lambda self: named([], revision=3, seed=1))
+
+    assert job_arguments(Script()) == {"tasks": "t.json", "state": "s.json", "seed": 1}

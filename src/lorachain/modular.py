@@ -13,6 +13,9 @@ the same metrics score both regimes. What the workflow's jobs call:
   accumulated (Mix-of-Show records the inputs of each concept's model on that concept's data and
   fits the fused layer to reproduce its outputs there).
 * :func:`merge_and_sample`: load the k concept states, merge them (timed), sample.
+
+The rules' entry points are :func:`train_concept_job` (the trainer's path shared with the
+``train_task`` rule), :func:`record_layer_inputs_job` and :func:`merge_and_sample_job`.
 """
 
 from __future__ import annotations
@@ -29,8 +32,11 @@ class ModularError(ValueError):
 
 
 def concept_seed(seed: int, concept_index: int) -> int:
-    """Each independently trained concept gets its own seed (its own initial LoRA and data draws)."""
-    return seed * 1000 + concept_index
+    """Each independently trained concept gets its own seed (its own initial LoRA and data draws),
+    by the trainer's rule for the tasks of a run (whatever training.seed_policy says)."""
+    from lorachain.training.config import derived_seed
+
+    return derived_seed(seed, concept_index)
 
 
 def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None):
@@ -64,7 +70,8 @@ def record_layer_inputs(
     from lorachain.models.loading import load_pipeline
     from lorachain.sample import device_for_sampling
     from lorachain.state import apply_to_unet, fold_state
-    from lorachain.train import encode_condition, load_training_image, lora_layers, unet_kwargs
+    from lorachain.training.adapters import lora_layers
+    from lorachain.training.conditioning import encode_condition, load_training_image, sdxl_time_ids, unet_kwargs
 
     started = time.perf_counter()
     device = device_for_sampling()
@@ -76,9 +83,7 @@ def record_layer_inputs(
     pixels = torch.stack([image for image, _, _ in images]).to(device)
     latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
     condition = encode_condition(pipe, task.train_prompt, device)
-    time_ids = None
-    if "text_embeds" in condition:
-        time_ids = torch.tensor([[*original, *crop, resolution, resolution] for _, original, crop in images], dtype=torch.float32, device=device)
+    time_ids = sdxl_time_ids(condition, images, resolution, device)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     total = scheduler.config.num_train_timesteps
     levels = torch.linspace(0, total - 1, timesteps).round().long()
@@ -151,3 +156,52 @@ def merge_and_sample(
     }
     Path(merge_record).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return {**result, "merge_s": merge_s, "read_s": read_s, "total_s": time.perf_counter() - started}
+
+
+# ------------------------------------------------------------------------------ jobs
+
+
+def train_concept_job(
+    *, tasks, concept_index: int, method: str, method_params: dict, training: dict, checkpoint_every: int, model: str, vae: str | None,
+    seed: int, run: dict, state, lora, loss,
+) -> dict:
+    """The train_concept job: concept `concept_index` (1-based) of the domain's reference task file,
+    trained from the base model independently of the other concepts (task 1 of its own chain, slot
+    concept_index - 1, seed :func:`concept_seed`)."""
+    from lorachain.train import train_task_from_file
+
+    return train_task_from_file(
+        tasks=tasks, position=concept_index, task_index=1, previous_state=None, slot=concept_index - 1, seed=concept_seed(seed, concept_index),
+        method=method, method_params=method_params, training=training, checkpoint_every=checkpoint_every, model=model, vae=vae, run=run,
+        state=state, lora=lora, loss=loss,
+    )
+
+
+def record_layer_inputs_job(
+    *, tasks, state, concept_index: int, method: str, method_params: dict, layer_inputs: dict, target_modules: list, resolution: int,
+    model: str, vae: str | None, grams,
+) -> dict:
+    """The record_layer_inputs job: the Gram matrices of the concept whose manifest is `state`, on
+    concept `concept_index` of the task file `tasks` (``modular.layer_inputs`` sets timesteps, seed
+    and the stored dtype)."""
+    from lorachain.data import read_tasks
+
+    block = dict(layer_inputs)
+    return record_layer_inputs(
+        model_source=model, vae=vae, state_dir=Path(state).parent, method_name=method, method_params=dict(method_params),
+        task=read_tasks(tasks)[concept_index - 1], target_modules=list(target_modules), resolution=resolution,
+        timesteps=block.get("timesteps", 10), seed=block.get("seed", 0), gram_dtype=block.get("gram_dtype", "float32"), output=grams,
+    )
+
+
+def merge_and_sample_job(
+    *, tasks, grams: list, method: str, merge_params: dict, concept_dirs: list, sampling: dict, model: str, vae: str | None,
+    identity: dict, merge: str, samples, record,
+) -> dict:
+    """The merge_and_sample job: merge label `merge` (merge method `method`) of the concepts in
+    `concept_dirs`, sampled into `samples`; the merge's time and inputs go to `record`."""
+    return merge_and_sample(
+        concept_dirs=list(concept_dirs), gram_files=list(grams) or None, merge_name=method, merge_params=dict(merge_params),
+        merge_key=f"modular.merges.{merge}", tasks_file=tasks, sampling=dict(sampling), model_source=model, vae=vae,
+        output_dir=samples, identity=dict(identity), merge_record=record,
+    )

@@ -193,7 +193,7 @@ def read_index(samples_dir: str | Path):
 
 __all__ = [
     "INDEX_COLUMNS", "INDEX_FILE", "SamplingConfig", "SamplingError", "initial_noises", "load_model_for_sampling",
-    "read_index", "sample_tasks", "set_scheduler", "write_index",
+    "read_index", "sample_after_task", "sample_base_job", "sample_state_job", "sample_tasks", "set_scheduler", "write_index",
 ]
 
 
@@ -224,3 +224,22 @@ def sample_after_task(
     load_s = time.perf_counter() - started
     result = sample_tasks(pipe, list(enumerate(tasks[:last], start=1)), config, output_dir, identity)
     return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
+
+
+def sample_state_job(*, tasks, task_index: int, state_dir, method: str, method_params: dict, sampling: dict, model: str, vae: str | None,
+                     run: dict, samples) -> dict:
+    """The sample_state job: the state after task `task_index` of run `run` on tasks 1..task_index."""
+    identity = {**run, "model": run["method"], "method": method, "after_task": task_index}
+    return sample_after_task(
+        tasks_file=tasks, task_index=task_index, state_dir=state_dir, method_name=method, method_params=dict(method_params),
+        sampling=dict(sampling), model_source=model, vae=vae, output_dir=samples, identity=identity,
+    )
+
+
+def sample_base_job(*, tasks, sampling: dict, model: str, vae: str | None, domain: str, samples) -> dict:
+    """The sample_base job: the base model on every task of the domain's reference task file."""
+    identity = {"model": "base", "method": "base", "domain": domain, "order": "", "seed": "", "after_task": 0}
+    return sample_after_task(
+        tasks_file=tasks, task_index=None, state_dir=None, method_name=None, method_params=None,
+        sampling=dict(sampling), model_source=model, vae=vae, output_dir=samples, identity=identity,
+    )

@@ -68,9 +68,11 @@ def job_arguments(snakemake) -> dict:
     (recorded only so that bumping it reruns the job) are not passed. A name used twice is an error
     (a rule's input and param would shadow each other)."""
     arguments = {}
-    for section in (snakemake.input, snakemake.output, snakemake.params):
+    # snakemake.params (like .input, .output) is a property that builds a new object on every
+    # access, so the section is told by its name, not by identity
+    for kind, section in (("input", snakemake.input), ("output", snakemake.output), ("params", snakemake.params)):
         for name, value in section.items():
-            if section is snakemake.params and name in RERUN_ONLY_PARAMS:
+            if kind == "params" and name in RERUN_ONLY_PARAMS:
                 continue
             if name in arguments:
                 raise ValueError(f"rule {snakemake.rule}: {name!r} is named twice among its input, output and params")

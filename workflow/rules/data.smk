@@ -5,6 +5,7 @@ rule generate_synthetic_dataset:
     params:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         synthetic=lambda wildcards: canonical(domain(wildcards)["dataset"]["synthetic"]),
+        root=lambda wildcards, output: output[0],
     conda:
         "../../envs/lorachain.yaml"
     log:
@@ -23,6 +24,9 @@ rule prepare_tasks:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         root=dataset_root,
         selection=selection_block,
+        order=lambda wildcards: int(wildcards.order),
+        domain="{domain}",
+        tasks=lambda wildcards, output: output[0],
     conda:
         "../../envs/lorachain.yaml"
     log:

@@ -3,7 +3,9 @@ rule build_tiny_encoder:
     output:
         directory(f"{RESOURCES}/metrics/tiny-{{encoder}}"),
     params:
+        encoder="{encoder}",
         seed=lambda wildcards: config["metrics"][wildcards.encoder].get("tiny_seed", 0),
+        output_dir=lambda wildcards, output: output[0],
     conda:
         "../../envs/lorachain.yaml"
     log:
@@ -15,8 +17,8 @@ rule build_tiny_encoder:
 rule embed_references:
     """Embed every task's reference images once per encoder; every scoring job reuses them."""
     input:
+        encoder_inputs,
         tasks=reference_tasks,
-        encoders=encoder_inputs,
     output:
         REFERENCE_EMBEDDINGS,
     params:
@@ -24,6 +26,7 @@ rule embed_references:
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
+        references=lambda wildcards, output: output[0],
     threads: 1
     resources:
         gpu=1,
@@ -40,9 +43,9 @@ rule embed_references:
 rule score_run:
     """Score every sample set of one run: the T x T matrix a[j, i] of each metric."""
     input:
+        encoder_inputs,
         samples=run_sample_dirs,
         references=REFERENCE_EMBEDDINGS,
-        encoders=encoder_inputs,
     output:
         RUN_SCORES,
     params:
@@ -50,6 +53,7 @@ rule score_run:
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
+        scores=lambda wildcards, output: output[0],
     threads: 1
     resources:
         gpu=1,
@@ -60,15 +64,15 @@ rule score_run:
     benchmark:
         f"{RESULTS}/benchmarks/{RUN}/scores.tsv"
     script:
-        "../scripts/score_samples.py"
+        "../scripts/score_run.py"
 
 
 rule score_base:
     """Score the base model's samples of a domain."""
     input:
+        encoder_inputs,
         samples=BASE_SAMPLES_DIR,
         references=REFERENCE_EMBEDDINGS,
-        encoders=encoder_inputs,
     output:
         BASE_SCORES,
     params:
@@ -76,6 +80,7 @@ rule score_base:
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
+        scores=lambda wildcards, output: output[0],
     threads: 1
     resources:
         gpu=1,
@@ -86,4 +91,4 @@ rule score_base:
     benchmark:
         f"{RESULTS}/benchmarks/{{domain}}/base/scores.tsv"
     script:
-        "../scripts/score_samples.py"
+        "../scripts/score_base.py"

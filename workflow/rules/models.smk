@@ -3,7 +3,9 @@ rule build_tiny_model:
     output:
         directory(f"{RESOURCES}/models/tiny-{{architecture}}"),
     params:
+        architecture="{architecture}",
         seed=config["model"].get("tiny_seed", 0),
+        output_dir=lambda wildcards, output: output[0],
     conda:
         "../../envs/lorachain.yaml"
     log:

@@ -1,8 +1,8 @@
 rule train_concept:
     """Train one concept of a domain independently from the base model (its index is its slot)."""
     input:
+        model_inputs,
         tasks=reference_tasks,
-        model=model_inputs,
     output:
         state=f"{CONCEPT_DIR}/{TASK_FILES['state']}",
         lora=f"{CONCEPT_DIR}/{TASK_FILES['lora']}",
@@ -12,6 +12,9 @@ rule train_concept:
         method=adapter_method,
         method_params=adapter_block,
         training=training_block(config),
+        # how often to checkpoint does not change the result: a param derived from `output` is not
+        # recorded by Snakemake, so changing training.checkpoint_every reruns nothing
+        checkpoint_every=lambda wildcards, output: config["training"]["checkpoint_every"],
         revision=revision(config, "training"),
         model=model_source(config),
         vae=config["model"].get("vae"),
@@ -33,10 +36,10 @@ rule train_concept:
 rule record_layer_inputs:
     """Gradient fusion's data: Gram matrices of every targeted layer's inputs in the concept's model."""
     input:
+        model_inputs,
+        f"{CONCEPT_DIR}/{TASK_FILES['lora']}",
         tasks=reference_tasks,
         state=f"{CONCEPT_DIR}/{TASK_FILES['state']}",
-        lora=f"{CONCEPT_DIR}/{TASK_FILES['lora']}",
-        model=model_inputs,
     output:
         GRAMS,
     params:
@@ -49,6 +52,7 @@ rule record_layer_inputs:
         revision=revision(config, "training"),
         model=model_source(config),
         vae=config["model"].get("vae"),
+        grams=lambda wildcards, output: output[0],
     threads: 1
     resources:
         gpu=1,
@@ -65,10 +69,10 @@ rule record_layer_inputs:
 rule merge_and_sample:
     """Merge the first k concepts' LoRAs into the base model (timed) and sample it on those k concepts."""
     input:
+        model_inputs,
+        merged_concept_files,
         tasks=reference_tasks,
-        concepts=merged_concept_files,
         grams=merged_gram_files,
-        model=model_inputs,
     output:
         samples=directory(f"{MERGE_DIR}/samples"),
         record=f"{MERGE_DIR}/merge.json",
@@ -81,6 +85,7 @@ rule merge_and_sample:
         model=model_source(config),
         vae=config["model"].get("vae"),
         identity=merge_identity,
+        merge="{merge}",
     threads: 1
     resources:
         gpu=1,
@@ -97,9 +102,9 @@ rule merge_and_sample:
 rule score_merges:
     """Score every merged model of one merge label on its k concepts (one row per k, concept, metric)."""
     input:
+        encoder_inputs,
         samples=merge_sample_dirs,
         references=REFERENCE_EMBEDDINGS,
-        encoders=encoder_inputs,
     output:
         MERGE_SCORES,
     params:
@@ -107,6 +112,7 @@ rule score_merges:
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
+        scores=lambda wildcards, output: output[0],
     threads: 1
     resources:
         gpu=1,
@@ -117,14 +123,14 @@ rule score_merges:
     benchmark:
         f"{RESULTS}/benchmarks/{{domain}}/modular/{{merge}}/scores.tsv"
     script:
-        "../scripts/score_samples.py"
+        "../scripts/score_merges.py"
 
 
 rule modular_results:
     """BlockLoRA's Table 1 (merge type, method, merge time, image/text alignment, average) for the
     largest k, and its Figure 5 (image alignment against the number of merged concepts)."""
     input:
-        unpack(modular_results_inputs),
+        lambda wildcards: [path for paths in modular_results_inputs(wildcards).values() for path in paths],
     output:
         table=report(f"{MODULAR_TABLE}.csv", caption="../report/modular_table.rst", category="Modular", subcategory="{domain}"),
         markdown=f"{MODULAR_TABLE}.md",
@@ -134,7 +140,10 @@ rule modular_results:
         scores=modular_scores,
         records=modular_records,
         merges=modular_merges(config),
+        # the table's row order: derived from `input`, so not recorded (reordering the YAML reruns nothing)
+        merge_order=lambda wildcards, input: list(MODULAR["merges"]),
         metrics=metrics_of,
+        domain="{domain}",
     conda:
         "../../envs/lorachain.yaml"
     log:
@@ -147,7 +156,7 @@ rule lora_diagnostics:
     """BlockLoRA's Figure 4 for one adapter kind: layer-wise pairwise cosine similarity of the
     concepts' deltas, and the fraction of parameters with sign conflicts as LoRAs are added."""
     input:
-        diagnostics_loras,
+        loras=diagnostics_loras,
     output:
         cosine_figure=report(f"{FIGURES}/diagnostics-{{adapter}}-cosine.png", caption="../report/diagnostics.rst", category="Modular", subcategory="{domain}"),
         conflicts_figure=report(f"{FIGURES}/diagnostics-{{adapter}}-sign-conflicts.png", caption="../report/diagnostics.rst", category="Modular", subcategory="{domain}"),

@@ -1,8 +1,8 @@
 rule continual_table:
     """S, F (both conventions) and P per method and metric, mean and std over runs."""
     input:
-        runs=lambda wildcards: list(domain_run_scores(wildcards).values()),
-        base=BASE_SCORES,
+        lambda wildcards: list(domain_run_scores(wildcards).values()),
+        base_scores=BASE_SCORES,
     output:
         table=report(
             f"{TABLE}.csv",
@@ -13,12 +13,15 @@ rule continual_table:
         markdown=f"{TABLE}.md",
         matrices=f"{MATRICES}",
     params:
-        runs=domain_run_scores,
-        methods=sorted(config["methods"]),  # the set; rows follow the config's order (read by the script)
+        run_scores=domain_run_scores,
+        # the rows' order (the config's): derived from `input`, so Snakemake does not record it and
+        # reordering the YAML reruns nothing; a new or removed method changes the inputs
+        methods=lambda wildcards, input: list(config["methods"]),
         metrics=metrics_of,
         num_tasks=lambda wildcards: domain(wildcards)["num_tasks"],
         orders=config["orders"],
         seeds=config["seeds"],
+        domain="{domain}",
     conda:
         "../../envs/lorachain.yaml"
     log:
@@ -31,7 +34,7 @@ rule plot_metric:
     """Heatmaps of a[j, i] per method and the first task's curve, for one domain and metric."""
     input:
         matrices=MATRICES,
-        base=BASE_SCORES,
+        base_scores=BASE_SCORES,
     output:
         heatmap=report(
             f"{FIGURES}/heatmap-{{metric}}.png",
@@ -48,8 +51,12 @@ rule plot_metric:
         ),
         curve_pdf=f"{FIGURES}/curve-{{metric}}.pdf",
     params:
-        methods=sorted(config["methods"]),  # the set; rows follow the config's order (read by the script)
+        # the rows' order (the config's): derived from `input`, so Snakemake does not record it and
+        # reordering the YAML reruns nothing; a new or removed method changes the inputs
+        methods=lambda wildcards, input: list(config["methods"]),
         num_tasks=lambda wildcards: domain(wildcards)["num_tasks"],
+        domain="{domain}",
+        metric="{metric}",
     conda:
         "../../envs/lorachain.yaml"
     log:
@@ -61,8 +68,8 @@ rule plot_metric:
 rule image_grid:
     """One prompt and noise on the first task, across methods (rows) and tasks (columns)."""
     input:
-        runs=lambda wildcards: list(grid_sample_dirs(wildcards).values()),
-        base=BASE_SAMPLES_DIR,
+        lambda wildcards: list(grid_sample_dirs(wildcards).values()),
+        base_samples=BASE_SAMPLES_DIR,
     output:
         report(
             f"{FIGURES}/grid.png",
@@ -72,8 +79,13 @@ rule image_grid:
         ),
     params:
         samples=grid_sample_dirs,
+        # the rows' order (the config's): derived from `input`, so Snakemake does not record it and
+        # reordering the YAML reruns nothing; a new or removed method changes the inputs
+        methods=lambda wildcards, input: list(config["methods"]),
         grid=canonical(config["report"]["grid"]),
         run={"order": config["orders"][0], "seed": config["seeds"][0]},
+        domain="{domain}",
+        output=lambda wildcards, output: output[0],
     conda:
         "../../envs/lorachain.yaml"
     log:

@@ -1,9 +1,9 @@
 rule sample_state:
     """Sample the model after task i of a run on every task j <= i (evaluation prompts, fixed noises)."""
     input:
+        model_inputs,
+        state_chain_files,
         tasks=f"{RESULTS}/{{domain}}/tasks/order{{order}}.json",
-        chain=state_chain_files,
-        model=model_inputs,
     output:
         directory(SAMPLES_DIR),
     params:
@@ -16,6 +16,7 @@ rule sample_state:
         model=model_source(config),
         vae=config["model"].get("vae"),
         run=run_identity,
+        samples=lambda wildcards, output: output[0],
     threads: 1
     resources:
         gpu=1,
@@ -32,8 +33,8 @@ rule sample_state:
 rule sample_base:
     """Sample the base model on every task of a domain (the reference line of the curves)."""
     input:
+        model_inputs,
         tasks=reference_tasks,
-        model=model_inputs,
     output:
         directory(BASE_SAMPLES_DIR),
     params:
@@ -41,6 +42,8 @@ rule sample_base:
         revision=revision(config, "sampling"),
         model=model_source(config),
         vae=config["model"].get("vae"),
+        domain="{domain}",
+        samples=lambda wildcards, output: output[0],
     threads: 1
     resources:
         gpu=1,
@@ -51,4 +54,4 @@ rule sample_base:
     benchmark:
         f"{RESULTS}/benchmarks/{{domain}}/base/samples.tsv"
     script:
-        "../scripts/sample_state.py"
+        "../scripts/sample_base.py"

@@ -1,9 +1,9 @@
 rule train_task:
     """Train task t of one run on top of the state left by task t-1 of the same run."""
     input:
+        model_inputs,
+        previous_task_files,
         tasks=f"{RESULTS}/{{domain}}/tasks/order{{order}}.json",
-        previous=previous_task_files,
-        model=model_inputs,
     output:
         state=f"{TASK_DIR}/{TASK_FILES['state']}",
         lora=f"{TASK_DIR}/{TASK_FILES['lora']}",
@@ -14,10 +14,14 @@ rule train_task:
         method=method_name,
         method_params=method_block,
         training=training_block(config),
+        # how often to checkpoint does not change the result: a param derived from `output` is not
+        # recorded by Snakemake, so changing training.checkpoint_every reruns nothing
+        checkpoint_every=lambda wildcards, output: config["training"]["checkpoint_every"],
         revision=revision(config, "training"),
         model=model_source(config),
         vae=config["model"].get("vae"),
         run=run_identity,
+        seed=lambda wildcards: int(wildcards.seed),
     threads: 1
     resources:
         gpu=1,

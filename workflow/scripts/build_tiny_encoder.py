@@ -1,7 +1,4 @@
-from lorachain.workflow_io import job_log
+# Build one tiny DINO, CLIP or CSD encoder (lorachain.metrics.encoders.build_tiny_encoder_job).
+from lorachain.workflow_io import run_job
 
-with job_log(snakemake.log[0]):
-    from lorachain.metrics.encoders import save_tiny_encoder
-
-    name = snakemake.wildcards.encoder
-    save_tiny_encoder(name, snakemake.output[0], seed=snakemake.params.seed, config_key=f"metrics.{name}.tiny")
+run_job(snakemake, "lorachain.metrics.encoders:build_tiny_encoder_job")

@@ -1,6 +1,4 @@
-from lorachain.workflow_io import job_log
+# Build the tiny pipeline of one architecture (lorachain.models.tiny.build_tiny_model_job).
+from lorachain.workflow_io import run_job
 
-with job_log(snakemake.log[0]):
-    from lorachain.models.tiny import save_tiny_pipeline
-
-    save_tiny_pipeline(snakemake.wildcards.architecture, snakemake.output[0], seed=snakemake.params.seed, config_key="model.tiny")
+run_job(snakemake, "lorachain.models.tiny:build_tiny_model_job")

@@ -1,7 +1,4 @@
-from lorachain.workflow_io import job_log
+# Generate a small dataset in a domain's native layout (lorachain.data.domains.generate_synthetic_dataset_job).
+from lorachain.workflow_io import run_job
 
-with job_log(snakemake.log[0]):
-    from lorachain.data.domains import generate_synthetic
-
-    root = generate_synthetic(snakemake.params.layout, snakemake.output[0], snakemake.params.synthetic)
-    print(f"generated a {snakemake.params.layout} dataset at {root}")
+run_job(snakemake, "lorachain.data.domains:generate_synthetic_dataset_job")

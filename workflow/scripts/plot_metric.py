@@ -1,17 +1,4 @@
-from lorachain.workflow_io import job_log
+# Plot one metric's heatmaps and first-task curve (lorachain.report.results.plot_metric_job).
+from lorachain.workflow_io import run_job
 
-with job_log(snakemake.log[0]):
-    from pathlib import Path
-
-    from lorachain.report.results import plot_metric_job
-
-    plot_metric_job(
-        domain=snakemake.wildcards.domain,
-        metric=snakemake.wildcards.metric,
-        matrices_csv=snakemake.input.matrices,
-        base_scores=snakemake.input.base,
-        methods=list(snakemake.config["methods"]),  # config order; params hold the sorted set
-        num_tasks=snakemake.params.num_tasks,
-        heatmap_stem=Path(snakemake.output.heatmap).with_suffix(""),
-        curve_stem=Path(snakemake.output.curve).with_suffix(""),
-    )
+run_job(snakemake, "lorachain.report.results:plot_metric_job")

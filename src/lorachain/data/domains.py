@@ -61,3 +61,17 @@ def generate_synthetic(layout: str, root: str | os.PathLike[str], synthetic: dic
     if layout == "unlearncanvas":
         return generate_unlearncanvas_like(root, images_per_object=synthetic.get("images_per_concept", 5), **common)
     raise ValueError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def generate_synthetic_dataset_job(*, layout: str, synthetic: dict[str, Any], root) -> dict:
+    """The generate_synthetic_dataset job: a generated dataset of `layout` at `root`."""
+    return {"layout": layout, "root": str(generate_synthetic(layout, root, synthetic))}
+
+
+def prepare_tasks_job(*, layout: str, root, selection: dict[str, Any], order: int, domain: str, tasks) -> dict:
+    """The prepare_tasks job: the task file `tasks` of one (domain, order seed)."""
+    selected = prepare_tasks(layout, root, dict(selection), order, tasks, domain=domain)
+    return {
+        f"task {index:02d}": f"{task.concept} <- {task.train_prompt!r} ({len(task.train_images)} images)"
+        for index, task in enumerate(selected, start=1)
+    }

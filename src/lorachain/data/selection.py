@@ -232,6 +232,25 @@ def select_object_tasks(
     return tasks
 
 
+def _check_style_folders(dataset, root_path: Path, styles, train_objects, metric_objects, train_images_per_style: int) -> None:
+    """Every selected style has its training object's and every metric object's folder, and
+    enough training images."""
+    for style, train_object in zip(styles, train_objects):
+        for obj in [train_object, *metric_objects]:
+            if obj not in dataset[style]:
+                raise DatasetError(
+                    f"style directory {root_path / style} has no object directory {obj!r}, which the "
+                    f"selection needs; restore {root_path / style / obj} or choose other styles"
+                )
+        available = len(dataset[style][train_object])
+        if available < train_images_per_style:
+            raise DatasetError(
+                f"{root_path / style / train_object} has {available} images but "
+                f"train_images_per_style is {train_images_per_style}; lower train_images_per_style "
+                f"to at most {available} or add images"
+            )
+
+
 def select_style_tasks(
     root: str | os.PathLike[str],
     num_tasks: int = 10,
@@ -271,20 +290,7 @@ def select_style_tasks(
     metric_objects = [obj for obj in object_names if obj not in train_objects]
     selected_styles = rng.sample(style_names, task_count) if styles is None else explicit_styles
 
-    for style, train_object in zip(selected_styles, train_objects):
-        for obj in [train_object, *metric_objects]:
-            if obj not in dataset[style]:
-                raise DatasetError(
-                    f"style directory {root_path / style} has no object directory {obj!r}, which the "
-                    f"selection needs; restore {root_path / style / obj} or choose other styles"
-                )
-        available = len(dataset[style][train_object])
-        if available < train_images_per_style:
-            raise DatasetError(
-                f"{root_path / style / train_object} has {available} images but "
-                f"train_images_per_style is {train_images_per_style}; lower train_images_per_style "
-                f"to at most {available} or add images"
-            )
+    _check_style_folders(dataset, root_path, selected_styles, train_objects, metric_objects, train_images_per_style)
 
     # The reference draws from 1..20 (UnlearnCanvas has 20 images per folder); use the smallest
     # metric-folder size so smaller copies work too (identical on the real dataset).

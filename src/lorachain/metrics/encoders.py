@@ -353,3 +353,8 @@ def _tiny_clip(output_dir: Path) -> None:
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(output_dir)
+
+
+def build_tiny_encoder_job(*, encoder: str, seed: int, output_dir) -> None:
+    """The build_tiny_encoder job: the tiny `encoder` (dino, clip or csd; config key metrics.<encoder>.tiny)."""
+    save_tiny_encoder(encoder, output_dir, seed=seed, config_key=f"metrics.{encoder}.tiny")

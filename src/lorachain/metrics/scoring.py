@@ -157,20 +157,21 @@ def read_scores(path: str | Path):
     return frame
 
 
-def embed_references_job(*, tasks_file, metrics: list[str], encoder_blocks: dict, batch_size: int, output) -> dict:
-    """The embed_references job: reference embeddings of every task of a task file."""
+def embed_references_job(*, tasks, metrics: list[str], encoders: dict, batch_size: int, references) -> dict:
+    """The embed_references job: reference embeddings of every task of the task file `tasks`, with
+    the encoders of the loader blocks `encoders`, written to `references`."""
     from lorachain.data import read_tasks
 
     started = time.perf_counter()
-    tasks = read_tasks(tasks_file)
+    task_list = read_tasks(tasks)
     image_metrics = [metric for metric in metrics if metric in IMAGE_METRICS]
-    encoders, load_s = load_encoders(image_metrics, encoder_blocks)
-    result = embed_references(tasks, encoders, image_metrics, output, batch_size=batch_size)
+    loaded, load_s = load_encoders(image_metrics, encoders)
+    result = embed_references(task_list, loaded, image_metrics, references, batch_size=batch_size)
     return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
 
 
-def score_job(*, sample_dirs: list, references, metrics: list[str], encoder_blocks: dict, batch_size: int, output) -> dict:
-    """A scoring job: every sample set of a run (or the base model), one scores CSV. Returns
+def score_samples(*, sample_dirs: list, references, metrics: list[str], encoder_blocks: dict, batch_size: int, output) -> dict:
+    """What the scoring jobs share: the sample sets `sample_dirs`, one scores CSV. Returns
     timings, including the share of the job spent loading the embedding models."""
     from lorachain.sample import INDEX_FILE, read_index
 
@@ -188,3 +189,22 @@ def score_job(*, sample_dirs: list, references, metrics: list[str], encoder_bloc
         "images": images, "rows": len(rows), "load_models_s": load_s, "score_s": score_s, "total_s": total_s,
         "images_per_s": images / score_s if score_s else math.nan, "load_share": load_s / total_s,
     }
+
+
+def _sample_dirs(samples) -> list:
+    return [samples] if isinstance(samples, (str, Path)) else list(samples)
+
+
+def score_run_job(*, samples: list, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
+    """The score_run job: every sample set of one run (after task 1..T), one scores CSV."""
+    return score_samples(sample_dirs=_sample_dirs(samples), references=references, metrics=metrics, encoder_blocks=encoders, batch_size=batch_size, output=scores)
+
+
+def score_base_job(*, samples, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
+    """The score_base job: the base model's sample set of a domain."""
+    return score_samples(sample_dirs=_sample_dirs(samples), references=references, metrics=metrics, encoder_blocks=encoders, batch_size=batch_size, output=scores)
+
+
+def score_merges_job(*, samples: list, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
+    """The score_merges job: the sample sets of one merge label, one per merge size k."""
+    return score_samples(sample_dirs=_sample_dirs(samples), references=references, metrics=metrics, encoder_blocks=encoders, batch_size=batch_size, output=scores)

@@ -106,3 +106,8 @@ def save_tiny_pipeline(architecture: str, output_dir: str | Path, seed: int = 0,
 
         write_built_marker(output_dir, config_key, architecture=architecture, seed=seed)
     return output_dir
+
+
+def build_tiny_model_job(*, architecture: str, seed: int, output_dir) -> None:
+    """The build_tiny_model job: the tiny pipeline of `architecture` (config key model.tiny)."""
+    save_tiny_pipeline(architecture, output_dir, seed=seed, config_key="model.tiny")

@@ -80,7 +80,7 @@ def modular_table(*, domain: str, scores: dict[str, str], records: dict[str, str
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), pd.DataFrame(curve_rows)
 
 
-def markdown(table, domain: str) -> str:
+def markdown_table(table, domain: str) -> str:
     label = figures.METRIC_LABELS.get(table["image_metric"].iloc[0], table["image_metric"].iloc[0]) if len(table) else "image"
     header = ["merge", "merge type", "method (adapters)", "k", "merge time (s)", f"image alignment ({label})", "text alignment (CLIP-T)", "average"]
     lines = [f"# {domain}: instant merging of independently trained concepts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -110,16 +110,29 @@ def plot_curve(curve, image_metric: str, title: str, stem) -> list[Path]:
     return written
 
 
-def modular_results_job(*, domain, scores, records, merges, merge_order, metrics, table_csv, table_md, curve_stem):
-    table, curve = modular_table(domain=domain, scores=scores, records=records, merges=merges, merge_order=merge_order, metrics=metrics)
-    Path(table_csv).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(table_csv, index=False, float_format="%.6f")
-    Path(table_md).write_text(markdown(table, domain))
-    plot_curve(curve, table["image_metric"].iloc[0], f"{domain}: image alignment of merged concepts", curve_stem)
-    return table
+def modular_results_job(*, domain, scores, records, merges, merge_order, metrics, table, markdown, curve, curve_pdf) -> list[dict]:
+    """The modular_results job: the table (CSV `table`, Markdown `markdown`; merges in
+    `merge_order`) and the curve (`curve` PNG and `curve_pdf`). Returns the table's rows."""
+    stem = Path(curve).with_suffix("")
+    if Path(curve_pdf) != stem.with_suffix(".pdf"):
+        raise ModularResultError(f"{curve}, {curve_pdf}: the curve's outputs are <stem>.png and <stem>.pdf")
+    merges = {label: dict(block) for label, block in merges.items()}
+    summary, points = modular_table(domain=domain, scores=scores, records=records, merges=merges, merge_order=merge_order, metrics=metrics)
+    Path(table).parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(table, index=False, float_format="%.6f")
+    Path(markdown).write_text(markdown_table(summary, domain))
+    plot_curve(points, summary["image_metric"].iloc[0], f"{domain}: image alignment of merged concepts", stem)
+    return summary.to_dict(orient="records")
 
 
-def diagnostics_job(*, lora_files: list, names: list[str], cosine_csv, conflicts_csv, cosine_png, conflicts_png):
+def lora_diagnostics_job(*, loras: list, cosine, conflicts, cosine_figure, conflicts_figure) -> None:
+    """The lora_diagnostics job: layer-wise pairwise cosine similarity and sign conflicts of the
+    concepts' LoRA files `loras` (named "concept 1" .. in their order), as CSV and figures."""
+    diagnostics(lora_files=list(loras), names=[f"concept {index}" for index in range(1, len(loras) + 1)], cosine_csv=cosine,
+                conflicts_csv=conflicts, cosine_png=cosine_figure, conflicts_png=conflicts_figure)
+
+
+def diagnostics(*, lora_files: list, names: list[str], cosine_csv, conflicts_csv, cosine_png, conflicts_png):
     """Layer-wise pairwise cosine similarity and sign conflicts of a set of LoRA files."""
     from lorachain.lora import read_lora
     from lorachain.merging.diagnostics import cosine_tables, plot_cosine_heatmap, plot_sign_conflicts, sign_conflicts

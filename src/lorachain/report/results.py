@@ -14,9 +14,10 @@ def _run_key(text: str) -> tuple[str, int, int]:
 
 
 def continual_table_job(*, domain: str, run_scores: dict[str, str], base_scores: str, methods: list[str], metrics: list[str],
-                        num_tasks: int, orders: list[int], seeds: list[int], table_csv, table_md, matrices_csv):
-    """Check that every (method, order, seed) run has a complete matrix, write the long matrix
-    file and the summary table (CSV and Markdown)."""
+                        num_tasks: int, orders: list[int], seeds: list[int], table, markdown, matrices) -> list[dict]:
+    """The continual_table job: check that every (method, order, seed) run has a complete matrix,
+    write the long matrix file `matrices` and the summary table (CSV `table`, Markdown `markdown`;
+    rows in the order of `methods`). Returns the table's rows."""
     from lorachain.metrics.scoring import read_scores
 
     expected = {(method, order, seed) for method in methods for order in orders for seed in seeds}
@@ -25,41 +26,57 @@ def continual_table_job(*, domain: str, run_scores: dict[str, str], base_scores:
     if missing:
         raise continual.SummaryError(f"domain {domain}: no scores given for runs {missing}")
     loaded = {key: (read_scores(path), str(path)) for key, path in given.items()}
-    matrices = continual.matrix_frame(loaded, metrics, num_tasks)
+    matrix_frame = continual.matrix_frame(loaded, metrics, num_tasks)
     base = read_scores(base_scores)
     runs = [(order, seed) for order in orders for seed in seeds]
-    table = continual.summary_table(matrices, base, methods, metrics, num_tasks, runs)
-    table.insert(0, "domain", domain)
-    for path in (table_csv, table_md, matrices_csv):
+    summary = continual.summary_table(matrix_frame, base, methods, metrics, num_tasks, runs)
+    summary.insert(0, "domain", domain)
+    for path in (table, markdown, matrices):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    matrices.to_csv(matrices_csv, index=False, float_format="%.6f")
-    table.to_csv(table_csv, index=False, float_format="%.6f")
-    Path(table_md).write_text(continual.markdown_table(table, f"{domain}: continual summary over {len(runs)} run(s) per method, T = {num_tasks}"))
-    return table
+    matrix_frame.to_csv(matrices, index=False, float_format="%.6f")
+    summary.to_csv(table, index=False, float_format="%.6f")
+    Path(markdown).write_text(continual.markdown_table(summary, f"{domain}: continual summary over {len(runs)} run(s) per method, T = {num_tasks}"))
+    return summary.to_dict(orient="records")
 
 
-def plot_metric_job(*, domain: str, metric: str, matrices_csv, base_scores, methods: list[str], num_tasks: int, heatmap_stem, curve_stem):
+def _stem(png, pdf) -> Path:
+    """The common stem of a figure's PNG and PDF outputs (figures are written as both)."""
+    stem = Path(png).with_suffix("")
+    if Path(png) != stem.with_suffix(".png") or Path(pdf) != stem.with_suffix(".pdf"):
+        raise ValueError(f"{png}, {pdf}: a figure's outputs are <stem>.png and <stem>.pdf")
+    return stem
+
+
+def plot_metric_job(*, domain: str, metric: str, matrices, base_scores, methods: list[str], num_tasks: int, heatmap, heatmap_pdf, curve, curve_pdf):
+    """The plot_metric job: heatmaps of a[j, i] per method (in the order of `methods`) and the first
+    task's curve of one metric, each as PNG and PDF."""
     import pandas as pd
 
     from lorachain.metrics.scoring import read_scores
 
-    matrices = pd.read_csv(matrices_csv)
-    matrices = matrices[matrices["method"].isin(methods)]
+    heatmap_stem, curve_stem = _stem(heatmap, heatmap_pdf), _stem(curve, curve_pdf)
+    frame = pd.read_csv(matrices)
+    frame = frame[frame["method"].isin(methods)]
     base = read_scores(base_scores)
     label = figures.METRIC_LABELS.get(metric, metric)
-    mean = continual.mean_matrices(matrices, metric, num_tasks)
+    mean = continual.mean_matrices(frame, metric, num_tasks)
     missing = [method for method in methods if method not in mean]
     if missing:
-        raise continual.SummaryError(f"{matrices_csv}: no {metric} scores for methods {missing}")
-    runs = matrices.drop_duplicates(["method", "order", "seed"]).groupby("method").size().max()
+        raise continual.SummaryError(f"{matrices}: no {metric} scores for methods {missing}")
+    runs = frame.drop_duplicates(["method", "order", "seed"]).groupby("method").size().max()
     figures.heatmaps({method: mean[method] for method in methods}, metric, f"{domain}: {label}, mean over {runs} run(s)", heatmap_stem)
-    curves, base_line = continual.first_task_curves(matrices, base, metric)
+    curves, base_line = continual.first_task_curves(frame, base, metric)
     figures.first_task_curves({method: curves[method] for method in methods}, base_line, metric, f"{domain}: first task's {label}", curve_stem)
 
 
-def image_grid_job(*, domain: str, samples: dict[str, str], base_samples, prompt_index: int, sample: int, run: dict, output):
-    """The first task's image for one prompt and noise, per method (rows) after each task (columns)."""
+def image_grid_job(*, domain: str, samples: dict[str, str], methods: list[str], base_samples, grid: dict, run: dict, output):
+    """The image_grid job: the first task's image for one prompt and noise (``report.grid``), per
+    method (rows, in the order of `methods`) after each task (columns). `samples` maps
+    "<method>|<after task>" to a sample directory."""
     from lorachain.sample import SamplingError, read_index
+
+    prompt_index, sample = grid["prompt_index"], grid["sample"]
+    samples = {key: value for method in methods for key, value in samples.items() if key.split("|")[0] == method}
 
     def pick(frame, source):
         chosen = frame[(frame["task"] == 1) & (frame["prompt_index"] == prompt_index) & (frame["sample"] == sample)]

@@ -1,0 +1,104 @@
+"""The LoRA adapter of a task: the targeted layers, the method's initial factors (and the row
+masks of B it asks for), peft injection, randomized output erasure, and the trained factors."""
+
+from __future__ import annotations
+
+from lorachain.methods import ContinualMethod, InitContext, LayerAdapter
+from lorachain.state import FoldedState
+from lorachain.torch_env import torch
+from lorachain.training.config import TrainingConfig, TrainingError
+
+
+def lora_layers(unet, target_modules) -> dict[str, torch.nn.Linear]:
+    """The targeted linear layers, by module name, in a fixed order."""
+    suffixes = tuple("." + name for name in target_modules)
+    layers = {name: module for name, module in unet.named_modules() if name.endswith(suffixes) and isinstance(module, torch.nn.Linear)}
+    if not layers:
+        raise TrainingError(f"config key training.target_modules: {list(target_modules)} match no linear layer of the U-Net")
+    return dict(sorted(layers.items()))
+
+
+def check_rank(layers: dict[str, torch.nn.Linear], rank: int) -> None:
+    smallest = min(min(module.in_features, module.out_features) for module in layers.values())
+    if rank > smallest:
+        name = min(layers, key=lambda n: min(layers[n].in_features, layers[n].out_features))
+        raise TrainingError(f"config key training.rank: {rank} exceeds the smallest targeted layer ({name}: {smallest} features); use at most {smallest}")
+
+
+def initial_adapters(
+    method: ContinualMethod, layers, state: FoldedState, config: TrainingConfig, seed: int, slot: int
+) -> tuple[dict[str, LayerAdapter], dict[str, torch.Tensor]]:
+    """The method's initial factors of every layer, and the row masks of B it asks for."""
+    generator = torch.Generator().manual_seed(seed)
+    adapters, row_masks = {}, {}
+    for name, module in layers.items():
+        context = InitContext(
+            layer=name, out_features=module.out_features, in_features=module.in_features, rank=config.rank,
+            scale=config.scale, tasks_done=state.tasks_done,
+            merged=None if state.merged.get(name) is None else state.merged[name].cpu(),
+            previous=None if state.adapter is None else state.adapter.get(name),
+            generator=generator, slot=slot,
+        )
+        adapter = method.init_adapter(context)
+        if adapter.A.shape != (config.rank, module.in_features) or adapter.B.shape != (module.out_features, config.rank):
+            raise RuntimeError(f"{method.name}.init_adapter returned wrong shapes for {name}")
+        mask = method.row_mask(context)
+        if mask is not None:
+            row_masks[name] = mask
+            adapter = LayerAdapter(A=adapter.A, B=adapter.B * mask, scale=adapter.scale)
+        adapters[name] = adapter
+    return adapters, row_masks
+
+
+class OutputErasure:
+    """Randomized output erasure (training only): the LoRA branch's output features of every layer
+    are multiplied by a fresh Bernoulli(1 - rate) mask at every step. The masks of a step derive from
+    (seed, step) alone, so a resumed run and gradient checkpointing's recomputation see the same ones."""
+
+    def __init__(self, unet, names, rate: float, seed: int, device):
+        self.rate, self.seed, self.device = rate, seed, device
+        modules = dict(unet.named_modules())
+        self.sizes = {name: modules[name].out_features for name in names}
+        self.masks: dict[str, torch.Tensor] = {}
+        self.handles = [
+            modules[name].lora_B["default"].register_forward_hook(lambda module, args, output, name=name: output * self.masks[name].to(output.dtype))
+            for name in names
+        ]
+
+    def begin_step(self, step: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        draws = (torch.rand(sum(self.sizes.values()), generator=generator) >= self.rate).float().to(self.device)
+        self.masks = dict(zip(self.sizes, torch.split(draws, list(self.sizes.values()))))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def inject_lora(unet, adapters: dict[str, LayerAdapter], config: TrainingConfig) -> dict:
+    """Wrap the targeted layers with peft LoRA and load the method's initial factors."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+
+    lora_config = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules), init_lora_weights="gaussian")
+    unet.add_adapter(lora_config)
+    modules = dict(unet.named_modules())
+    with torch.no_grad():
+        for name, adapter in adapters.items():
+            layer = modules[name]
+            assert isinstance(layer, LoraLayer), name
+            layer.lora_A["default"].weight.copy_(adapter.A)
+            layer.lora_B["default"].weight.copy_(adapter.B)
+    return lora_config.to_dict()
+
+
+def trained_adapters(unet, names, scale: float) -> dict[str, LayerAdapter]:
+    modules = dict(unet.named_modules())
+    return {
+        name: LayerAdapter(
+            A=modules[name].lora_A["default"].weight.detach().float().cpu().clone(),
+            B=modules[name].lora_B["default"].weight.detach().float().cpu().clone(),
+            scale=scale,
+        )
+        for name in names
+    }

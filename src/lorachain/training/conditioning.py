@@ -1,0 +1,63 @@
+"""What the U-Net is conditioned and trained on: training images (one seeded crop each), the
+prompt's encoder states (plus SDXL's pooled embedding and time ids), and the U-Net's keyword
+arguments for a batch. Shared by the trainer and :mod:`lorachain.modular`'s layer-input recorder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lorachain.torch_env import torch
+from lorachain.training.config import TrainingError
+
+
+def load_training_image(path: str | Path, resolution: int, generator: torch.Generator):
+    """Short-side resize to `resolution`, one seeded random crop, no flip; values in [-1, 1].
+    Returns the tensor, the original (h, w) and the crop's (top, left): SDXL conditions on both."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise TrainingError(f"{path}: cannot decode training image ({error}); replace or remove it") from None
+    original = (image.height, image.width)
+    factor = resolution / min(image.size)
+    size = (max(resolution, round(image.width * factor)), max(resolution, round(image.height * factor)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    top = int(torch.randint(0, image.height - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, image.width - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
+    return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, original, (top, left)
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+
+
+@torch.no_grad()
+def encode_condition(pipe, prompt: str, device) -> dict:
+    """U-Net conditioning for one prompt: encoder states, plus SDXL's pooled embedding."""
+    if is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+    embeds, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds}
+
+
+def sdxl_time_ids(condition: dict, images, resolution: int, device) -> torch.Tensor | None:
+    """SDXL's time ids of the loaded training `images` (original size, crop, target size); None
+    when the condition has no pooled embedding (SD 1.x)."""
+    if "text_embeds" not in condition:
+        return None
+    return torch.tensor([[*original, *crop, resolution, resolution] for _, original, crop in images], dtype=torch.float32, device=device)
+
+
+def unet_kwargs(condition: dict, batch: int, time_ids: torch.Tensor | None, dtype) -> dict:
+    kwargs = {"encoder_hidden_states": condition["encoder_hidden_states"].expand(batch, -1, -1).to(dtype)}
+    if "text_embeds" in condition:
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": condition["text_embeds"].expand(batch, -1).to(dtype),
+            "time_ids": time_ids.to(dtype),
+        }
+    return kwargs
