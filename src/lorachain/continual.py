@@ -8,7 +8,7 @@ its score belongs to a concept, and is placed at the positions where each run le
 concept. ``matrix_frame`` keeps both the position and the concept of every entry, so a
 concept-aligned view is one ``groupby`` away.
 
-Definitions (REFERENCE section 6), with T tasks and a the T x T matrix of one run:
+Definitions (docs/metrics.md#continual-summaries), with T tasks and a the T x T matrix of one run:
 - average score  S = mean_j a[j, T]
 - forgetting     F = mean_j (max_{k >= j} a[j, k] - a[j, T]); two conventions:
   ``F_ref`` divides by T and includes the last task (whose term is 0), as the reference code does;

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
+import json
 import logging
 import os
+import sys
 from pathlib import Path
+
+from lorachain.methods import load_plugins
 
 
 KEPT_LOGS = 9  # earlier failed attempts kept beside a job's log: <log>.1 (the latest) .. <log>.9
@@ -82,15 +87,16 @@ def job_arguments(snakemake) -> dict:
 
 def run_job(snakemake, entry_point: str) -> None:
     """The whole of a workflow script: import `entry_point` ("module:function") inside the job's
-    log, give torch the job's threads, call it with :func:`job_arguments`, print what it returns."""
+    log, with the config's method plugins registered and torch held to the job's threads; call it
+    with :func:`job_arguments`; print what it returns."""
     with job_log(snakemake.log[0]):
-        import importlib
-        import json
-        import sys
-
+        # torch reads these when it starts; modules that import torch lazily start it later
+        for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[variable] = str(snakemake.threads)
+        load_plugins(snakemake.config.get("plugins") or [])  # a plugin's methods, for make_method by name
         module, _, function = entry_point.partition(":")
         job = getattr(importlib.import_module(module), function)
-        if "torch" in sys.modules:  # only jobs that compute in torch import it
+        if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(snakemake.threads)
         result = job(**job_arguments(snakemake))
         if result is not None:

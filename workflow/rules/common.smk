@@ -3,10 +3,38 @@
 from lorachain import plan
 from lorachain.methods import merge_class
 from lorachain.metrics.catalog import ALL_METRICS, METRIC_ENCODER
-from lorachain.paths import *
+from lorachain.paths import (
+    BASE_SAMPLES_DIR,
+    BASE_SCORES,
+    CONCEPT_DIR,
+    DIAGNOSTICS_DIR,
+    FIGURES,
+    GRAMS,
+    GRAMS_FILE,
+    LOGS,
+    LORA_FILE,
+    LOSS_FILE,
+    MATRICES,
+    MERGE_DIR,
+    MERGE_SCORES,
+    MODULAR_TABLE,
+    REFERENCE_EMBEDDINGS,
+    RESULTS,
+    RUN,
+    RUN_SCORES,
+    SAMPLES_DIR,
+    STATE_FILE,
+    SYNTHETIC_DATA,
+    TABLE,
+    TASKS,
+    TASK_DIR,
+    TINY_ENCODER,
+    TINY_MODEL,
+    state_files,
+    task_dir,
+)
 from lorachain.plan import canonical, merge_sizes, model_source, modular_merges, reference_order, revision, stage_block, training_block
 
-TASK_FILES = {"state": STATE_FILE, "lora": LORA_FILE, "loss": LOSS_FILE}
 MODULAR = plan.modular(config)
 
 

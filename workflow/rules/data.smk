@@ -1,7 +1,7 @@
 rule generate_synthetic_dataset:
     """A small generated dataset in the domain's native layout (demo and tests)."""
     output:
-        directory(f"{RESOURCES}/data/synthetic-{{domain}}"),
+        directory(SYNTHETIC_DATA),
     params:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         synthetic=lambda wildcards: canonical(domain(wildcards)["dataset"]["synthetic"]),
@@ -19,7 +19,7 @@ rule prepare_tasks:
     input:
         dataset_inputs,
     output:
-        f"{RESULTS}/{{domain}}/tasks/order{{order}}.json",
+        TASKS,
     params:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         root=dataset_root,

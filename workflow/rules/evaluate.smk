@@ -1,7 +1,7 @@
 rule build_tiny_encoder:
     """A tiny DINO, CLIP or CSD encoder with random weights, of the real classes (demo and tests)."""
     output:
-        directory(f"{RESOURCES}/metrics/tiny-{{encoder}}"),
+        directory(TINY_ENCODER),
     params:
         encoder="{encoder}",
         seed=lambda wildcards: config["metrics"][wildcards.encoder].get("tiny_seed", 0),

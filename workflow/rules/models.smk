@@ -1,7 +1,7 @@
 rule build_tiny_model:
     """A tiny pipeline of the named architecture, built from config with diffusers' classes."""
     output:
-        directory(f"{RESOURCES}/models/tiny-{{architecture}}"),
+        directory(TINY_MODEL),
     params:
         architecture="{architecture}",
         seed=config["model"].get("tiny_seed", 0),

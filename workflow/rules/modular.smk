@@ -4,9 +4,9 @@ rule train_concept:
         model_inputs,
         tasks=reference_tasks,
     output:
-        state=f"{CONCEPT_DIR}/{TASK_FILES['state']}",
-        lora=f"{CONCEPT_DIR}/{TASK_FILES['lora']}",
-        loss=f"{CONCEPT_DIR}/{TASK_FILES['loss']}",
+        state=f"{CONCEPT_DIR}/{STATE_FILE}",
+        lora=f"{CONCEPT_DIR}/{LORA_FILE}",
+        loss=f"{CONCEPT_DIR}/{LOSS_FILE}",
     params:
         concept_index=lambda wildcards: int(wildcards.concept),
         method=adapter_method,
@@ -37,9 +37,9 @@ rule record_layer_inputs:
     """Gradient fusion's data: Gram matrices of every targeted layer's inputs in the concept's model."""
     input:
         model_inputs,
-        f"{CONCEPT_DIR}/{TASK_FILES['lora']}",
+        f"{CONCEPT_DIR}/{LORA_FILE}",
         tasks=reference_tasks,
-        state=f"{CONCEPT_DIR}/{TASK_FILES['state']}",
+        state=f"{CONCEPT_DIR}/{STATE_FILE}",
     output:
         GRAMS,
     params:

@@ -3,7 +3,7 @@ rule sample_state:
     input:
         model_inputs,
         state_chain_files,
-        tasks=f"{RESULTS}/{{domain}}/tasks/order{{order}}.json",
+        tasks=TASKS,
     output:
         directory(SAMPLES_DIR),
     params:

@@ -3,11 +3,11 @@ rule train_task:
     input:
         model_inputs,
         previous_task_files,
-        tasks=f"{RESULTS}/{{domain}}/tasks/order{{order}}.json",
+        tasks=TASKS,
     output:
-        state=f"{TASK_DIR}/{TASK_FILES['state']}",
-        lora=f"{TASK_DIR}/{TASK_FILES['lora']}",
-        loss=f"{TASK_DIR}/{TASK_FILES['loss']}",
+        state=f"{TASK_DIR}/{STATE_FILE}",
+        lora=f"{TASK_DIR}/{LORA_FILE}",
+        loss=f"{TASK_DIR}/{LOSS_FILE}",
     params:
         task_index=check_task_index,
         previous_dir=previous_task_dir,

@@ -1,7 +1,7 @@
 """Score sample sets against their tasks' reference images (and prompts).
 
 Every image metric is the mean cosine similarity over all (generated, reference) pairs of a task
-(REFERENCE section 6); CLIP-T is the mean cosine between each generated image and its own prompt,
+(docs/metrics.md#pairing); CLIP-T is the mean cosine between each generated image and its own prompt,
 reported raw (not the 2.5 * max(cos, 0) "CLIPScore" scaling). Each image is embedded once per
 encoder; reference images once per task and domain (``embed_references``), then reused by every
 scoring job.
