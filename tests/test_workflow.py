@@ -457,3 +457,58 @@ def test_a_run_killed_hard_leaves_a_lock_that_names_the_fix(tmp_path):
     rerun = subprocess.run([*command, "--rerun-incomplete"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (workdir / target / "model_index.json").is_file()
+
+
+# ------------------------------------------------------------------------------ a method from outside
+
+
+PLUGIN_METHOD = '''
+"""A throwaway continual method: merge & init with each delta scaled by `factor`."""
+from lorachain.methods import ContinualMethod, register_method
+from lorachain.params import Param
+
+
+@register_method
+class Damped(ContinualMethod):
+    name = "damped"
+    param_specs = (Param("factor", 0.5, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "share of each delta kept"),)
+
+    def fold(self, merged, delta):
+        delta = self.params["factor"] * delta
+        return delta if merged is None else merged + delta
+'''
+
+
+def plugin_config(tmp_path: Path, **damped) -> Path:
+    """The demo with one method, written in a module of its own and named under `plugins`."""
+    plugin = tmp_path / "damped.py"
+    plugin.write_text(PLUGIN_METHOD)
+
+    def edit(config):
+        config.update(plugins=[str(plugin)], methods={"damped": {"method": "damped", **damped}})
+        config.pop("modular")
+
+    return write_config(tmp_path, edit)
+
+
+def test_a_method_in_its_own_module_dry_runs_and_is_checked_by_its_declaration(tmp_path):
+    """Adding a method touches one file, outside lorachain: the schema takes its parameters from
+    the declaration, the DAG has its jobs, and a bad value fails the dry-run naming the key."""
+    result = snakemake("-n", f"--configfile={plugin_config(tmp_path, factor=0.25)}", workdir=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    counts = job_counts(result.stdout)
+    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    assert counts["train_task"] == sum(block["num_tasks"] for block in demo["domains"].values())
+    bad = snakemake("-n", f"--configfile={plugin_config(tmp_path, factor=2)}", workdir=tmp_path)
+    assert bad.returncode != 0 and "factor" in bad.stdout + bad.stderr
+
+
+@pytest.mark.slow
+def test_a_method_in_its_own_module_trains_through_the_workflow(tmp_path):
+    """The job processes load the plugin too: task 1 of the plugin's run is trained and its state
+    records the plugin method with the parameter the config gave."""
+    target = "results/objects/damped/order0-seed0/task01/state.json"
+    result = snakemake("--cores", "2", f"--configfile={plugin_config(tmp_path, factor=0.25)}", target, workdir=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((tmp_path / target).read_text())
+    assert manifest["method"] == {"name": "damped", "params": {"factor": 0.25}}
