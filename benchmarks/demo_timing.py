@@ -34,8 +34,19 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="run in this directory and keep it")
     args = parser.parse_args()
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="lorachain-demo-"))
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-               "--profile", str(ROOT / "profiles" / "local"), "--configfile", str(ROOT / "config" / "demo.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--profile",
+        str(ROOT / "profiles" / "local"),
+        "--configfile",
+        str(ROOT / "config" / "demo.yaml"),
+    ]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - started
@@ -49,7 +60,11 @@ def main() -> None:
         totals["jobs"] += 1
         totals["job_wall"] += job_wall
         totals["imports"] += job_wall - timings["total_s"]
-        totals["io"] += timings["load_s"] + timings["write_s"] + (timings["total_s"] - timings["load_s"] - timings["train_s"] - timings["write_s"])
+        totals["io"] += (
+            timings["load_s"]
+            + timings["write_s"]
+            + (timings["total_s"] - timings["load_s"] - timings["train_s"] - timings["write_s"])
+        )
         totals["training"] += timings["train_s"]
     other = wall - totals["job_wall"]
     print(f"demo wall time: {wall:.1f} s on {os.cpu_count()} cores ({totals['jobs']} training jobs, {workdir})")

@@ -41,8 +41,19 @@ def main() -> None:
     workdir = args.dir
     if workdir is None:
         workdir = Path(tempfile.mkdtemp(prefix="lorachain-demo-"))
-        command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir),
-                   "--profile", str(ROOT / "profiles" / "local"), "--configfile", str(ROOT / "config" / "demo.yaml")]
+        command = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(ROOT / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--profile",
+            str(ROOT / "profiles" / "local"),
+            "--configfile",
+            str(ROOT / "config" / "demo.yaml"),
+        ]
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
     sampling = [(log, last_json_object(log.read_text())) for log in sorted((workdir / "logs").rglob("samples*.log"))]
@@ -52,17 +63,25 @@ def main() -> None:
     load = sum(t["load_s"] for _, t in sampling)
     wall = sum(job_wall(workdir, log) for log, _ in sampling)
     print(f"demo run: {workdir} ({os.cpu_count()} cores)")
-    print(f"sampling: {len(sampling)} jobs, {images} images, {images / seconds:.1f} images/s in the pipeline; "
-          f"pipeline load + state fold {load:.1f} s; job wall time {wall:.1f} s ({images / wall:.2f} images/s end to end)")
+    print(
+        f"sampling: {len(sampling)} jobs, {images} images, {images / seconds:.1f} images/s in the pipeline; "
+        f"pipeline load + state fold {load:.1f} s; job wall time {wall:.1f} s ({images / wall:.2f} images/s end to end)"
+    )
     images = sum(t["images"] for _, t in scoring)
     seconds = sum(t["score_s"] for _, t in scoring)
-    print(f"scoring:  {len(scoring)} jobs, {images} images, {images / seconds:.1f} images/s embedded and scored; "
-          f"job wall time {sum(job_wall(workdir, log) for log, _ in scoring):.1f} s")
+    print(
+        f"scoring:  {len(scoring)} jobs, {images} images, {images / seconds:.1f} images/s embedded and scored; "
+        f"job wall time {sum(job_wall(workdir, log) for log, _ in scoring):.1f} s"
+    )
     print(f"{'scoring job':<60}{'images':>7}{'load s':>8}{'total s':>9}{'load share':>11}")
     for log, t in scoring:
-        print(f"{str(log.relative_to(workdir / 'logs')):<60}{t['images']:>7}{t['load_models_s']:>8.2f}{t['total_s']:>9.2f}{t['load_share']:>11.0%}")
+        print(
+            f"{str(log.relative_to(workdir / 'logs')):<60}{t['images']:>7}{t['load_models_s']:>8.2f}{t['total_s']:>9.2f}{t['load_share']:>11.0%}"
+        )
     shares = [t["load_share"] for _, t in scoring]
-    print(f"model loading share of scoring jobs: mean {sum(shares) / len(shares):.0%}, min {min(shares):.0%}, max {max(shares):.0%}")
+    print(
+        f"model loading share of scoring jobs: mean {sum(shares) / len(shares):.0%}, min {min(shares):.0%}, max {max(shares):.0%}"
+    )
 
 
 if __name__ == "__main__":

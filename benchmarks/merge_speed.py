@@ -46,10 +46,27 @@ from lorachain.torch_env import torch  # noqa: E402
 
 MIX_OF_SHOW_MINUTES = (30, 85)
 ALL_METHODS = (
-    "weighted_average", "orthogonal_adaptation", "blocklora", "ties", "dare_linear", "dare_ties", "gradient_fusion", "gram_recording",
-    "peft_linear", "peft_cat", "peft_ties", "peft_dare_linear", "peft_ties_svd", "peft_dare_linear_svd",
+    "weighted_average",
+    "orthogonal_adaptation",
+    "blocklora",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "gradient_fusion",
+    "gram_recording",
+    "peft_linear",
+    "peft_cat",
+    "peft_ties",
+    "peft_dare_linear",
+    "peft_ties_svd",
+    "peft_dare_linear_svd",
 )
-PEFT_DENSITY = {"ties": 0.2, "dare_linear": 0.5, "ties_svd": 0.2, "dare_linear_svd": 0.5}  # as lorachain's ties / dare defaults  # L-BFGS gradient fusion of 14-15 concepts (Mix-of-Show / BlockLoRA paper)
+PEFT_DENSITY = {
+    "ties": 0.2,
+    "dare_linear": 0.5,
+    "ties_svd": 0.2,
+    "dare_linear_svd": 0.5,
+}  # as lorachain's ties / dare defaults  # L-BFGS gradient fusion of 14-15 concepts (Mix-of-Show / BlockLoRA paper)
 
 
 def sdxl_layer_shapes() -> list[tuple[str, int, int]]:
@@ -59,7 +76,11 @@ def sdxl_layer_shapes() -> list[tuple[str, int, int]]:
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(SDXL_UNET_CONFIG)
     suffixes = tuple("." + name for name in TARGET_MODULES)
-    return sorted((n, m.out_features, m.in_features) for n, m in unet.named_modules() if n.endswith(suffixes) and isinstance(m, torch.nn.Linear))
+    return sorted(
+        (n, m.out_features, m.in_features)
+        for n, m in unet.named_modules()
+        if n.endswith(suffixes) and isinstance(m, torch.nn.Linear)
+    )
 
 
 def evenly_spaced(items: list, count: int) -> list:
@@ -84,9 +105,8 @@ def layer_subset(shapes: list, count: int) -> list:
 
 
 def make_concepts(shapes, concepts: int, rank: int, seed: int = 0):
-    from lorachain.lora import Concept
+    from lorachain.lora import Concept, LayerAdapter
     from lorachain.methods.blocklora import block_mask
-    from lorachain.lora import LayerAdapter
 
     generator = torch.Generator().manual_seed(seed)
     result = []
@@ -134,7 +154,10 @@ def time_gradient_fusion(concepts, shapes, ridge: float) -> dict:
         if in_features not in base_by_width:  # one random SPD matrix per width, built once
             X = torch.randn(2 * in_features, in_features, generator=generator, dtype=torch.float64)
             base_by_width[in_features] = X.T @ X
-        grams = [base_by_width[in_features] + (0.1 * (k + 1)) * torch.eye(in_features, dtype=torch.float64) for k in range(len(concepts))]
+        grams = [
+            base_by_width[in_features] + (0.1 * (k + 1)) * torch.eye(in_features, dtype=torch.float64)
+            for k in range(len(concepts))
+        ]
         begin = time.perf_counter()
         fused = fuse_layer([c.adapters[name] for c in concepts], grams, ridge=ridge)
         seconds[(out_features, in_features)] += time.perf_counter() - begin
@@ -158,7 +181,11 @@ def gram_recording_estimate(all_shapes) -> dict:
     """Seconds of X^T X per U-Net forward pass (one 1024 px image, CFG batch 2) on this CPU, counting
     each distinct input once (attn1's q/k/v share one; all attn2 k/v share the text embeddings)."""
     tokens_by_width = {640: 2 * 4096, 1280: 2 * 1024}
-    widths = {name.rsplit(".attn", 1)[0] + ".attn" + name.rsplit(".attn", 1)[1][0]: i for name, _, i in all_shapes if name.endswith(".to_q")}
+    widths = {
+        name.rsplit(".attn", 1)[0] + ".attn" + name.rsplit(".attn", 1)[1][0]: i
+        for name, _, i in all_shapes
+        if name.endswith(".to_q")
+    }
     products = []  # (rows, width) of every distinct input per forward
     for _block, width in sorted(widths.items()):
         # attn1: the q/k/v input and the to_out input; attn2: the to_q input and the to_out input
@@ -179,10 +206,14 @@ def build_peft_model(concepts, shapes, rank: int):
             for index, (_, out_features, in_features) in enumerate(shapes):
                 linear = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
                 # zero-stride view: a real CPU tensor of the right shape that takes no memory
-                linear.weight = torch.nn.Parameter(torch.zeros(()).expand(out_features, in_features), requires_grad=False)
+                linear.weight = torch.nn.Parameter(
+                    torch.zeros(()).expand(out_features, in_features), requires_grad=False
+                )
                 self.layers[f"l{index:03d}"] = linear
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=[f"l{i:03d}" for i in range(len(shapes))], init_lora_weights=False)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=[f"l{i:03d}" for i in range(len(shapes))], init_lora_weights=False
+    )
     model = None
     for k, concept in enumerate(concepts):
         name = f"c{k:02d}"
@@ -214,9 +245,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--concepts", type=int, default=15)
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=560, help="evenly spaced subset of the 560 layers (times are extrapolated)")
-    parser.add_argument("--svd-layers", type=int, default=8, help="layers for peft's ties_svd / dare_linear_svd (extrapolated)")
-    parser.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {','.join(ALL_METHODS)}")
+    parser.add_argument(
+        "--layers", type=int, default=560, help="evenly spaced subset of the 560 layers (times are extrapolated)"
+    )
+    parser.add_argument(
+        "--svd-layers", type=int, default=8, help="layers for peft's ties_svd / dare_linear_svd (extrapolated)"
+    )
+    parser.add_argument(
+        "--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {','.join(ALL_METHODS)}"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     methods = [m for m in args.methods.split(",") if m]
@@ -231,12 +268,16 @@ def main() -> int:
 
     all_shapes = sdxl_layer_shapes()
     shapes = layer_subset(all_shapes, args.layers)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); SDXL: {len(all_shapes)} targeted layers, "
-          f"shapes (out, in) x count {dict(Counter((o, i) for _, o, i in all_shapes))}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s); SDXL: {len(all_shapes)} targeted layers, "
+        f"shapes (out, in) x count {dict(Counter((o, i) for _, o, i in all_shapes))}"
+    )
     dense = sum(o * i for _, o, i in shapes)
     factors = sum(args.rank * (o + i) for _, o, i in shapes)
-    print(f"measured on {len(shapes)} layers: {args.concepts} concepts x rank {args.rank} = {args.concepts * factors / 1e6:.0f} M factor "
-          f"parameters ({args.concepts * factors * 4 / 1e9:.2f} GB); {dense / 1e6:.0f} M dense weights per merged model")
+    print(
+        f"measured on {len(shapes)} layers: {args.concepts} concepts x rank {args.rank} = {args.concepts * factors / 1e6:.0f} M factor "
+        f"parameters ({args.concepts * factors * 4 / 1e9:.2f} GB); {dense / 1e6:.0f} M dense weights per merged model"
+    )
     begin = time.perf_counter()
     concepts = make_concepts(shapes, args.concepts, args.rank)
     print(f"(random factors built in {time.perf_counter() - begin:.1f} s)\n")
@@ -250,35 +291,57 @@ def main() -> int:
 
     subset = len(shapes) < len(all_shapes)
     for key, name, params in [
-        ("weighted_average", "weighted_average", {}), ("orthogonal_adaptation", "orthogonal_adaptation", {}),
-        ("blocklora", "blocklora", {}), ("ties", "ties", {}),
-        ("dare_linear", "dare", {"variant": "linear"}), ("dare_ties", "dare", {"variant": "ties"}),
+        ("weighted_average", "weighted_average", {}),
+        ("orthogonal_adaptation", "orthogonal_adaptation", {}),
+        ("blocklora", "blocklora", {}),
+        ("ties", "ties", {}),
+        ("dare_linear", "dare", {"variant": "linear"}),
+        ("dare_ties", "dare", {"variant": "ties"}),
     ]:
         if key in methods:
             method = make_merge(name, params)
             result = time_merge(method, concepts, shapes)
             shown = " ".join(f"{k} {method.params[k]}" for k in ("variant", "density") if k in method.params)
-            record(f"lorachain {name}" + (f" ({shown})" if shown else ""), result["wall"], extrapolation(shapes, all_shapes, result["by_shape"]), subset)
+            record(
+                f"lorachain {name}" + (f" ({shown})" if shown else ""),
+                result["wall"],
+                extrapolation(shapes, all_shapes, result["by_shape"]),
+                subset,
+            )
     if "gradient_fusion" in methods:
         fusion = time_gradient_fusion(concepts, shapes, ridge=1e-6)
-        record("lorachain gradient_fusion (closed-form solve)", fusion["wall"], extrapolation(shapes, all_shapes, fusion["by_shape"]), subset)
+        record(
+            "lorachain gradient_fusion (closed-form solve)",
+            fusion["wall"],
+            extrapolation(shapes, all_shapes, fusion["by_shape"]),
+            subset,
+        )
     if "gram_recording" in methods:
         recording = gram_recording_estimate(all_shapes)
-        print(f"\n  gram recording, per concept: {recording['products']} distinct X^T X products per U-Net forward "
-              f"({recording['gflop']:.0f} GFLOP float64) take {recording['seconds']:.1f} s on this CPU per forward "
-              f"(1024 px, CFG batch 2); e.g. 50 denoising steps x 4 prompts = {200 * recording['seconds'] / 60:.0f} min per concept "
-              f"(a GPU at 50 TFLOP/s float64: {200 * recording['gflop'] / 5e4:.0f} s)\n")
+        print(
+            f"\n  gram recording, per concept: {recording['products']} distinct X^T X products per U-Net forward "
+            f"({recording['gflop']:.0f} GFLOP float64) take {recording['seconds']:.1f} s on this CPU per forward "
+            f"(1024 px, CFG batch 2); e.g. 50 denoising steps x 4 prompts = {200 * recording['seconds'] / 60:.0f} min per concept "
+            f"(a GPU at 50 TFLOP/s float64: {200 * recording['gflop'] / 5e4:.0f} s)\n"
+        )
 
     peft_types = [(m, m.removeprefix("peft_")) for m in methods if m.startswith("peft_") and not m.endswith("_svd")]
     if peft_types:
         begin = time.perf_counter()
         model = build_peft_model(concepts, shapes, args.rank)
-        print(f"  (peft LoraModel with {args.concepts} adapters on {len(shapes)} layers built in {time.perf_counter() - begin:.1f} s)")
+        print(
+            f"  (peft LoraModel with {args.concepts} adapters on {len(shapes)} layers built in {time.perf_counter() - begin:.1f} s)"
+        )
         for _, combination_type in peft_types:
             kwargs = {"density": PEFT_DENSITY[combination_type]} if combination_type in PEFT_DENSITY else {}
             seconds = time_peft(model, concepts, combination_type, **kwargs)
             full = seconds * len(all_shapes) / len(shapes)  # one call: scaled by the layer count
-            record(f"peft add_weighted_adapter {combination_type}" + (f" (density {kwargs['density']})" if kwargs else ""), seconds, full, subset)
+            record(
+                f"peft add_weighted_adapter {combination_type}" + (f" (density {kwargs['density']})" if kwargs else ""),
+                seconds,
+                full,
+                subset,
+            )
         del model
         gc.collect()
     svd_types = [m.removeprefix("peft_") for m in methods if m.startswith("peft_") and m.endswith("_svd")]
@@ -291,16 +354,20 @@ def main() -> int:
             full = seconds * sum(o * i for _, o, i in all_shapes) / sum(o * i for _, o, i in svd_shapes)
             record(f"peft add_weighted_adapter {combination_type} ({len(svd_shapes)} layers)", seconds, full, True)
     print()
-    header = f"{'method (' + str(args.concepts) + ' concepts, rank ' + str(args.rank) + ')':62} {'s, all 560 layers':>18}"
+    header = (
+        f"{'method (' + str(args.concepts) + ' concepts, rank ' + str(args.rank) + ')':62} {'s, all 560 layers':>18}"
+    )
     print(header)
     print("-" * len(header))
     for label, _measured, full, extrapolated in rows:
         print(f"{label:62} {full:18.2f}" + ("  (extrapolated)" if extrapolated else ""))
     fusion_full = next((full for label, _, full, _ in rows if "gradient_fusion" in label), None)
     if fusion_full:
-        print(f"\ngradient fusion closed form: {fusion_full / 60:.1f} min for all 560 layers on this CPU vs "
-              f"{MIX_OF_SHOW_MINUTES[0]}-{MIX_OF_SHOW_MINUTES[1]} min of L-BFGS reported for Mix-of-Show "
-              f"({MIX_OF_SHOW_MINUTES[0] * 60 / fusion_full:.0f}-{MIX_OF_SHOW_MINUTES[1] * 60 / fusion_full:.0f}x less; recording the Grams comes on top)")
+        print(
+            f"\ngradient fusion closed form: {fusion_full / 60:.1f} min for all 560 layers on this CPU vs "
+            f"{MIX_OF_SHOW_MINUTES[0]}-{MIX_OF_SHOW_MINUTES[1]} min of L-BFGS reported for Mix-of-Show "
+            f"({MIX_OF_SHOW_MINUTES[0] * 60 / fusion_full:.0f}-{MIX_OF_SHOW_MINUTES[1] * 60 / fusion_full:.0f}x less; recording the Grams comes on top)"
+        )
     return 0
 
 

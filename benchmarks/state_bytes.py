@@ -100,16 +100,28 @@ def measure_tiny(architecture: str, work: Path) -> dict:
     images = sorted(str(p) for p in (data / "backpack").glob("*.jpg"))
     task_dir = work / f"state_{architecture}" / "task1"
     train_task(
-        model_source=str(base), train_images=images, train_prompt="a photo of sks backpack", task_index=1,
-        previous_state=None, method_name="merge_init", method_params={},
+        model_source=str(base),
+        train_images=images,
+        train_prompt="a photo of sks backpack",
+        task_index=1,
+        previous_state=None,
+        method_name="merge_init",
+        method_params={},
         training=dict(rank=4, lora_alpha=4, steps=2, learning_rate=1e-4, resolution=64, batch_size=1),
-        seed=0, output_dir=task_dir, progress=False,
+        seed=0,
+        output_dir=task_dir,
+        progress=False,
     )
     from lorachain.models.loading import load_pipeline
     from lorachain.train import lora_layers
 
     dense = sum(m.weight.numel() for m in lora_layers(load_pipeline(base).unet, TARGET_MODULES).values()) * FP32
-    return {"full": tree_bytes(base), "dense": dense, "task": tree_bytes(task_dir), "files": sorted(p.name for p in task_dir.iterdir())}
+    return {
+        "full": tree_bytes(base),
+        "dense": dense,
+        "task": tree_bytes(task_dir),
+        "files": sorted(p.name for p in task_dir.iterdir()),
+    }
 
 
 def sdxl_from_shapes() -> dict:
@@ -124,8 +136,11 @@ def sdxl_from_shapes() -> dict:
     lora_params = sum(SDXL_LORA_RANK * (m.in_features + m.out_features) for m in layers)
     full_params = unet_params + SDXL_TEXT_ENCODER_PARAMS + SDXL_TEXT_ENCODER_2_PARAMS + SDXL_VAE_PARAMS
     return {
-        "layers": len(layers), "unet_params": unet_params, "targeted_weights": targeted_weights,
-        "lora_params": lora_params, "full_params": full_params,
+        "layers": len(layers),
+        "unet_params": unet_params,
+        "targeted_weights": targeted_weights,
+        "lora_params": lora_params,
+        "full_params": full_params,
     }
 
 
@@ -142,21 +157,34 @@ def main() -> int:
             rows.append((f"tiny {architecture} (measured)", result["full"], result["dense"], result["task"]))
             print(f"tiny {architecture}: task directory holds {', '.join(result['files'])}")
     real = sdxl_from_shapes()
-    rows.append(("SDXL base, rank 64 (from shapes)", real["full_params"] * FP32, real["targeted_weights"] * FP32, real["lora_params"] * FP32))
+    rows.append(
+        (
+            "SDXL base, rank 64 (from shapes)",
+            real["full_params"] * FP32,
+            real["targeted_weights"] * FP32,
+            real["lora_params"] * FP32,
+        )
+    )
 
     print()
-    print(f"SDXL U-Net (meta device): {real['unet_params'] / 1e9:.3f} B parameters; "
-          f"{real['layers']} targeted attention projections ({', '.join(TARGET_MODULES)}) "
-          f"with {real['targeted_weights'] / 1e6:.1f} M weights; rank-{SDXL_LORA_RANK} LoRA: {real['lora_params'] / 1e6:.1f} M parameters")
-    print(f"full pipeline: U-Net + text encoders ({SDXL_TEXT_ENCODER_PARAMS / 1e6:.0f} M + {SDXL_TEXT_ENCODER_2_PARAMS / 1e6:.0f} M) "
-          f"+ VAE ({SDXL_VAE_PARAMS / 1e6:.0f} M) = {real['full_params'] / 1e9:.3f} B parameters")
+    print(
+        f"SDXL U-Net (meta device): {real['unet_params'] / 1e9:.3f} B parameters; "
+        f"{real['layers']} targeted attention projections ({', '.join(TARGET_MODULES)}) "
+        f"with {real['targeted_weights'] / 1e6:.1f} M weights; rank-{SDXL_LORA_RANK} LoRA: {real['lora_params'] / 1e6:.1f} M parameters"
+    )
+    print(
+        f"full pipeline: U-Net + text encoders ({SDXL_TEXT_ENCODER_PARAMS / 1e6:.0f} M + {SDXL_TEXT_ENCODER_2_PARAMS / 1e6:.0f} M) "
+        f"+ VAE ({SDXL_VAE_PARAMS / 1e6:.0f} M) = {real['full_params'] / 1e9:.3f} B parameters"
+    )
     print()
     header = f"{'model':34} {'full save (fp32)':>17} {'dense delta/task':>17} {'LoRA state/task':>16} {'state/full':>11} {'<= 1/10':>8}"
     print(header)
     print("-" * len(header))
     for name, full, dense, task in rows:
         ratio = task / full
-        print(f"{name:34} {human(full):>17} {human(dense):>17} {human(task):>16} {f'1/{full / task:.0f}':>11} {('yes' if ratio <= 0.1 else 'no'):>8}")
+        print(
+            f"{name:34} {human(full):>17} {human(dense):>17} {human(task):>16} {f'1/{full / task:.0f}':>11} {('yes' if ratio <= 0.1 else 'no'):>8}"
+        )
     return 0
 
 

@@ -42,7 +42,13 @@ def synthetic_dataset(tmp_path_factory) -> Path:
     """Root of a DreamBooth-layout synthetic dataset: 3 subjects x 3 JPEGs of 64 px."""
     from lorachain.data import generate_dreambooth_like
 
-    return generate_dreambooth_like(tmp_path_factory.mktemp("data") / "dreambooth", subjects=SYNTHETIC_SUBJECTS, images_per_subject=3, size=64, seed=0)
+    return generate_dreambooth_like(
+        tmp_path_factory.mktemp("data") / "dreambooth",
+        subjects=SYNTHETIC_SUBJECTS,
+        images_per_subject=3,
+        size=64,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,14 +84,27 @@ SLURM_STATE = Path(os.environ.get("LORACHAIN_SLURM_STATE", "/var/tmp/lorachain-s
 def snakemake_command(*args: str, workdir: Path) -> list[str]:
     import sys
 
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        *args,
+    ]
 
 
 def slurm_env() -> dict[str, str]:
     """SLURM jobs run the submitting interpreter and inherit PATH (--export=ALL): venv first."""
     import sys
 
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:{os.environ.get('PATH', '')}"}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:{os.environ.get('PATH', '')}",
+    }
 
 
 def slurm_unavailable() -> str | None:
@@ -134,10 +153,16 @@ def slurm_cluster():
                 time.sleep(2)
         started = time.monotonic()
         if not SLURM_ALREADY_RUNNING:
-            result = subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "start.sh")], capture_output=True, text=True, timeout=900)
+            result = subprocess.run(
+                ["bash", str(ROOT / "ci" / "slurm" / "start.sh")], capture_output=True, text=True, timeout=900
+            )
             if result.returncode != 0:
-                subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300)
-                pytest.fail(f"ci/slurm/start.sh failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}")
+                subprocess.run(
+                    ["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300
+                )
+                pytest.fail(
+                    f"ci/slurm/start.sh failed ({result.returncode}):\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+                )
         assert shutil.which("sbatch", path=slurm_env()["PATH"]), "sbatch not on PATH after ci/slurm/start.sh"
         start_seconds = time.monotonic() - started
         try:
@@ -145,7 +170,9 @@ def slurm_cluster():
         finally:
             if not SLURM_ALREADY_RUNNING:
                 stopped = time.monotonic()
-                result = subprocess.run(["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300)
+                result = subprocess.run(
+                    ["bash", str(ROOT / "ci" / "slurm" / "stop.sh")], capture_output=True, text=True, timeout=300
+                )
                 print(f"\nci/slurm/stop.sh: rc {result.returncode}, {time.monotonic() - stopped:.1f} s")
                 assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -199,7 +226,12 @@ class _Run:
     def wait(self) -> dict:
         self.watcher.join()
         output = self.output_file.read_text()
-        return {"returncode": self.process.returncode, "output": output, "started": self.started, "wall": self.ended - self.started}
+        return {
+            "returncode": self.process.returncode,
+            "output": output,
+            "started": self.started,
+            "wall": self.ended - self.started,
+        }
 
 
 @pytest.fixture(scope="session")
@@ -214,17 +246,37 @@ def rehearsal_runs(rehearsal_setup, request) -> dict:
     results = {"local": None, "slurm": None}
     for name in ("local", "slurm"):
         if name == "local":
-            command = snakemake_command("--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2", config, workdir=root / name)
+            command = snakemake_command(
+                "--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2", config, workdir=root / name
+            )
             env, cluster = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "1"}, None
         else:
-            if not any("slurm_run" in item.fixturenames for item in request.session.items) or slurm_unavailable() is not None:
+            if (
+                not any("slurm_run" in item.fixturenames for item in request.session.items)
+                or slurm_unavailable() is not None
+            ):
                 break
             cluster = request.getfixturevalue("slurm_cluster")
-            command = ["timeout", "-k", "30", str(REHEARSAL_TIMEOUT), *snakemake_command("--profile", str(ROOT / "profiles" / "slurm-ci"), config, workdir=root / name)]
+            command = [
+                "timeout",
+                "-k",
+                "30",
+                str(REHEARSAL_TIMEOUT),
+                *snakemake_command("--profile", str(ROOT / "profiles" / "slurm-ci"), config, workdir=root / name),
+            ]
             env = {**slurm_env(), "PYTHONHASHSEED": "2"}
         result = _Run(name, command, env, root / name).wait()
-        assert result["returncode"] == 0, f"the {name} rehearsal failed ({result['returncode']}):\n{result['output'][-8000:]}"
-        report = subprocess.run(snakemake_command("--report", "results/report.html", config, workdir=root / name), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert result["returncode"] == 0, (
+            f"the {name} rehearsal failed ({result['returncode']}):\n{result['output'][-8000:]}"
+        )
+        report = subprocess.run(
+            snakemake_command("--report", "results/report.html", config, workdir=root / name),
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert report.returncode == 0, report.stderr[-3000:]
         results[name] = {**rehearsal_setup, **result, "workdir": root / name, "cluster": cluster}
         print(f"\nrehearsal through {name}: {result['wall']:.0f} s")

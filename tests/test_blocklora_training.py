@@ -3,8 +3,6 @@ orthogonal down-projections, slot errors, in chains on the tiny SD-1.x pipeline.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from test_chain import factors, run_task
 
@@ -94,18 +92,45 @@ def test_erasure_draws_a_fresh_mask_every_step_and_the_same_on_recomputation():
 
 
 def test_erasure_changes_training(tiny_sd1_dir, synthetic_tasks, tmp_path, block_chain):
-    run_task(tiny_sd1_dir, synthetic_tasks, 1, None, "blocklora", tmp_path / "plain", params={"num_blocks": BLOCKS, "erasure": 0.0}, steps=3)
+    run_task(
+        tiny_sd1_dir,
+        synthetic_tasks,
+        1,
+        None,
+        "blocklora",
+        tmp_path / "plain",
+        params={"num_blocks": BLOCKS, "erasure": 0.0},
+        steps=3,
+    )
     erased, plain = factors(block_chain[0][0]), factors(tmp_path / "plain")
     assert any(not torch.equal(erased[layer].B, plain[layer].B) for layer in plain)
 
 
 def test_more_concepts_than_blocks_fails_before_training(tiny_sd1_dir, synthetic_tasks, block_chain, tmp_path):
     with pytest.raises(MethodError, match="2 concepts need 2 row blocks but num_blocks is 1"):
-        run_task(tiny_sd1_dir, synthetic_tasks, 2, block_chain[0][0], "blocklora", tmp_path / "t2", params={"num_blocks": 1, "erasure": 0.5}, steps=1)
+        run_task(
+            tiny_sd1_dir,
+            synthetic_tasks,
+            2,
+            block_chain[0][0],
+            "blocklora",
+            tmp_path / "t2",
+            params={"num_blocks": 1, "erasure": 0.5},
+            steps=1,
+        )
 
 
 def test_blockwise_off_is_a_plain_lora(tiny_sd1_dir, synthetic_tasks, tmp_path):
-    run_task(tiny_sd1_dir, synthetic_tasks, 1, None, "blocklora", tmp_path / "t1", params={"blockwise": False, "erasure": 0.0}, steps=2)
+    run_task(
+        tiny_sd1_dir,
+        synthetic_tasks,
+        1,
+        None,
+        "blocklora",
+        tmp_path / "t1",
+        params={"blockwise": False, "erasure": 0.0},
+        steps=2,
+    )
     assert all(torch.count_nonzero(adapter.B) == adapter.B.numel() for adapter in factors(tmp_path / "t1").values())
 
 
@@ -113,7 +138,9 @@ def test_orthogonal_adaptation_freezes_orthogonal_down_projections(tiny_sd1_dir,
     previous = None
     trained = []
     for index in (1, 2):
-        run_task(tiny_sd1_dir, synthetic_tasks, index, previous, "orthogonal_adaptation", tmp_path / f"t{index}", steps=3)
+        run_task(
+            tiny_sd1_dir, synthetic_tasks, index, previous, "orthogonal_adaptation", tmp_path / f"t{index}", steps=3
+        )
         previous = tmp_path / f"t{index}"
         trained.append(factors(previous))
     for layer, adapter in trained[0].items():
@@ -126,12 +153,22 @@ def test_orthogonal_adaptation_freezes_orthogonal_down_projections(tiny_sd1_dir,
 
 def test_orthogonal_adaptation_slot_beyond_the_basis_is_an_error(tiny_sd1_dir, synthetic_tasks, tmp_path):
     from test_chain import TRAINING
+
     from lorachain.train import train_task
 
     prompt, images = synthetic_tasks[0]
     with pytest.raises((MethodError, TrainingError), match="concept slots"):
         train_task(
-            model_source=str(tiny_sd1_dir), train_images=images, train_prompt=prompt, task_index=1, previous_state=None,
-            method_name="orthogonal_adaptation", method_params={}, training={**TRAINING, "steps": 1}, seed=0,
-            output_dir=tmp_path / "far", progress=False, slot=10_000,
+            model_source=str(tiny_sd1_dir),
+            train_images=images,
+            train_prompt=prompt,
+            task_index=1,
+            previous_state=None,
+            method_name="orthogonal_adaptation",
+            method_params={},
+            training={**TRAINING, "steps": 1},
+            seed=0,
+            output_dir=tmp_path / "far",
+            progress=False,
+            slot=10_000,
         )

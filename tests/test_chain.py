@@ -35,11 +35,20 @@ def run_task(base, tasks, index, previous, method, output_dir, *, params=None, s
     prompt, images = tasks[index - 1]
     output_dir = Path(output_dir)
     return train_task(
-        model_source=str(base), train_images=images, train_prompt=prompt, task_index=index,
-        previous_state=None if previous is None else str(previous), method_name=method,
-        method_params=params or {}, training={**TRAINING, **training}, seed=seed, output_dir=output_dir,
-        run={"method": method, "seed": seed}, concept=f"concept{index}",
-        loss_log=output_dir / LOSS_LOG if loss_log else None, progress=False,
+        model_source=str(base),
+        train_images=images,
+        train_prompt=prompt,
+        task_index=index,
+        previous_state=None if previous is None else str(previous),
+        method_name=method,
+        method_params=params or {},
+        training={**TRAINING, **training},
+        seed=seed,
+        output_dir=output_dir,
+        run={"method": method, "seed": seed},
+        concept=f"concept{index}",
+        loss_log=output_dir / LOSS_LOG if loss_log else None,
+        progress=False,
     )
 
 
@@ -98,7 +107,9 @@ def test_chain_manifests(chains, tiny_sd1_dir):
             manifest = read_manifest(directory)
             assert manifest["task_index"] == index
             assert manifest["method"]["name"] == method
-            assert manifest["rank"] == RANK and manifest["lora_alpha"] == ALPHA and manifest["steps"] == TRAINING["steps"]
+            assert (
+                manifest["rank"] == RANK and manifest["lora_alpha"] == ALPHA and manifest["steps"] == TRAINING["steps"]
+            )
             assert manifest["base_model"] == str(tiny_sd1_dir)
             assert manifest["architecture"] == "StableDiffusionPipeline"
             assert manifest["seed"] == task_seed(0, index, "per_task")
@@ -223,7 +234,9 @@ def test_fresh_methods_start_from_new_gaussian_adapters(tiny_sd1_dir, synthetic_
 
 
 @pytest.mark.parametrize("init_scale", ["gaussian", "unit"])
-def test_ortho_init_initial_A_is_columnwise_orthogonal_to_previous_trained_A(chains, tiny_sd1_dir, synthetic_tasks, tmp_path, init_scale, sd1_layers):
+def test_ortho_init_initial_A_is_columnwise_orthogonal_to_previous_trained_A(
+    chains, tiny_sd1_dir, synthetic_tasks, tmp_path, init_scale, sd1_layers
+):
     dirs = chains["ortho_init"]  # trained with the default parameters (init_scale: gaussian)
     method = make_method("ortho_init", {"init_scale": init_scale})
     layers = lora_layers(load_pipeline(tiny_sd1_dir).unet, TRAINING_TARGETS)
@@ -240,11 +253,22 @@ def test_ortho_init_initial_A_is_columnwise_orthogonal_to_previous_trained_A(cha
             A_new, A_prev = initial[layer].A.double(), previous[layer].A.double()
             dots = (A_new * A_prev).sum(0)
             assert dots.abs().max() < 1e-5 * A_prev.norm(dim=0).max(), layer
-            torch.testing.assert_close(A_new.norm(dim=0), torch.full((A_new.shape[1],), target, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                A_new.norm(dim=0), torch.full((A_new.shape[1],), target, dtype=torch.float64), rtol=1e-5, atol=1e-6
+            )
             assert torch.count_nonzero(initial[layer].B) == 0
         if init_scale == "gaussian":  # the trainer writes exactly that init when it trains 0 steps
             out = tmp_path / f"init{index}"
-            run_task(tiny_sd1_dir, synthetic_tasks, index, previous_dir, "ortho_init", out, params={"init_scale": init_scale}, steps=0)
+            run_task(
+                tiny_sd1_dir,
+                synthetic_tasks,
+                index,
+                previous_dir,
+                "ortho_init",
+                out,
+                params={"init_scale": init_scale},
+                steps=0,
+            )
             for layer, adapter in factors(out).items():
                 assert torch.equal(adapter.A, initial[layer].A)
     # Training then moves A off the orthogonal init (which is why the init is checked before training).
@@ -314,7 +338,9 @@ def test_sdxl_naive_closed_form(sdxl_chains, tiny_sdxl_dir):
     layers = sorted(lora_layers(load_pipeline(tiny_sdxl_dir).unet, TRAINING_TARGETS))
     assert state.layers() == sorted(last) == layers
     for layer in layers:
-        torch.testing.assert_close(state.layer_delta(layer).double(), closed_form("naive", [last[layer]]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            state.layer_delta(layer).double(), closed_form("naive", [last[layer]]), rtol=0, atol=1e-6
+        )
 
 
 # ------------------------------------------------------------------------------ determinism
@@ -353,9 +379,21 @@ def _no_complete_state(directory: Path):
 
 
 def test_rank_larger_than_smallest_layer(tiny_sd1_dir, synthetic_tasks, tmp_path):
-    smallest = min(min(m.in_features, m.out_features) for m in lora_layers(load_pipeline(tiny_sd1_dir).unet, TRAINING_TARGETS).values())
+    smallest = min(
+        min(m.in_features, m.out_features)
+        for m in lora_layers(load_pipeline(tiny_sd1_dir).unet, TRAINING_TARGETS).values()
+    )
     with pytest.raises(TrainingError, match=r"training\.rank") as info:
-        run_task(tiny_sd1_dir, synthetic_tasks, 1, None, "merge_init", tmp_path / "out", rank=smallest + 1, lora_alpha=smallest + 1)
+        run_task(
+            tiny_sd1_dir,
+            synthetic_tasks,
+            1,
+            None,
+            "merge_init",
+            tmp_path / "out",
+            rank=smallest + 1,
+            lora_alpha=smallest + 1,
+        )
     assert str(smallest + 1) in str(info.value) and str(smallest) in str(info.value)
     _no_complete_state(tmp_path / "out")
 

@@ -20,9 +20,14 @@ def test_a_sound_profile_has_no_problems():
 
 
 def test_missing_account_names_the_rules_and_the_fix_unless_no_account():
-    requests = [RuleRequest("train_task", "gpu", 1, has_account=False), RuleRequest("prepare_tasks", None, has_account=True)]
+    requests = [
+        RuleRequest("train_task", "gpu", 1, has_account=False),
+        RuleRequest("prepare_tasks", None, has_account=True),
+    ]
     (problem,) = slurm_profile_problems(requests, CLUSTER, no_account=False)
-    assert "no SLURM account" in problem and "rules without one: train_task" in problem and "slurm-no-account" in problem
+    assert (
+        "no SLURM account" in problem and "rules without one: train_task" in problem and "slurm-no-account" in problem
+    )
     assert slurm_profile_problems(requests, CLUSTER, no_account=True) == []
 
 
@@ -40,7 +45,9 @@ def test_unknown_partition_and_no_default_partition():
 def test_gpu_rules_need_a_gpu_partition():
     (problem,) = slurm_profile_problems([RuleRequest("train_task", "cpu", "1", True)], CLUSTER, False)
     assert "requests gpu=1" in problem and "partition(s) cpu" in problem
-    assert slurm_profile_problems([RuleRequest("train_task", None, 2, True)], CLUSTER, False) == []  # some partition has GPUs
+    assert (
+        slurm_profile_problems([RuleRequest("train_task", None, 2, True)], CLUSTER, False) == []
+    )  # some partition has GPUs
     cpu_only = Cluster(frozenset({"cpu"}), True, {"cpu": "(null)"})
     (problem,) = slurm_profile_problems([RuleRequest("train_task", None, 2, True)], cpu_only, False)
     assert "partition(s) cpu" in problem

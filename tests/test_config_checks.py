@@ -41,8 +41,12 @@ def test_local_directories_pass_and_missing_ones_are_named(tmp_path, monkeypatch
     config["model"]["pretrained"] = str(tmp_path / "sdxl")  # absolute, missing
     problems = model_source_problems(config, ALL_ENCODERS)
     assert len(problems) == 2, problems
-    assert problems[0].startswith(f"config key model.pretrained: '{tmp_path / 'sdxl'}' does not exist and is not a hub id")
-    assert problems[1].startswith("config key metrics.clip.pretrained: './models/clip' does not exist and is not a hub id")
+    assert problems[0].startswith(
+        f"config key model.pretrained: '{tmp_path / 'sdxl'}' does not exist and is not a hub id"
+    )
+    assert problems[1].startswith(
+        "config key metrics.clip.pretrained: './models/clip' does not exist and is not a hub id"
+    )
 
 
 def test_a_missing_csd_checkpoint_is_named_with_the_fix(tmp_path, monkeypatch):
@@ -64,15 +68,21 @@ def test_a_file_where_a_directory_belongs_and_unused_or_tiny_encoders(tmp_path, 
     config["metrics"]["csd"] = {"tiny": True, "tiny_seed": 0}
     config["metrics"]["clip"]["pretrained"] = "nowhere/at/all"  # not used by the domains below
     problems = model_source_problems(config, ["csd", "dino"])
-    assert problems == ["config key model.vae: 'vae.safetensors' is a file; give the directory written by save_pretrained (or a hub id owner/name)"]
+    assert problems == [
+        "config key model.vae: 'vae.safetensors' is a file; give the directory written by save_pretrained (or a hub id owner/name)"
+    ]
 
 
 def test_unquoted_exponents_get_the_yaml_spelling():
-    hints = number_string_hints({"training": {"learning_rate": "1e-4", "optimizer": {"eps": "1.0e8"}}, "tokens": ["sks"], "n": "5"})
+    hints = number_string_hints(
+        {"training": {"learning_rate": "1e-4", "optimizer": {"eps": "1.0e8"}}, "tokens": ["sks"], "n": "5"}
+    )
     assert hints == [
         "config key training.learning_rate: '1e-4' was read as text, not a number (YAML reads exponent notation as a number "
         "only with a decimal point and a signed exponent); write 1.0e-4",
         "config key training.optimizer.eps: '1.0e8' was read as text, not a number (YAML reads exponent notation as a number "
         "only with a decimal point and a signed exponent); write 1.0e+8",
     ]
-    assert yaml.safe_load("x: 1.0e-4\ny: 1.0e+8")["x"] == 1e-4 and yaml.safe_load("y: 1.0e+8")["y"] == 1e8  # the fixes parse
+    assert (
+        yaml.safe_load("x: 1.0e-4\ny: 1.0e+8")["x"] == 1e-4 and yaml.safe_load("y: 1.0e+8")["y"] == 1e8
+    )  # the fixes parse

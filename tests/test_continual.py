@@ -12,11 +12,13 @@ from lorachain import continual
 
 NAN = math.nan
 # a[j, i]: task j after task i. Task 1 peaks after task 2 (max over k >= j, not the diagonal).
-A = np.array([
-    [0.5, 0.9, 0.6],
-    [NAN, 0.8, 0.5],
-    [NAN, NAN, 0.7],
-])
+A = np.array(
+    [
+        [0.5, 0.9, 0.6],
+        [NAN, 0.8, 0.5],
+        [NAN, NAN, 0.7],
+    ]
+)
 
 
 def test_summaries_of_a_hand_made_matrix():
@@ -48,7 +50,8 @@ def _scores(a: np.ndarray, concepts: list[str], metric: str = "dino") -> pd.Data
     T = a.shape[0]
     rows = [
         {"metric": metric, "task": j + 1, "after_task": i + 1, "concept": concepts[j], "score": a[j, i]}
-        for i in range(T) for j in range(i + 1)
+        for i in range(T)
+        for j in range(i + 1)
     ]
     return pd.DataFrame(rows)
 

@@ -67,7 +67,9 @@ def test_zero_delta_has_no_direction():
     concepts[1].adapters["down.attn1.to_q"].B = torch.zeros(12, 3)
     wide = layerwise_cosine(concepts)
     assert wide["a ~ b"].isna().tolist() == [True, False, False]
-    assert wide.loc["down.attn1.to_q", "mean_cosine"] == pytest.approx(wide.loc["down.attn1.to_q", "a ~ c"])  # NaN skipped
+    assert wide.loc["down.attn1.to_q", "mean_cosine"] == pytest.approx(
+        wide.loc["down.attn1.to_q", "a ~ c"]
+    )  # NaN skipped
 
 
 def test_blocklora_deltas_of_different_slots_have_zero_cosine_and_no_sign_conflicts():
@@ -75,7 +77,11 @@ def test_blocklora_deltas_of_different_slots_have_zero_cosine_and_no_sign_confli
     wide = layerwise_cosine(blocks)
     assert (wide[list(STAT_COLUMNS)] == 0).all().all()
     conflicts = sign_conflicts(blocks)
-    assert conflicts["k"].tolist() == [2, 3, 4] and (conflicts["conflicting_entries"] == 0).all() and (conflicts["fraction"] == 0).all()
+    assert (
+        conflicts["k"].tolist() == [2, 3, 4]
+        and (conflicts["conflicting_entries"] == 0).all()
+        and (conflicts["fraction"] == 0).all()
+    )
     total = sum(o * i for o, i in LAYERS.values())
     # with k of 4 blocks merged, the touched entries are exactly the k blocks' rows
     assert conflicts["active_entries"].tolist()[-1] == total and (conflicts["total_entries"] == total).all()
@@ -84,14 +90,18 @@ def test_blocklora_deltas_of_different_slots_have_zero_cosine_and_no_sign_confli
     assert layerwise_cosine(plain)["max_abs_cosine"].max() > 0.05
     plain_conflicts = sign_conflicts(plain)
     assert plain_conflicts["fraction"].iloc[0] == pytest.approx(0.5, abs=0.1)  # random signs: about one half for 2
-    assert plain_conflicts["fraction"].iloc[-1] == pytest.approx(1 - 2 ** -3, abs=0.08)  # and 1 - 2^(1-k)
+    assert plain_conflicts["fraction"].iloc[-1] == pytest.approx(1 - 2**-3, abs=0.08)  # and 1 - 2^(1-k)
     assert plain_conflicts["fraction"].is_monotonic_increasing
 
 
 def test_sign_conflict_definition_on_hand_made_deltas():
     """Entries active among the first k deltas (any nonzero) with both signs present; zeros take no side."""
+
     def concept(name, delta):
-        return Concept(name=name, adapters={"l": LayerAdapter(A=torch.eye(4), B=torch.tensor(delta, dtype=torch.float32), scale=1.0)})
+        return Concept(
+            name=name,
+            adapters={"l": LayerAdapter(A=torch.eye(4), B=torch.tensor(delta, dtype=torch.float32), scale=1.0)},
+        )
 
     a = concept("a", [[1.0, -1.0, 0.0, 0.0]])
     b = concept("b", [[2.0, 0.0, 0.0, 3.0]])
@@ -99,7 +109,10 @@ def test_sign_conflict_definition_on_hand_made_deltas():
     table = sign_conflicts([a, b, c])
     # k=2: active entries 0, 1, 3 (2 is zero in both); no entry has both signs -> 0 of 3
     # k=3: entry 0 (+1, +2, -1) conflicts; entry 1 (-1, 0, -5) has one sign -> 1 of 3
-    assert table[["k", "added", "active_entries", "conflicting_entries", "total_entries"]].values.tolist() == [[2, "b", 3, 0, 4], [3, "c", 3, 1, 4]]
+    assert table[["k", "added", "active_entries", "conflicting_entries", "total_entries"]].values.tolist() == [
+        [2, "b", 3, 0, 4],
+        [3, "c", 3, 1, 4],
+    ]
     assert table["fraction"].tolist() == pytest.approx([0.0, 1 / 3])
     # order matters: "the first k"
     assert sign_conflicts([a, c, b])["conflicting_entries"].tolist() == [1, 1]
@@ -151,7 +164,9 @@ def write_lora_file(path: Path, concept: Concept, rank=3, alpha=3) -> Path:
         tensors[f"unet.{layer}.lora_A.weight"] = adapter.A.contiguous()
         tensors[f"unet.{layer}.lora_B.weight"] = adapter.B.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({"unet.r": rank, "unet.lora_alpha": alpha})})
+    save_file(
+        tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({"unet.r": rank, "unet.lora_alpha": alpha})}
+    )
     return path
 
 
@@ -166,7 +181,10 @@ def run_cli(*args) -> subprocess.CompletedProcess:
 
 def test_cli_inspect_end_to_end(tmp_path):
     files = [
-        write_lora_file(tmp_path / "loras" / f"task0{k + 1}" / "pytorch_lora_weights.safetensors", random_concept(f"c{k}", k, num_blocks=None))
+        write_lora_file(
+            tmp_path / "loras" / f"task0{k + 1}" / "pytorch_lora_weights.safetensors",
+            random_concept(f"c{k}", k, num_blocks=None),
+        )
         for k in range(3)
     ]
     result = run_cli("inspect", *files, "--out", tmp_path / "report")
@@ -192,14 +210,22 @@ def test_cli_inspect_bad_input_exits_2_naming_the_file(tmp_path):
     single = write_lora_file(tmp_path / "only.safetensors", random_concept("c", 1))
     result = run_cli("inspect", single)
     assert result.returncode == 2
-    assert "at least 2 LoRA files" in result.stderr and "only.safetensors" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "at least 2 LoRA files" in result.stderr
+        and "only.safetensors" in result.stderr
+        and "Traceback" not in result.stderr
+    )
 
     other = random_concept("d", 2)
     other.adapters["down.attn2.to_k"] = LayerAdapter(A=torch.randn(3, 20), B=torch.randn(12, 3), scale=1.0)
     mismatched = write_lora_file(tmp_path / "other_arch.safetensors", other)
     result = run_cli("inspect", single, mismatched)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "other_arch.safetensors" in result.stderr and "only.safetensors" in result.stderr and "down.attn2.to_k" in result.stderr
+    assert (
+        "other_arch.safetensors" in result.stderr
+        and "only.safetensors" in result.stderr
+        and "down.attn2.to_k" in result.stderr
+    )
 
     (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 16)
     result = run_cli("inspect", single, tmp_path / "broken.safetensors")
@@ -209,7 +235,9 @@ def test_cli_inspect_bad_input_exits_2_naming_the_file(tmp_path):
     poisoned.adapters["down.attn1.to_q"].B[0, 0] = float("nan")
     result = run_cli("inspect", single, write_lora_file(tmp_path / "nan.safetensors", poisoned))
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "nan.safetensors: key" in result.stderr and "non-finite value(s) (NaN or inf)" in result.stderr, result.stderr
+    assert "nan.safetensors: key" in result.stderr and "non-finite value(s) (NaN or inf)" in result.stderr, (
+        result.stderr
+    )
 
     result = run_cli("inspect", single, single, "--names", "one")
     assert result.returncode == 2 and "--names" in result.stderr

@@ -8,10 +8,13 @@ from lorachain.data import DatasetError, read_tasks
 from lorachain.data.domains import generate_synthetic, prepare_tasks, select_domain_tasks
 
 
-@pytest.mark.parametrize("layout, block", [
-    ("dreambooth", {"num_tasks": 3, "selection_seed": 42}),
-    ("unlearncanvas", {"num_tasks": 3, "selection_seed": 42, "train_images_per_style": 2}),
-])
+@pytest.mark.parametrize(
+    "layout, block",
+    [
+        ("dreambooth", {"num_tasks": 3, "selection_seed": 42}),
+        ("unlearncanvas", {"num_tasks": 3, "selection_seed": 42, "train_images_per_style": 2}),
+    ],
+)
 def test_prepare_tasks_selects_then_orders_by_the_order_seed(tmp_path, layout, block):
     root = generate_synthetic(layout, tmp_path / "data", {"seed": 0, "size": 32, "images_per_concept": 4})
     selected = [task.concept for task in select_domain_tasks(layout, root, block)]

@@ -6,10 +6,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lorachain.torch_env import torch  # noqa: I001  (before anything that imports torchvision)
 from lorachain.metrics.encoders import (
-    METRIC_ENCODER, ClipEncoder, CsdEncoder, DinoEncoder, EncoderError, load_encoder, save_tiny_encoder,
+    METRIC_ENCODER,
+    ClipEncoder,
+    CsdEncoder,
+    DinoEncoder,
+    EncoderError,
+    load_encoder,
+    save_tiny_encoder,
 )
+from lorachain.torch_env import torch  # noqa: I001  (before anything that imports torchvision)
 
 FIELD = {"dino": "pretrained", "clip": "pretrained", "csd": "checkpoint"}
 CLASS = {"dino": DinoEncoder, "clip": ClipEncoder, "csd": CsdEncoder}
@@ -124,10 +130,17 @@ def test_csd_checkpoint_layout(tiny):
     checkpoint = torch.load(tiny["csd"], map_location="cpu", weights_only=False)
     state = checkpoint["model_state_dict"]
     assert all(key.startswith("module.") for key in state)
-    for key in ["module.last_layer_style", "module.last_layer_content", "module.backbone.conv1.weight",
-                "module.backbone.class_embedding", "module.backbone.positional_embedding", "module.backbone.ln_pre.weight",
-                "module.backbone.transformer.resblocks.1.attn.in_proj_weight",
-                "module.backbone.transformer.resblocks.1.mlp.c_proj.bias", "module.backbone.ln_post.bias"]:
+    for key in [
+        "module.last_layer_style",
+        "module.last_layer_content",
+        "module.backbone.conv1.weight",
+        "module.backbone.class_embedding",
+        "module.backbone.positional_embedding",
+        "module.backbone.ln_pre.weight",
+        "module.backbone.transformer.resblocks.1.attn.in_proj_weight",
+        "module.backbone.transformer.resblocks.1.mlp.c_proj.bias",
+        "module.backbone.ln_post.bias",
+    ]:
         assert key in state, key
     assert "module.backbone.proj" not in state  # CSD removes CLIP's projection
     assert state["module.last_layer_style"].shape == (64, 32)

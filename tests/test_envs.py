@@ -1,8 +1,8 @@
 """The conda environment for cluster jobs pins exactly what the package pins."""
 
-import tomllib
 from pathlib import Path
 
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,11 @@ def test_conda_env_pins_match_pyproject():
 
 def test_constraints_pin_torch_and_torchvision_like_the_package():
     package = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    constraints = [line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    constraints = [
+        line.strip()
+        for line in (ROOT / "constraints.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for pin in constraints:
         assert pin in package, f"constraints.txt pins {pin} but pyproject.toml does not"
     assert {"torch==2.13.0", "torchvision==0.28.0"} <= set(constraints)

@@ -99,6 +99,12 @@ def test_methods_merges_and_the_lora_records_import_lorachain_at_module_level_on
             if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 continue
             for node in ast.walk(function):
-                names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                names = (
+                    [alias.name for alias in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
                 local += [f"{path.name}:{node.lineno} {name}" for name in names if name.split(".")[0] == "lorachain"]
     assert local == []

@@ -20,13 +20,18 @@ LAYERS = {"down.attn1.to_q": (12, 10), "down.attn2.to_k": (12, 16), "up.attn1.to
 
 def random_adapter(out_features, in_features, rank=4, seed=0, scale=0.5) -> LayerAdapter:
     g = torch.Generator().manual_seed(seed)
-    return LayerAdapter(A=torch.randn(rank, in_features, generator=g), B=torch.randn(out_features, rank, generator=g), scale=scale)
+    return LayerAdapter(
+        A=torch.randn(rank, in_features, generator=g), B=torch.randn(out_features, rank, generator=g), scale=scale
+    )
 
 
 def random_concept(name, seed, rank=4, layers=LAYERS, scale=0.5) -> Concept:
     return Concept(
         name=name,
-        adapters={layer: random_adapter(o, i, rank, seed * 100 + n, scale) for n, (layer, (o, i)) in enumerate(sorted(layers.items()))},
+        adapters={
+            layer: random_adapter(o, i, rank, seed * 100 + n, scale)
+            for n, (layer, (o, i)) in enumerate(sorted(layers.items()))
+        },
     )
 
 
@@ -39,18 +44,34 @@ def block_concept(name, slot, num_blocks, seed, rank=4) -> Concept:
 
 
 def exact_sum(concepts, weights, layer):
-    return sum(w * c.adapters[layer].scale * (c.adapters[layer].B.double() @ c.adapters[layer].A.double()) for c, w in zip(concepts, weights))
+    return sum(
+        w * c.adapters[layer].scale * (c.adapters[layer].B.double() @ c.adapters[layer].A.double())
+        for c, w in zip(concepts, weights)
+    )
 
 
 # ------------------------------------------------------------------------------------------ registry
 
 
 def test_registry_and_parameters():
-    assert merge_names() == ["blocklora", "dare", "gradient_fusion", "orthogonal_adaptation", "ties", "weighted_average"]
+    assert merge_names() == [
+        "blocklora",
+        "dare",
+        "gradient_fusion",
+        "orthogonal_adaptation",
+        "ties",
+        "weighted_average",
+    ]
     assert [n for n in merge_names() if merge_class(n).needs_layer_inputs] == ["gradient_fusion"]
     assert make_merge("weighted_average").params == {"weights": "mean"}
     assert make_merge("ties").params == {"weights": 1.0, "density": 0.2, "majority_sign_method": "total"}
-    assert make_merge("dare").params == {"weights": 1.0, "variant": "linear", "density": 0.5, "seed": 0, "majority_sign_method": "total"}
+    assert make_merge("dare").params == {
+        "weights": 1.0,
+        "variant": "linear",
+        "density": 0.5,
+        "seed": 0,
+        "majority_sign_method": "total",
+    }
     assert make_merge("orthogonal_adaptation").params == {"weights": 0.6}
     assert make_merge("gradient_fusion").params == {"weights": "mean", "ridge": 1e-6, "prior": "mean", "rcond": 1e-10}
 
@@ -58,14 +79,25 @@ def test_registry_and_parameters():
 def test_unknown_method_and_parameter_name_the_key():
     with pytest.raises(MergeError) as info:
         make_merge("svd_magic", key="merges.fast")
-    assert "merges.fast" in str(info.value) and "'svd_magic'" in str(info.value) and "weighted_average" in str(info.value)
-    with pytest.raises(MergeError, match=r"merges\.t: merge 'ties' has no parameter\(s\) \['lambda'\]; it accepts \['density', 'majority_sign_method', 'weights'\]"):
+    assert (
+        "merges.fast" in str(info.value) and "'svd_magic'" in str(info.value) and "weighted_average" in str(info.value)
+    )
+    with pytest.raises(
+        MergeError,
+        match=r"merges\.t: merge 'ties' has no parameter\(s\) \['lambda'\]; it accepts \['density', 'majority_sign_method', 'weights'\]",
+    ):
         make_merge("ties", {"lambda": 1}, key="merges.t")
     for name, params, word in [
-        ("ties", {"density": 0}, "density"), ("ties", {"density": 1.5}, "density"), ("ties", {"majority_sign_method": "vote"}, "majority_sign_method"),
-        ("dare", {"variant": "svd"}, "variant"), ("dare", {"seed": 1.5}, "seed"),
-        ("gradient_fusion", {"ridge": -1}, "ridge"), ("gradient_fusion", {"prior": "zero"}, "prior"),
-        ("weighted_average", {"weights": "median"}, "weights"), ("ties", {"weights": -1}, "weights"), ("ties", {"weights": [1, -0.5]}, "weights"),
+        ("ties", {"density": 0}, "density"),
+        ("ties", {"density": 1.5}, "density"),
+        ("ties", {"majority_sign_method": "vote"}, "majority_sign_method"),
+        ("dare", {"variant": "svd"}, "variant"),
+        ("dare", {"seed": 1.5}, "seed"),
+        ("gradient_fusion", {"ridge": -1}, "ridge"),
+        ("gradient_fusion", {"prior": "zero"}, "prior"),
+        ("weighted_average", {"weights": "median"}, "weights"),
+        ("ties", {"weights": -1}, "weights"),
+        ("ties", {"weights": [1, -0.5]}, "weights"),
     ]:
         with pytest.raises(MergeError, match=rf"config key merges\.x: merge '{name}'.*'{word}'"):
             make_merge(name, params, key="merges.x")
@@ -94,17 +126,28 @@ def test_weights_must_sum_to_one_where_the_paper_says_so(name):
 def test_wrong_weight_count_names_the_parameter():
     concepts = [random_concept("a", 1), random_concept("b", 2), random_concept("c", 3)]
     for name, weights in [("weighted_average", [0.5, 0.5]), ("ties", [1.0, 1.0]), ("orthogonal_adaptation", [0.6] * 4)]:
-        with pytest.raises(MergeError, match=rf"config key merges\.w: merge '{name}': parameter 'weights' has {len(weights)} value\(s\) but 3 concept\(s\)"):
+        with pytest.raises(
+            MergeError,
+            match=rf"config key merges\.w: merge '{name}': parameter 'weights' has {len(weights)} value\(s\) but 3 concept\(s\)",
+        ):
             make_merge(name, {"weights": weights}, key="merges.w").merge(concepts)
 
 
 def test_different_layer_sets_and_shapes_name_both_concepts():
     a = random_concept("loras/a.safetensors", 1)
-    fewer = random_concept("loras/b.safetensors", 2, layers={k: v for k, v in LAYERS.items() if k != "up.attn1.to_out.0"})
-    with pytest.raises(LoraFileError, match=r"loras/b\.safetensors and loras/a\.safetensors adapt different layers.*'up\.attn1\.to_out\.0'"):
+    fewer = random_concept(
+        "loras/b.safetensors", 2, layers={k: v for k, v in LAYERS.items() if k != "up.attn1.to_out.0"}
+    )
+    with pytest.raises(
+        LoraFileError,
+        match=r"loras/b\.safetensors and loras/a\.safetensors adapt different layers.*'up\.attn1\.to_out\.0'",
+    ):
         make_merge("weighted_average").merge([a, fewer])
     wider = random_concept("loras/c.safetensors", 3, layers={**LAYERS, "down.attn2.to_k": (12, 20)})
-    with pytest.raises(LoraFileError, match=r"loras/a\.safetensors and loras/c\.safetensors differ at layer 'down\.attn2\.to_k'.*\(12, 16\) vs \(12, 20\)"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"loras/a\.safetensors and loras/c\.safetensors differ at layer 'down\.attn2\.to_k'.*\(12, 16\) vs \(12, 20\)",
+    ):
         make_merge("ties").merge([a, wider])
 
 
@@ -116,7 +159,9 @@ def test_different_ranks_refused_only_where_equal_rank_is_needed():
         name = "equal_rank_average"
         needs_equal_rank = True
 
-    with pytest.raises(LoraFileError, match=r"a\.safetensors and b\.safetensors differ at layer 'down\.attn1\.to_q': rank 4 vs 8"):
+    with pytest.raises(
+        LoraFileError, match=r"a\.safetensors and b\.safetensors differ at layer 'down\.attn1\.to_q': rank 4 vs 8"
+    ):
         EqualRankAverage().merge([a, b])
 
 
@@ -132,7 +177,9 @@ def test_weighted_average_is_the_exact_delta_sum():
         assert delta.dtype == torch.float32 and tuple(delta.shape) == LAYERS[layer]
         torch.testing.assert_close(delta.double(), exact_sum(concepts, weights, layer), rtol=1e-5, atol=1e-5)
     mean = make_merge("weighted_average").merge(concepts)
-    torch.testing.assert_close(mean["down.attn1.to_q"].double(), exact_sum(concepts, [1 / 3] * 3, "down.attn1.to_q"), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        mean["down.attn1.to_q"].double(), exact_sum(concepts, [1 / 3] * 3, "down.attn1.to_q"), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_peft_linear_combination_adds_cross_terms_cat_does_not():
@@ -143,7 +190,8 @@ def test_peft_linear_combination_adds_cross_terms_cat_does_not():
     out_features, in_features, rank = 12, 10, 4
     model = get_peft_model(
         torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)),
-        LoraConfig(r=rank, lora_alpha=8, target_modules=["0"], init_lora_weights="gaussian"), adapter_name="dog",
+        LoraConfig(r=rank, lora_alpha=8, target_modules=["0"], init_lora_weights="gaussian"),
+        adapter_name="dog",
     )
     model.add_adapter("cat", LoraConfig(r=rank, lora_alpha=8, target_modules=["0"], init_lora_weights="gaussian"))
     layer = model.base_model.model[0]
@@ -179,9 +227,13 @@ def test_ties_is_peft_ties_on_full_deltas():
     concepts = [random_concept(f"c{i}", i) for i in range(3)]
     merged = make_merge("ties", {"density": 0.4, "weights": [1.0, 0.5, 2.0]}).merge(concepts)
     for layer in LAYERS:
-        expected = ties([c.delta(layer) for c in concepts], torch.tensor([1.0, 0.5, 2.0]), density=0.4, majority_sign_method="total")
+        expected = ties(
+            [c.delta(layer) for c in concepts], torch.tensor([1.0, 0.5, 2.0]), density=0.4, majority_sign_method="total"
+        )
         torch.testing.assert_close(merged[layer], expected)
-    assert torch.equal(make_merge("ties").merge(concepts)["down.attn1.to_q"], make_merge("ties").merge(concepts)["down.attn1.to_q"])
+    assert torch.equal(
+        make_merge("ties").merge(concepts)["down.attn1.to_q"], make_merge("ties").merge(concepts)["down.attn1.to_q"]
+    )
 
 
 @pytest.mark.parametrize("variant", ["linear", "ties"])
@@ -197,7 +249,11 @@ def test_dare_is_peft_dare_seeded_per_layer_and_reproducible(variant):
     for index, layer in enumerate(sorted(LAYERS)):
         torch.manual_seed(7 + index)  # the documented seeding: seed + position in sorted layer order
         deltas = [c.delta(layer) for c in concepts]
-        expected = dare_linear(deltas, torch.ones(3), 0.3) if variant == "linear" else dare_ties(deltas, torch.ones(3), 0.3, "total")
+        expected = (
+            dare_linear(deltas, torch.ones(3), 0.3)
+            if variant == "linear"
+            else dare_ties(deltas, torch.ones(3), 0.3, "total")
+        )
         torch.testing.assert_close(merged[layer], expected)
     # reproducible whatever ran before; another seed draws other masks
     torch.rand(1000)
@@ -240,7 +296,12 @@ def test_orthogonal_adaptation_merges_by_scaled_summation():
     for layer in LAYERS:
         torch.testing.assert_close(merged[layer].double(), exact_sum(concepts, [0.6] * 3, layer), rtol=1e-5, atol=1e-6)
     explicit = make_merge("orthogonal_adaptation", {"weights": [1.0, 0.0, 0.5]}).merge(concepts)
-    torch.testing.assert_close(explicit["down.attn1.to_q"].double(), exact_sum(concepts, [1.0, 0.0, 0.5], "down.attn1.to_q"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        explicit["down.attn1.to_q"].double(),
+        exact_sum(concepts, [1.0, 0.0, 0.5], "down.attn1.to_q"),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 # ------------------------------------------------------------------------------------------ BlockLoRA
@@ -267,15 +328,24 @@ def test_blocklora_merge_is_the_weighted_sum_of_disjoint_blocks():
     concepts = [block_concept(f"concept{k}", k, 3, seed=k) for k in range(3)]
     merged = make_merge("blocklora").merge(concepts)
     for layer in LAYERS:
-        torch.testing.assert_close(merged[layer].double(), exact_sum(concepts, [1 / 3] * 3, layer), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            merged[layer].double(), exact_sum(concepts, [1 / 3] * 3, layer), rtol=1e-5, atol=1e-6
+        )
         # each block of rows holds exactly one concept's (scaled) delta
         rows = block_rows(LAYERS[layer][0], 3, 1)
         torch.testing.assert_close(merged[layer][rows], concepts[1].delta(layer)[rows] / 3, rtol=1e-5, atol=1e-6)
 
 
 def test_blocklora_refuses_overlapping_rows_naming_concepts_and_layer():
-    concepts = [block_concept("objects/dog", 0, 3, seed=1), block_concept("objects/cat", 1, 3, seed=2), block_concept("styles/ink", 1, 3, seed=3)]
-    with pytest.raises(MergeError, match=r"merge 'blocklora': concepts 'objects/cat' and 'styles/ink' both change rows .* of layer 'down\.attn1\.to_q'"):
+    concepts = [
+        block_concept("objects/dog", 0, 3, seed=1),
+        block_concept("objects/cat", 1, 3, seed=2),
+        block_concept("styles/ink", 1, 3, seed=3),
+    ]
+    with pytest.raises(
+        MergeError,
+        match=r"merge 'blocklora': concepts 'objects/cat' and 'styles/ink' both change rows .* of layer 'down\.attn1\.to_q'",
+    ):
         make_merge("blocklora").merge(concepts)
     plain = random_concept("plain_lora", 4)  # an unmasked LoRA overlaps every block
     with pytest.raises(MergeError, match=r"'objects/dog' and 'plain_lora'"):
@@ -296,7 +366,9 @@ def _layer_problem(out_features=6, in_features=5, rows=(20, 30), seed=0):
     g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(out_features, in_features, generator=g, dtype=torch.float64)
     Xs = [torch.randn(n, in_features, generator=g, dtype=torch.float64) for n in rows]
-    adapters = [random_adapter(out_features, in_features, rank=2, seed=seed + 10 + i, scale=0.5) for i in range(len(rows))]
+    adapters = [
+        random_adapter(out_features, in_features, rank=2, seed=seed + 10 + i, scale=0.5) for i in range(len(rows))
+    ]
     return W0, Xs, adapters
 
 
@@ -310,20 +382,30 @@ def test_fuse_layer_matches_a_direct_least_squares_solve():
     grams = [X.T @ X for X in Xs]
     exact = fuse_layer(adapters, grams, ridge=0.0)
     torch.testing.assert_close(W0 + exact.double(), W_star, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fuse_layer(deltas, grams, ridge=0.0), exact, rtol=1e-6, atol=1e-6)  # dense or factors: same
-    torch.testing.assert_close(W0 + fuse_layer(adapters, grams).double(), W_star, rtol=1e-4, atol=1e-4)  # default ridge 1e-6
+    torch.testing.assert_close(
+        fuse_layer(deltas, grams, ridge=0.0), exact, rtol=1e-6, atol=1e-6
+    )  # dense or factors: same
+    torch.testing.assert_close(
+        W0 + fuse_layer(adapters, grams).double(), W_star, rtol=1e-4, atol=1e-4
+    )  # default ridge 1e-6
     # with a ridge toward the mean: the stacked problem with sqrt(lam) I rows targeting W0 + mean delta
     ridge = 0.1
     lam = ridge * float(torch.diagonal(sum(grams) / 2).mean())
     width = W0.shape[1]
     stacked_ridge = torch.cat([X / math.sqrt(2) for X in Xs] + [math.sqrt(lam) * torch.eye(width, dtype=torch.float64)])
-    targets_ridge = torch.cat([X @ (W0 + d).T / math.sqrt(2) for X, d in zip(Xs, deltas)] + [math.sqrt(lam) * (W0 + sum(deltas) / 2).T])
+    targets_ridge = torch.cat(
+        [X @ (W0 + d).T / math.sqrt(2) for X, d in zip(Xs, deltas)] + [math.sqrt(lam) * (W0 + sum(deltas) / 2).T]
+    )
     W_ridge = torch.linalg.lstsq(stacked_ridge, targets_ridge).solution.T
     torch.testing.assert_close(W0 + fuse_layer(adapters, grams, ridge=ridge).double(), W_ridge, rtol=1e-5, atol=1e-5)
     # prior "base": the literal (sum d_i G_i)(G + lam I)^-1 with G = sum_i w_i G_i, w_i = 1/2
     G = sum(grams) / 2
-    literal = torch.linalg.solve(G + lam * torch.eye(width, dtype=torch.float64), (sum(d @ g for d, g in zip(deltas, grams)) / 2).T).T
-    torch.testing.assert_close(fuse_layer(adapters, grams, ridge=ridge, prior="base").double(), literal, rtol=1e-5, atol=1e-5)
+    literal = torch.linalg.solve(
+        G + lam * torch.eye(width, dtype=torch.float64), (sum(d @ g for d, g in zip(deltas, grams)) / 2).T
+    ).T
+    torch.testing.assert_close(
+        fuse_layer(adapters, grams, ridge=ridge, prior="base").double(), literal, rtol=1e-5, atol=1e-5
+    )
 
 
 # prior "base" with a ridge > 0 shrinks weakly excited directions toward W0 by design (documented)
@@ -347,7 +429,9 @@ def test_gradient_fusion_merge_method_and_missing_grams():
     ]
     merged = make_merge("gradient_fusion", {"ridge": 0.0}).merge(concepts)
     torch.testing.assert_close(merged["attn.to_q"], fuse_layer(adapters, [X.T @ X for X in Xs], ridge=0.0))
-    with pytest.raises(MergeError, match=r"merges\.gf: merge 'gradient_fusion': concept 'concept1' has no recorded layer inputs"):
+    with pytest.raises(
+        MergeError, match=r"merges\.gf: merge 'gradient_fusion': concept 'concept1' has no recorded layer inputs"
+    ):
         make_merge("gradient_fusion", key="merges.gf").merge([concepts[0], Concept("concept1", concepts[1].adapters)])
     missing_layer = Concept("concept1", concepts[1].adapters, grams={"attn.to_k": concepts[1].grams["attn.to_q"]})
     with pytest.raises(MergeError, match=r"concept 'concept1' has no recorded inputs \(gram\) for layer 'attn\.to_q'"):
@@ -419,7 +503,9 @@ def test_gram_recorder_reuses_products_of_shared_inputs_and_save_stores_duplicat
     x, text = torch.randn(3, 5, 4), torch.randn(3, 7, 6)
     products = []
     original_matmul = torch.Tensor.__matmul__
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(tuple(a.shape)) or original_matmul(a, b))
+    monkeypatch.setattr(
+        torch.Tensor, "__matmul__", lambda a, b: products.append(tuple(a.shape)) or original_matmul(a, b)
+    )
     with GramRecorder(model, ["q", "k", "v", "k2", "v2"]) as recorder, torch.no_grad():
         model(x.clone(), text)
     monkeypatch.undo()
@@ -461,7 +547,9 @@ def write_lora(path, adapters: dict[str, LayerAdapter], *, prefix="unet.", metad
         tensors[f"{prefix}{layer}.lora_A.weight"] = adapter.A.contiguous()
         tensors[f"{prefix}{layer}.lora_B.weight"] = adapter.B.contiguous()
     tensors.update(extra or {})
-    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(metadata)} if metadata is not None else None)
+    save_file(
+        tensors, str(path), metadata={"lora_adapter_metadata": json.dumps(metadata)} if metadata is not None else None
+    )
     return path
 
 
@@ -491,22 +579,50 @@ def test_read_lora_prefixes_alpha_sources_and_ignored_components(tmp_path):
     adapters = {"a.to_q": random_adapter(6, 5, rank=2, seed=1), "b.to_k": random_adapter(6, 7, rank=2, seed=2)}
     plain = read_lora(write_lora(tmp_path / "plain.safetensors", adapters, prefix=""))
     assert plain.alpha == 2 and plain.adapters["a.to_q"].scale == 1.0 and any("alpha = rank" in n for n in plain.notes)
-    peft_style = read_lora(write_lora(tmp_path / "peft.safetensors", adapters, prefix="base_model.model.", metadata={"r": 2, "lora_alpha": 4}))
+    peft_style = read_lora(
+        write_lora(
+            tmp_path / "peft.safetensors", adapters, prefix="base_model.model.", metadata={"r": 2, "lora_alpha": 4}
+        )
+    )
     assert sorted(peft_style.adapters) == ["a.to_q", "b.to_k"] and peft_style.adapters["b.to_k"].scale == 2.0
-    kohya = read_lora(write_lora(tmp_path / "kohya.safetensors", adapters, extra={"unet.a.to_q.alpha": torch.tensor(1.0), "unet.b.to_k.alpha": torch.tensor(3.0)}))
+    kohya = read_lora(
+        write_lora(
+            tmp_path / "kohya.safetensors",
+            adapters,
+            extra={"unet.a.to_q.alpha": torch.tensor(1.0), "unet.b.to_k.alpha": torch.tensor(3.0)},
+        )
+    )
     assert kohya.alpha is None and kohya.adapters["a.to_q"].scale == 0.5 and kohya.adapters["b.to_k"].scale == 1.5
-    with_text = read_lora(write_lora(
-        tmp_path / "text.safetensors", adapters, metadata={"unet.r": 2, "unet.lora_alpha": 2, "text_encoder.r": 8, "text_encoder.lora_alpha": 99},
-        extra={"text_encoder.layer.q_proj.lora_A.weight": torch.zeros(8, 3), "text_encoder.layer.q_proj.lora_B.weight": torch.zeros(3, 8)},
-    ))
+    with_text = read_lora(
+        write_lora(
+            tmp_path / "text.safetensors",
+            adapters,
+            metadata={"unet.r": 2, "unet.lora_alpha": 2, "text_encoder.r": 8, "text_encoder.lora_alpha": 99},
+            extra={
+                "text_encoder.layer.q_proj.lora_A.weight": torch.zeros(8, 3),
+                "text_encoder.layer.q_proj.lora_B.weight": torch.zeros(3, 8),
+            },
+        )
+    )
     assert sorted(with_text.adapters) == ["a.to_q", "b.to_k"] and with_text.alpha == 2
     assert any("ignored 2 key(s) of text_encoder" in n for n in with_text.notes)
-    patterned = read_lora(write_lora(
-        tmp_path / "pattern.safetensors", {**adapters, "c.to_v": random_adapter(6, 5, rank=8, seed=3)},
-        metadata={"unet.r": 2, "unet.lora_alpha": 2, "unet.rank_pattern": {"c.to_v": 8}, "unet.alpha_pattern": {"to_v": 16}, "unet.use_rslora": False},
-    ))
+    patterned = read_lora(
+        write_lora(
+            tmp_path / "pattern.safetensors",
+            {**adapters, "c.to_v": random_adapter(6, 5, rank=8, seed=3)},
+            metadata={
+                "unet.r": 2,
+                "unet.lora_alpha": 2,
+                "unet.rank_pattern": {"c.to_v": 8},
+                "unet.alpha_pattern": {"to_v": 16},
+                "unet.use_rslora": False,
+            },
+        )
+    )
     assert patterned.rank == 2 and patterned.alpha is None and patterned.adapters["c.to_v"].scale == 2.0
-    rslora = read_lora(write_lora(tmp_path / "rs.safetensors", adapters, metadata={"r": 2, "lora_alpha": 4, "use_rslora": True}))
+    rslora = read_lora(
+        write_lora(tmp_path / "rs.safetensors", adapters, metadata={"r": 2, "lora_alpha": 4, "use_rslora": True})
+    )
     assert rslora.adapters["a.to_q"].scale == pytest.approx(4 / math.sqrt(2))
 
 
@@ -516,22 +632,41 @@ def test_read_lora_errors_name_the_file_and_key(tmp_path):
     adapter = random_adapter(6, 5, rank=2)
     path = tmp_path / "missing_b.safetensors"
     save_file({"unet.x.to_q.lora_A.weight": adapter.A}, str(path))
-    with pytest.raises(LoraFileError, match=r"missing_b\.safetensors: key 'unet\.x\.to_q\.lora_A\.weight' has no matching lora_B \(expected 'unet\.x\.to_q\.lora_B\.weight'\)"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"missing_b\.safetensors: key 'unet\.x\.to_q\.lora_A\.weight' has no matching lora_B \(expected 'unet\.x\.to_q\.lora_B\.weight'\)",
+    ):
         read_lora(path)
     path = tmp_path / "mismatch.safetensors"
     save_file({"unet.x.to_q.lora_A.weight": adapter.A, "unet.x.to_q.lora_B.weight": torch.zeros(6, 3)}, str(path))
-    with pytest.raises(LoraFileError, match=r"mismatch\.safetensors: key 'unet\.x\.to_q\.lora_B\.weight' has shape \(6, 3\) but 'unet\.x\.to_q\.lora_A\.weight' has shape \(2, 5\)"):
+    with pytest.raises(
+        LoraFileError,
+        match=r"mismatch\.safetensors: key 'unet\.x\.to_q\.lora_B\.weight' has shape \(6, 3\) but 'unet\.x\.to_q\.lora_A\.weight' has shape \(2, 5\)",
+    ):
         read_lora(path)
     path = tmp_path / "empty.safetensors"
     save_file({"text_encoder.q.lora_A.weight": adapter.A, "text_encoder.q.lora_B.weight": adapter.B}, str(path))
     with pytest.raises(LoraFileError, match=r"empty\.safetensors: no U-Net LoRA keys"):
         read_lora(path)
     path = tmp_path / "dora.safetensors"
-    save_file({"unet.x.lora_A.weight": adapter.A, "unet.x.lora_B.weight": adapter.B, "unet.x.lora_magnitude_vector": torch.ones(6)}, str(path))
-    with pytest.raises(LoraFileError, match=r"dora\.safetensors: key 'unet\.x\.lora_magnitude_vector' is not a LoRA factor"):
+    save_file(
+        {
+            "unet.x.lora_A.weight": adapter.A,
+            "unet.x.lora_B.weight": adapter.B,
+            "unet.x.lora_magnitude_vector": torch.ones(6),
+        },
+        str(path),
+    )
+    with pytest.raises(
+        LoraFileError, match=r"dora\.safetensors: key 'unet\.x\.lora_magnitude_vector' is not a LoRA factor"
+    ):
         read_lora(path)
-    path = write_lora(tmp_path / "ranks.safetensors", {"a": random_adapter(6, 5, rank=2), "b": random_adapter(6, 5, rank=3)})
-    with pytest.raises(LoraFileError, match=r"ranks\.safetensors: layer 'b' has rank 3 but layer 'a' has rank 2.*no rank_pattern"):
+    path = write_lora(
+        tmp_path / "ranks.safetensors", {"a": random_adapter(6, 5, rank=2), "b": random_adapter(6, 5, rank=3)}
+    )
+    with pytest.raises(
+        LoraFileError, match=r"ranks\.safetensors: layer 'b' has rank 3 but layer 'a' has rank 2.*no rank_pattern"
+    ):
         read_lora(path)
     (tmp_path / "garbage.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(LoraFileError, match=r"garbage\.safetensors: not a readable safetensors file"):
@@ -541,11 +676,22 @@ def test_read_lora_errors_name_the_file_and_key(tmp_path):
 
 
 def test_check_compatible_names_both_files_and_the_layer(tmp_path):
-    a = read_lora(write_lora(tmp_path / "sd15.safetensors", {"x.to_q": random_adapter(6, 5), "x.to_k": random_adapter(6, 5)}))
-    b = read_lora(write_lora(tmp_path / "sdxl.safetensors", {"x.to_q": random_adapter(6, 5), "x.to_k": random_adapter(6, 7)}))
+    a = read_lora(
+        write_lora(tmp_path / "sd15.safetensors", {"x.to_q": random_adapter(6, 5), "x.to_k": random_adapter(6, 5)})
+    )
+    b = read_lora(
+        write_lora(tmp_path / "sdxl.safetensors", {"x.to_q": random_adapter(6, 5), "x.to_k": random_adapter(6, 7)})
+    )
     with pytest.raises(LoraFileError, match=r"sd15\.safetensors and .*sdxl\.safetensors differ at layer 'x\.to_k'"):
         check_compatible([a, b])
-    c = read_lora(write_lora(tmp_path / "r8.safetensors", {"x.to_q": random_adapter(6, 5, rank=8), "x.to_k": random_adapter(6, 5, rank=8)}))
+    c = read_lora(
+        write_lora(
+            tmp_path / "r8.safetensors",
+            {"x.to_q": random_adapter(6, 5, rank=8), "x.to_k": random_adapter(6, 5, rank=8)},
+        )
+    )
     check_compatible([a, c])
-    with pytest.raises(LoraFileError, match=r"sd15\.safetensors and .*r8\.safetensors differ at layer 'x\.to_k': rank 4 vs 8"):
+    with pytest.raises(
+        LoraFileError, match=r"sd15\.safetensors and .*r8\.safetensors differ at layer 'x\.to_k': rank 4 vs 8"
+    ):
         check_compatible([a, c], need_equal_rank=True)

@@ -6,22 +6,41 @@ import math
 
 import pytest
 
-from lorachain.methods import ContinualMethod, InitContext, LayerAdapter, MethodError, make_method, method_names, register_method
+from lorachain.methods import (
+    ContinualMethod,
+    InitContext,
+    LayerAdapter,
+    MethodError,
+    make_method,
+    method_names,
+    register_method,
+)
 from lorachain.methods.base import gaussian_adapter
 from lorachain.methods.ortho_init import columnwise_null_vectors, rows_orthogonal_to
 from lorachain.torch_env import torch
 
 
-def ctx(*, rank=4, out_features=24, in_features=40, tasks_done=0, merged=None, previous=None, seed=0, scale=0.5, layer="l"):
+def ctx(
+    *, rank=4, out_features=24, in_features=40, tasks_done=0, merged=None, previous=None, seed=0, scale=0.5, layer="l"
+):
     return InitContext(
-        layer=layer, out_features=out_features, in_features=in_features, rank=rank, scale=scale,
-        tasks_done=tasks_done, merged=merged, previous=previous, generator=torch.Generator().manual_seed(seed),
+        layer=layer,
+        out_features=out_features,
+        in_features=in_features,
+        rank=rank,
+        scale=scale,
+        tasks_done=tasks_done,
+        merged=merged,
+        previous=previous,
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
 def random_adapter(rank=4, out_features=24, in_features=40, seed=1, scale=0.5):
     g = torch.Generator().manual_seed(seed)
-    return LayerAdapter(A=torch.randn(rank, in_features, generator=g), B=torch.randn(out_features, rank, generator=g), scale=scale)
+    return LayerAdapter(
+        A=torch.randn(rank, in_features, generator=g), B=torch.randn(out_features, rank, generator=g), scale=scale
+    )
 
 
 # -------------------------------------------------------------------------------------- registry
@@ -167,7 +186,9 @@ def test_ortho_columnwise_columns_orthogonal_to_previous(rank, init_scale):
     n = 50
     previous = random_adapter(rank=rank, in_features=n, seed=3)
     previous.A[:, 7] = 0.0  # a zero column: any unit vector is orthogonal to it
-    adapter = method.init_adapter(ctx(rank=rank, in_features=n, tasks_done=1, previous=previous, merged=torch.randn(24, n)))
+    adapter = method.init_adapter(
+        ctx(rank=rank, in_features=n, tasks_done=1, previous=previous, merged=torch.randn(24, n))
+    )
     assert adapter.A.shape == (rank, n) and adapter.A.dtype == torch.float32
     assert torch.count_nonzero(adapter.B) == 0 and adapter.B.shape == (24, rank)
     dots = (adapter.A.double() * previous.A.double()).sum(dim=0)  # dot per column j
@@ -210,7 +231,16 @@ def test_ortho_rowspace_orthogonal_to_all_previous_tasks(init_scale, tasks_done)
     assert (tasks_done + 1) * rank <= n
     merged, As = _merged_from_tasks(tasks_done, rank, m, n)
     method = make_method("ortho_init", {"variant": "rowspace", "init_scale": init_scale})
-    adapter = method.init_adapter(ctx(rank=rank, out_features=m, in_features=n, tasks_done=tasks_done, merged=merged, previous=random_adapter(rank, m, n)))
+    adapter = method.init_adapter(
+        ctx(
+            rank=rank,
+            out_features=m,
+            in_features=n,
+            tasks_done=tasks_done,
+            merged=merged,
+            previous=random_adapter(rank, m, n),
+        )
+    )
     A = adapter.A.double()
     assert adapter.A.shape == (rank, n) and torch.count_nonzero(adapter.B) == 0
     row_norm2 = n / rank**2 if init_scale == "gaussian" else 1.0  # Gaussian's expected Frobenius norm n / r
@@ -233,7 +263,9 @@ def test_ortho_rowspace_when_rank_does_not_allow():
     assert (A @ top.T).abs().max() < 1e-6
     # So the new rows span exactly the r weakest merged directions.
     weakest = vh[n - rank :]
-    torch.testing.assert_close((A @ weakest.T).abs().pow(2).sum(1), torch.ones(rank, dtype=torch.float64), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        (A @ weakest.T).abs().pow(2).sum(1), torch.ones(rank, dtype=torch.float64), rtol=0, atol=1e-6
+    )
 
 
 def test_ortho_rowspace_first_task_gaussian_and_seeded():

@@ -86,8 +86,12 @@ def test_tiny_pipeline_saves_reloads_bit_identically_and_generates(architecture,
         assert torch.equal(built.unet(**inputs).sample, loaded.unet(**inputs).sample)
     # A 64 px image comes out (8x8 latents decoded by the 8x VAE).
     images = loaded(
-        "a photo of sks backpack", num_inference_steps=2, height=64, width=64,
-        generator=torch.Generator().manual_seed(0), output_type="np",
+        "a photo of sks backpack",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
     ).images
     assert images.shape == (1, 64, 64, 3)
     assert images.dtype.kind == "f" and (images >= 0).all() and (images <= 1).all()
@@ -111,8 +115,13 @@ def test_tiny_sdxl_has_two_text_encoders_and_text_time_conditioning(tiny_sdxl_di
     # The U-Net attends to both encoders' states concatenated...
     assert config.cross_attention_dim == hidden + pipe.text_encoder_2.config.hidden_size
     # ...and is conditioned on the pooled projection plus six size/crop numbers.
-    assert config.projection_class_embeddings_input_dim == 6 * config.addition_time_embed_dim + pipe.text_encoder_2.config.projection_dim
-    embeds, _, pooled, _ = pipe.encode_prompt("a photo of", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False)
+    assert (
+        config.projection_class_embeddings_input_dim
+        == 6 * config.addition_time_embed_dim + pipe.text_encoder_2.config.projection_dim
+    )
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        "a photo of", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
     assert embeds.shape == (1, 77, config.cross_attention_dim)
     assert pooled.shape == (1, pipe.text_encoder_2.config.projection_dim)
     # The time ids really condition the output.
@@ -196,7 +205,9 @@ def test_load_pipeline_uncached_hub_id_offline():
 
 def _fresh_python(code: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def test_torch_env_makes_torchvision_open_clip_timm_importable():

@@ -21,15 +21,36 @@ def concepts(tiny_sd1_dir, synthetic_tasks, tmp_path_factory):
     root = tmp_path_factory.mktemp("modular")
     tasks = []
     for index, (prompt, images) in enumerate(synthetic_tasks, start=1):
-        tasks.append(Task(concept=f"concept{index}", kind="object", token="sks", class_name="thing", train_prompt=prompt, train_images=tuple(images), eval_prompts=(prompt,), reference_images=tuple(images[:1])))
+        tasks.append(
+            Task(
+                concept=f"concept{index}",
+                kind="object",
+                token="sks",
+                class_name="thing",
+                train_prompt=prompt,
+                train_images=tuple(images),
+                eval_prompts=(prompt,),
+                reference_images=tuple(images[:1]),
+            )
+        )
     write_tasks(root / "tasks.json", tasks, layout="dreambooth", dataset_root=str(root), order_seed=0)
     dirs = []
     for index, task in enumerate(tasks, start=1):
         directory = root / f"concept{index}"
         train_task(
-            model_source=str(tiny_sd1_dir), train_images=list(task.train_images), train_prompt=task.train_prompt, task_index=1,
-            slot=index - 1, previous_state=None, method_name="blocklora", method_params={"num_blocks": 4, "erasure": 0.25},
-            training={**TRAINING, "steps": 2}, seed=index, output_dir=directory, concept=task.concept, progress=False,
+            model_source=str(tiny_sd1_dir),
+            train_images=list(task.train_images),
+            train_prompt=task.train_prompt,
+            task_index=1,
+            slot=index - 1,
+            previous_state=None,
+            method_name="blocklora",
+            method_params={"num_blocks": 4, "erasure": 0.25},
+            training={**TRAINING, "steps": 2},
+            seed=index,
+            output_dir=directory,
+            concept=task.concept,
+            progress=False,
         )
         dirs.append(directory)
     return root, dirs
@@ -51,9 +72,24 @@ def test_merge_and_sample_applies_the_exact_merged_delta(concepts, tiny_sd1_dir,
 
     monkeypatch.setattr(state, "apply_to_unet", spy)
     result = modular.merge_and_sample(
-        concept_dirs=[str(d) for d in dirs[:2]], gram_files=None, merge_name="blocklora", merge_params={}, merge_key="modular.merges.blocklora",
-        tasks_file=root / "tasks.json", sampling=SAMPLING, model_source=str(tiny_sd1_dir), vae=None, output_dir=tmp_path / "samples",
-        identity={"model": "blocklora", "method": "blocklora", "domain": "objects", "order": 0, "seed": 0, "after_task": 2},
+        concept_dirs=[str(d) for d in dirs[:2]],
+        gram_files=None,
+        merge_name="blocklora",
+        merge_params={},
+        merge_key="modular.merges.blocklora",
+        tasks_file=root / "tasks.json",
+        sampling=SAMPLING,
+        model_source=str(tiny_sd1_dir),
+        vae=None,
+        output_dir=tmp_path / "samples",
+        identity={
+            "model": "blocklora",
+            "method": "blocklora",
+            "domain": "objects",
+            "order": 0,
+            "seed": 0,
+            "after_task": 2,
+        },
         merge_record=tmp_path / "merge.json",
     )
     first, second = factors(dirs[0]), factors(dirs[1])
@@ -72,15 +108,33 @@ def test_merge_and_sample_refuses_concepts_in_another_order(concepts, tiny_sd1_d
     root, dirs = concepts
     with pytest.raises(modular.ModularError, match="trained on concept 'concept2', but task 1"):
         modular.merge_and_sample(
-            concept_dirs=[str(dirs[1]), str(dirs[0])], gram_files=None, merge_name="weighted_average", merge_params={}, merge_key="k",
-            tasks_file=root / "tasks.json", sampling=SAMPLING, model_source=str(tiny_sd1_dir), vae=None, output_dir=tmp_path / "s",
-            identity={}, merge_record=tmp_path / "m.json",
+            concept_dirs=[str(dirs[1]), str(dirs[0])],
+            gram_files=None,
+            merge_name="weighted_average",
+            merge_params={},
+            merge_key="k",
+            tasks_file=root / "tasks.json",
+            sampling=SAMPLING,
+            model_source=str(tiny_sd1_dir),
+            vae=None,
+            output_dir=tmp_path / "s",
+            identity={},
+            merge_record=tmp_path / "m.json",
         )
     with pytest.raises(modular.ModularError, match="zero concepts"):
         modular.merge_and_sample(
-            concept_dirs=[], gram_files=None, merge_name="weighted_average", merge_params={}, merge_key="modular.merges.x",
-            tasks_file=root / "tasks.json", sampling=SAMPLING, model_source=str(tiny_sd1_dir), vae=None, output_dir=tmp_path / "s",
-            identity={}, merge_record=tmp_path / "m.json",
+            concept_dirs=[],
+            gram_files=None,
+            merge_name="weighted_average",
+            merge_params={},
+            merge_key="modular.merges.x",
+            tasks_file=root / "tasks.json",
+            sampling=SAMPLING,
+            model_source=str(tiny_sd1_dir),
+            vae=None,
+            output_dir=tmp_path / "s",
+            identity={},
+            merge_record=tmp_path / "m.json",
         )
 
 
@@ -93,9 +147,18 @@ def test_recorded_grams_let_gradient_fusion_reproduce_a_single_concept(concepts,
     root, dirs = concepts
     grams_file = tmp_path / "grams.safetensors"
     result = modular.record_layer_inputs(
-        model_source=str(tiny_sd1_dir), vae=None, state_dir=dirs[0], method_name="blocklora", method_params={"num_blocks": 4, "erasure": 0.25},
-        task=read_tasks(root / "tasks.json")[0], target_modules=["to_q", "to_k", "to_v", "to_out.0"], resolution=64, timesteps=2, seed=0,
-        output=grams_file, gram_dtype="float64",
+        model_source=str(tiny_sd1_dir),
+        vae=None,
+        state_dir=dirs[0],
+        method_name="blocklora",
+        method_params={"num_blocks": 4, "erasure": 0.25},
+        task=read_tasks(root / "tasks.json")[0],
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        resolution=64,
+        timesteps=2,
+        seed=0,
+        output=grams_file,
+        gram_dtype="float64",
     )
     grams = load_grams(grams_file)
     adapters = factors(dirs[0])
@@ -112,7 +175,23 @@ def test_recorded_grams_let_gradient_fusion_reproduce_a_single_concept(concepts,
 
 
 def _scores(rows):
-    return pd.DataFrame(rows, columns=["model", "method", "domain", "order", "seed", "after_task", "task", "concept", "metric", "score", "n_images", "n_references"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "model",
+            "method",
+            "domain",
+            "order",
+            "seed",
+            "after_task",
+            "task",
+            "concept",
+            "metric",
+            "score",
+            "n_images",
+            "n_references",
+        ],
+    )
 
 
 def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
@@ -130,19 +209,35 @@ def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
         path.write_text(json.dumps({"k": k, "merge_s": 0.01 * k, "merge_type": "instant"}))
         records[f"m|{k}"] = str(path)
     table = modular_results_job(
-        domain="objects", scores={"m": str(tmp_path / "scores.csv")}, records=records, merges={"m": {"method": "blocklora", "adapters": "b"}},
-        merge_order=["m"], metrics=["dino", "clip_i", "clip_t"], table=tmp_path / "t.csv", markdown=tmp_path / "t.md", curve=tmp_path / "curve.png",
+        domain="objects",
+        scores={"m": str(tmp_path / "scores.csv")},
+        records=records,
+        merges={"m": {"method": "blocklora", "adapters": "b"}},
+        merge_order=["m"],
+        metrics=["dino", "clip_i", "clip_t"],
+        table=tmp_path / "t.csv",
+        markdown=tmp_path / "t.md",
+        curve=tmp_path / "curve.png",
         curve_pdf=tmp_path / "curve.pdf",
     )
     row = table[0]
     assert row["k"] == 2 and row["merge_s"] == pytest.approx(0.02) and row["image_metric"] == "clip_i"
     assert row["image_alignment"] == pytest.approx((0.5 + 0.1 - 0.1 + 0.5 + 0.2 - 0.1) / 2)
     assert row["average"] == pytest.approx((row["image_alignment"] + 0.3) / 2)
-    assert (tmp_path / "curve.png").is_file() and "| m | instant | blocklora (b) | 2 |" in (tmp_path / "t.md").read_text()
+    assert (tmp_path / "curve.png").is_file() and "| m | instant | blocklora (b) | 2 |" in (
+        tmp_path / "t.md"
+    ).read_text()
     del records["m|1"]
     with pytest.raises(ModularResultError, match="no merge record for merge 'm' at k = 1"):
         modular_results_job(
-            domain="objects", scores={"m": str(tmp_path / "scores.csv")}, records=records, merges={"m": {"method": "blocklora", "adapters": "b"}},
-            merge_order=["m"], metrics=["clip_i", "clip_t"], table=tmp_path / "t.csv", markdown=tmp_path / "t.md", curve=tmp_path / "curve.png",
+            domain="objects",
+            scores={"m": str(tmp_path / "scores.csv")},
+            records=records,
+            merges={"m": {"method": "blocklora", "adapters": "b"}},
+            merge_order=["m"],
+            metrics=["clip_i", "clip_t"],
+            table=tmp_path / "t.csv",
+            markdown=tmp_path / "t.md",
+            curve=tmp_path / "curve.png",
             curve_pdf=tmp_path / "curve.pdf",
         )

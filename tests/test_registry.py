@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lorachain.config_checks import ConfigError, check_registered_blocks, full_schema, registered_block_problems, validate_config
+from lorachain.config_checks import (
+    ConfigError,
+    check_registered_blocks,
+    full_schema,
+    registered_block_problems,
+    validate_config,
+)
 from lorachain.methods import (
     Concept,
     LayerAdapter,
@@ -74,8 +80,14 @@ def test_schema_lists_exactly_the_registered_merges_and_their_parameters():
         allowed = set(then["properties"]) - {"method", "adapters"}
         assert allowed == set(merge_class(name).parameters()), name
         assert then["properties"]["weights"]["$ref"] == "#/$defs/merge_weights"
-        assert all("default" not in value for value in then["properties"].values()), "merge defaults stay in the classes"
-    assert [option.get("const", option.get("type")) for option in defs["merge_weights"]["oneOf"]] == ["mean", "number", "array"]
+        assert all("default" not in value for value in then["properties"].values()), (
+            "merge defaults stay in the classes"
+        )
+    assert [option.get("const", option.get("type")) for option in defs["merge_weights"]["oneOf"]] == [
+        "mean",
+        "number",
+        "array",
+    ]
 
 
 def test_the_yaml_schema_holds_no_hand_written_blocks_and_the_full_schema_has_them():
@@ -105,7 +117,10 @@ def test_validate_config_fills_method_defaults_and_names_bad_values():
 
 
 def test_building_a_method_checks_each_parameter_by_its_declaration():
-    with pytest.raises(MethodError, match=r"methods\.b: method 'blocklora': parameter 'erasure' .* must be a number >= 0 and < 1, got 1\.0"):
+    with pytest.raises(
+        MethodError,
+        match=r"methods\.b: method 'blocklora': parameter 'erasure' .* must be a number >= 0 and < 1, got 1\.0",
+    ):
         make_method("blocklora", {"erasure": 1.0}, key="methods.b")
     with pytest.raises(MethodError, match=r"parameter 'num_blocks' .* must be an integer >= 1, got 2\.0"):
         make_method("blocklora", {"num_blocks": 2.0})  # stricter than JSON Schema: 2.0 is no integer here
@@ -122,8 +137,15 @@ def test_blocklora_num_blocks_is_checked_against_the_longest_chain_and_the_conce
             "objects": {"dataset": {"layout": "dreambooth", "synthetic": {}}, "num_tasks": 3},
             "styles": {"dataset": {"layout": "unlearncanvas", "synthetic": {}}, "num_tasks": 5},
         },
-        methods={"blocks": {"method": "blocklora", "num_blocks": 4}, "flat": {"method": "blocklora", "num_blocks": 2, "blockwise": False}},
-        modular={"concepts": 6, "adapters": {"bl": {"method": "blocklora", "num_blocks": 5}}, "merges": {"m": {"method": "ties", "adapters": "bl", "density": 2}}},
+        methods={
+            "blocks": {"method": "blocklora", "num_blocks": 4},
+            "flat": {"method": "blocklora", "num_blocks": 2, "blockwise": False},
+        },
+        modular={
+            "concepts": 6,
+            "adapters": {"bl": {"method": "blocklora", "num_blocks": 5}},
+            "merges": {"m": {"method": "ties", "adapters": "bl", "density": 2}},
+        },
     )
     problems = registered_block_problems(config)
     assert problems == [
@@ -166,7 +188,7 @@ class Damped(ContinualMethod):
         return delta if merged is None else merged + delta
 '''
 
-MERGE_PLUGIN = '''
+MERGE_PLUGIN = """
 from lorachain.methods import MergeMethod, linear_combination, register_merge, weights_param
 from lorachain.params import Param
 
@@ -178,7 +200,7 @@ class GainedSum(MergeMethod):
 
     def merge_layer(self, layer, index, concepts, weights):
         return self.params["gain"] * linear_combination([concept.adapters[layer] for concept in concepts], weights)
-'''
+"""
 
 
 @pytest.fixture
@@ -202,7 +224,11 @@ def test_plugins_join_the_registries_the_schema_and_the_checks(plugins, tmp_path
 
     defs = schema_defs()
     assert then_blocks(defs["method_block"])["damped_plugin"]["properties"]["factor"] == {
-        "type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5, "description": "share of each delta kept",
+        "type": "number",
+        "exclusiveMinimum": 0,
+        "maximum": 1,
+        "default": 0.5,
+        "description": "share of each delta kept",
     }
     gain = then_blocks(defs["merge_block"])["gained_sum_plugin"]["properties"]["gain"]
     assert gain["type"] == "integer" and gain["minimum"] == 1 and "default 2" in gain["description"]
@@ -210,7 +236,11 @@ def test_plugins_join_the_registries_the_schema_and_the_checks(plugins, tmp_path
     config = small_config(
         plugins=plugins,
         methods={"d": {"method": "damped_plugin"}},
-        modular={"concepts": 2, "adapters": {"d": {"method": "damped_plugin", "factor": 0.25}}, "merges": {"g": {"method": "gained_sum_plugin", "adapters": "d", "gain": 3}}},
+        modular={
+            "concepts": 2,
+            "adapters": {"d": {"method": "damped_plugin", "factor": 0.25}},
+            "merges": {"g": {"method": "gained_sum_plugin", "adapters": "d", "gain": 3}},
+        },
     )
     validate_config(config, SCHEMA)
     assert config["methods"]["d"] == {"method": "damped_plugin", "factor": 0.5}
@@ -218,10 +248,20 @@ def test_plugins_join_the_registries_the_schema_and_the_checks(plugins, tmp_path
 
     with pytest.raises(Exception, match="factor"):
         validate_config(small_config(plugins=plugins, methods={"d": {"method": "damped_plugin", "factor": 2}}), SCHEMA)
-    with pytest.raises(ConfigError, match=r"config key methods\.d: method 'damped_plugin': parameter 'factor' .* got 2"):
+    with pytest.raises(
+        ConfigError, match=r"config key methods\.d: method 'damped_plugin': parameter 'factor' .* got 2"
+    ):
         check_registered_blocks(small_config(methods={"d": {"method": "damped_plugin", "factor": 2}}))
-    bad_merge = small_config(modular={"concepts": 1, "adapters": {"a": {"method": "naive"}}, "merges": {"g": {"method": "gained_sum_plugin", "adapters": "a", "gain": 0}}})
-    with pytest.raises(ConfigError, match=r"config key modular\.merges\.g: merge 'gained_sum_plugin': parameter 'gain'"):
+    bad_merge = small_config(
+        modular={
+            "concepts": 1,
+            "adapters": {"a": {"method": "naive"}},
+            "merges": {"g": {"method": "gained_sum_plugin", "adapters": "a", "gain": 0}},
+        }
+    )
+    with pytest.raises(
+        ConfigError, match=r"config key modular\.merges\.g: merge 'gained_sum_plugin': parameter 'gain'"
+    ):
         check_registered_blocks(bad_merge)
 
     method = make_method("damped_plugin", {"factor": 0.25})
@@ -237,7 +277,9 @@ def test_a_plugin_that_cannot_be_imported_is_named_by_its_key(tmp_path):
     with pytest.raises(PluginError, match=r"config key plugins\[1\]: cannot import module 'no_such_plugin_module'"):
         load_plugins(["json", "no_such_plugin_module"])
     (tmp_path / "broken.py").write_text("raise RuntimeError('broken on purpose')\n")
-    with pytest.raises(ConfigError, match=r"plugins\[0\]: importing .*broken\.py failed \(RuntimeError: broken on purpose\)"):
+    with pytest.raises(
+        ConfigError, match=r"plugins\[0\]: importing .*broken\.py failed \(RuntimeError: broken on purpose\)"
+    ):
         validate_config(small_config(plugins=[str(tmp_path / "broken.py")]), SCHEMA)
 
 

@@ -34,7 +34,13 @@ def test_the_rehearsal_substitutes_only_models_roots_and_sizes(rehearsal_setup):
     assert changed and all(allowed(key) for key in changed), sorted(key for key in changed if not allowed(key))
     assert not [key for key, _ in _walk(config) if key.split(".")[-1] in ("tiny", "tiny_seed")]  # no tiny: code path
     # every model the paper names by hub id or file is now a local stand-in of the same class
-    for key in ("model.pretrained", "model.vae", "metrics.dino.pretrained", "metrics.clip.pretrained", "metrics.csd.checkpoint"):
+    for key in (
+        "model.pretrained",
+        "model.vae",
+        "metrics.dino.pretrained",
+        "metrics.clip.pretrained",
+        "metrics.csd.checkpoint",
+    ):
         assert key in changed
         value = dict(_walk(config))[key]
         assert Path(value).is_absolute() and Path(value).exists(), (key, value)
@@ -42,7 +48,10 @@ def test_the_rehearsal_substitutes_only_models_roots_and_sizes(rehearsal_setup):
         assert (Path(config["model"]["pretrained"]) / name).is_file()
     assert json.loads((Path(config["model"]["vae"]) / "config.json").read_text())["_class_name"] == "AutoencoderKL"
     assert config["training"]["gradient_checkpointing"] is True and config["methods"] == paper["methods"]
-    assert config["modular"]["adapters"] == paper["modular"]["adapters"] and config["modular"]["merges"] == paper["modular"]["merges"]
+    assert (
+        config["modular"]["adapters"] == paper["modular"]["adapters"]
+        and config["modular"]["merges"] == paper["modular"]["merges"]
+    )
 
 
 @pytest.mark.slow
@@ -64,7 +73,9 @@ def test_the_rehearsal_writes_both_tables_the_modular_table_and_the_report(rehea
 @pytest.mark.slow
 def test_the_rehearsal_trained_on_the_stand_ins_by_path(rehearsal_run):
     workdir, config = rehearsal_run["workdir"], rehearsal_run["config"]
-    state = json.loads((workdir / "results" / "objects" / "naive" / "order0-seed0" / "task02" / "state.json").read_text())
+    state = json.loads(
+        (workdir / "results" / "objects" / "naive" / "order0-seed0" / "task02" / "state.json").read_text()
+    )
     assert state["base_model"] == config["model"]["pretrained"] and state["architecture"] == "StableDiffusionXLPipeline"
     tasks = json.loads((workdir / "results" / "objects" / "tasks" / "order0.json").read_text())
     assert Path(tasks["dataset_root"]) == Path(config["domains"]["objects"]["dataset"]["root"]).resolve()
@@ -85,14 +96,18 @@ def test_a_corrupt_lora_is_refused_and_deleting_the_named_directory_reruns_it_an
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     target = "results/objects/naive/order0-seed0/task02/state.json"
     args = ("--profile", str(ROOT / "profiles" / "local"), f"--configfile={rehearsal_run['path']}", target)
-    failed = subprocess.run(snakemake_command(*args, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    failed = subprocess.run(
+        snakemake_command(*args, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert failed.returncode != 0
     log = (workdir / "logs" / "objects" / "naive" / "order0-seed0" / "task02.log").read_text()
     assert f"{lora.absolute()}: {size - 100} bytes, but" in log and f"recorded {size} bytes" in log, log[-3000:]
     assert f"delete the directory {lora.parent.absolute()} and rerun the workflow" in log
 
     shutil.rmtree(lora.parent)
-    rerun = subprocess.run(snakemake_command(*args, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    rerun = subprocess.run(
+        snakemake_command(*args, workdir=workdir), cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     counts = job_counts(rerun.stdout + rerun.stderr)
     assert counts == {"train_task": 2, "total": 2}, counts  # task 1 and task 2 of this run, nothing else
@@ -110,14 +125,38 @@ def test_the_rehearsal_command_writes_a_config_that_dry_runs(tmp_path):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "lorachain.cli", "rehearsal", str(tmp_path), "--dreambooth", str(REAL_DREAMBOOTH), "--paper", str(ROOT / "config" / "config.yaml")]
+    command = [
+        sys.executable,
+        "-m",
+        "lorachain.cli",
+        "rehearsal",
+        str(tmp_path),
+        "--dreambooth",
+        str(REAL_DREAMBOOTH),
+        "--paper",
+        str(ROOT / "config" / "config.yaml"),
+    ]
     written = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert written.returncode == 0, written.stderr[-3000:]
     assert f"--configfile={tmp_path / 'config.yaml'} --directory {tmp_path}" in written.stdout
-    dry = subprocess.run(snakemake_command("-n", f"--configfile={tmp_path / 'config.yaml'}", workdir=tmp_path), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    dry = subprocess.run(
+        snakemake_command("-n", f"--configfile={tmp_path / 'config.yaml'}", workdir=tmp_path),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert dry.returncode == 0, dry.stderr[-3000:]
     counts = job_counts(dry.stdout)
     assert counts["train_task"] == 4 * 2 * 2 and counts["train_concept"] == 5 * 2 and "build_tiny_model" not in counts
-    again = [*command[:4], str(tmp_path / "again"), "--dreambooth", str(tmp_path / "nowhere"), "--paper", str(ROOT / "config" / "config.yaml")]
+    again = [
+        *command[:4],
+        str(tmp_path / "again"),
+        "--dreambooth",
+        str(tmp_path / "nowhere"),
+        "--paper",
+        str(ROOT / "config" / "config.yaml"),
+    ]
     missing = subprocess.run(again, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "not a DreamBooth dataset" in missing.stderr

@@ -14,9 +14,23 @@ T = 3
 
 def run_rows(method, order, seed, concepts, offset):
     return [
-        {"model": method, "method": method, "domain": "objects", "order": order, "seed": seed, "after_task": i, "task": j,
-         "concept": concepts[j - 1], "metric": metric, "score": 0.5 + offset + 0.1 * j - 0.05 * (i - j), "n_images": 4, "n_references": 3}
-        for i in range(1, T + 1) for j in range(1, i + 1) for metric in ("dino", "clip_t")
+        {
+            "model": method,
+            "method": method,
+            "domain": "objects",
+            "order": order,
+            "seed": seed,
+            "after_task": i,
+            "task": j,
+            "concept": concepts[j - 1],
+            "metric": metric,
+            "score": 0.5 + offset + 0.1 * j - 0.05 * (i - j),
+            "n_images": 4,
+            "n_references": 3,
+        }
+        for i in range(1, T + 1)
+        for j in range(1, i + 1)
+        for metric in ("dino", "clip_t")
     ]
 
 
@@ -29,19 +43,43 @@ def score_files(tmp_path):
             write_scores(run_rows(method, order, 0, concepts, offset), path)
             files[f"{method}|{order}|0"] = str(path)
     base = tmp_path / "base.csv"
-    write_scores([
-        {"model": "base", "method": "base", "domain": "objects", "order": "", "seed": "", "after_task": 0, "task": index,
-         "concept": concept, "metric": metric, "score": 0.3, "n_images": 4, "n_references": 3}
-        for index, concept in enumerate("abc", start=1) for metric in ("dino", "clip_t")
-    ], base)
+    write_scores(
+        [
+            {
+                "model": "base",
+                "method": "base",
+                "domain": "objects",
+                "order": "",
+                "seed": "",
+                "after_task": 0,
+                "task": index,
+                "concept": concept,
+                "metric": metric,
+                "score": 0.3,
+                "n_images": 4,
+                "n_references": 3,
+            }
+            for index, concept in enumerate("abc", start=1)
+            for metric in ("dino", "clip_t")
+        ],
+        base,
+    )
     return files, str(base)
 
 
 def table(tmp_path, files, base, **overrides):
     arguments = dict(
-        domain="objects", run_scores=files, base_scores=base, methods=["naive", "magmax"], metrics=["dino", "clip_t"],
-        num_tasks=T, orders=[0, 5], seeds=[0], table=tmp_path / "tables" / "objects.csv",
-        markdown=tmp_path / "tables" / "objects.md", matrices=tmp_path / "objects" / "matrices.csv",
+        domain="objects",
+        run_scores=files,
+        base_scores=base,
+        methods=["naive", "magmax"],
+        metrics=["dino", "clip_t"],
+        num_tasks=T,
+        orders=[0, 5],
+        seeds=[0],
+        table=tmp_path / "tables" / "objects.csv",
+        markdown=tmp_path / "tables" / "objects.md",
+        matrices=tmp_path / "objects" / "matrices.csv",
     )
     return continual_table_job(**{**arguments, **overrides})
 
@@ -50,7 +88,12 @@ def test_table_has_one_row_per_method_and_metric(tmp_path, score_files):
     files, base = score_files
     table(tmp_path, files, base)
     written = pd.read_csv(tmp_path / "tables" / "objects.csv")
-    assert list(zip(written["method"], written["metric"])) == [("naive", "dino"), ("naive", "clip_t"), ("magmax", "dino"), ("magmax", "clip_t")]
+    assert list(zip(written["method"], written["metric"])) == [
+        ("naive", "dino"),
+        ("naive", "clip_t"),
+        ("magmax", "dino"),
+        ("magmax", "clip_t"),
+    ]
     assert (written["n_runs"] == 2).all() and written.drop(columns=["domain", "method", "metric"]).notna().all().all()
     naive = written.iloc[0]
     # a[j, i] = 0.5 + 0.1 j - 0.05 (i - j): S = mean_j a[j, 3], P = mean_j a[j, j], F = mean_{j<3} 0.05 (3 - j)
@@ -77,15 +120,30 @@ def test_figures_are_written_as_png_and_pdf(tmp_path, score_files):
     files, base = score_files
     table(tmp_path, files, base)
     plot_metric_job(
-        domain="objects", metric="dino", matrices=tmp_path / "objects" / "matrices.csv", base_scores=base, methods=["naive", "magmax"],
-        num_tasks=T, heatmap=tmp_path / "fig" / "heatmap-dino.png", heatmap_pdf=tmp_path / "fig" / "heatmap-dino.pdf",
-        curve=tmp_path / "fig" / "curve-dino.png", curve_pdf=tmp_path / "fig" / "curve-dino.pdf",
+        domain="objects",
+        metric="dino",
+        matrices=tmp_path / "objects" / "matrices.csv",
+        base_scores=base,
+        methods=["naive", "magmax"],
+        num_tasks=T,
+        heatmap=tmp_path / "fig" / "heatmap-dino.png",
+        heatmap_pdf=tmp_path / "fig" / "heatmap-dino.pdf",
+        curve=tmp_path / "fig" / "curve-dino.png",
+        curve_pdf=tmp_path / "fig" / "curve-dino.pdf",
     )
     for name in ("heatmap-dino", "curve-dino"):
         for suffix in ("png", "pdf"):
             assert (tmp_path / "fig" / f"{name}.{suffix}").stat().st_size > 1000
     with pytest.raises(SummaryError, match="no dino scores for methods \\['ortho_init'\\]"):
         plot_metric_job(
-            domain="objects", metric="dino", matrices=tmp_path / "objects" / "matrices.csv", base_scores=base, methods=["naive", "ortho_init"],
-            num_tasks=T, heatmap=tmp_path / "h.png", heatmap_pdf=tmp_path / "h.pdf", curve=tmp_path / "c.png", curve_pdf=tmp_path / "c.pdf",
+            domain="objects",
+            metric="dino",
+            matrices=tmp_path / "objects" / "matrices.csv",
+            base_scores=base,
+            methods=["naive", "ortho_init"],
+            num_tasks=T,
+            heatmap=tmp_path / "h.png",
+            heatmap_pdf=tmp_path / "h.pdf",
+            curve=tmp_path / "c.png",
+            curve_pdf=tmp_path / "c.pdf",
         )

@@ -39,7 +39,9 @@ from lorachain.train import (
 from lorachain.train import read_checkpoint as read_checkpoint_file
 
 STEPS, EVERY = 12, 4
-TRAINING = dict(rank=4, lora_alpha=8, steps=STEPS, learning_rate=1e-3, resolution=64, batch_size=2, checkpoint_every=EVERY)
+TRAINING = dict(
+    rank=4, lora_alpha=8, steps=STEPS, learning_rate=1e-3, resolution=64, batch_size=2, checkpoint_every=EVERY
+)
 METHOD = "merge_init"
 LOSS_LOG = "losses.csv"
 SCHEMA = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
@@ -60,10 +62,20 @@ def call_kwargs(base, tasks, output_dir, *, index=1, previous=None, seed=0, **tr
     prompt, images = tasks[index - 1]
     output_dir = Path(output_dir)
     return dict(
-        model_source=str(base), train_images=images, train_prompt=prompt, task_index=index,
-        previous_state=None if previous is None else str(previous), method_name=METHOD, method_params={},
-        training={**TRAINING, **training}, seed=seed, output_dir=str(output_dir),
-        run={"method": METHOD, "seed": seed}, concept=f"concept{index}", loss_log=str(output_dir / LOSS_LOG), progress=False,
+        model_source=str(base),
+        train_images=images,
+        train_prompt=prompt,
+        task_index=index,
+        previous_state=None if previous is None else str(previous),
+        method_name=METHOD,
+        method_params={},
+        training={**TRAINING, **training},
+        seed=seed,
+        output_dir=str(output_dir),
+        run={"method": METHOD, "seed": seed},
+        concept=f"concept{index}",
+        loss_log=str(output_dir / LOSS_LOG),
+        progress=False,
     )
 
 
@@ -169,7 +181,9 @@ def signal_after_first_checkpoint(kwargs: dict, out: Path, log_path: Path, signu
     with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would stall the child
         process = subprocess.Popen(
             [sys.executable, "-c", textwrap.dedent(DRIVER), json.dumps(kwargs)],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )
     checkpoint = out / RESUME_DIR / CHECKPOINT_FILE
     deadline = time.monotonic() + 180
@@ -189,7 +203,9 @@ def signal_after_first_checkpoint(kwargs: dict, out: Path, log_path: Path, signu
 
 def test_sigterm_to_a_training_process_then_rerun_is_bit_identical(tiny_sd1_dir, synthetic_tasks, tmp_path, reference):
     out, log_path = tmp_path / "task1", tmp_path / "job.log"
-    returncode = signal_after_first_checkpoint(call_kwargs(tiny_sd1_dir, synthetic_tasks, out), out, log_path, signal.SIGTERM)
+    returncode = signal_after_first_checkpoint(
+        call_kwargs(tiny_sd1_dir, synthetic_tasks, out), out, log_path, signal.SIGTERM
+    )
     assert returncode != 0
     stderr = log_path.read_text()
     assert "TrainingInterrupted" in stderr and "interrupted by SIGTERM after step" in stderr, stderr[-3000:]
@@ -203,11 +219,15 @@ def test_sigterm_to_a_training_process_then_rerun_is_bit_identical(tiny_sd1_dir,
     assert_same_outcome(out, reference)
 
 
-def test_sigkill_of_a_training_process_then_rerun_resumes_from_the_periodic_checkpoint(tiny_sd1_dir, synthetic_tasks, tmp_path, reference):
+def test_sigkill_of_a_training_process_then_rerun_resumes_from_the_periodic_checkpoint(
+    tiny_sd1_dir, synthetic_tasks, tmp_path, reference
+):
     """A hard kill (SIGKILL after the grace period, OOM killer, node failure): no handler runs, the
     process leaves its last periodic checkpoint and no state; the rerun continues from it."""
     out = tmp_path / "task1"
-    returncode = signal_after_first_checkpoint(call_kwargs(tiny_sd1_dir, synthetic_tasks, out), out, tmp_path / "job.log", signal.SIGKILL)
+    returncode = signal_after_first_checkpoint(
+        call_kwargs(tiny_sd1_dir, synthetic_tasks, out), out, tmp_path / "job.log", signal.SIGKILL
+    )
     assert returncode == -signal.SIGKILL
     assert_incomplete(out)
     stopped = read_checkpoint(out)["step"]
@@ -217,11 +237,16 @@ def test_sigkill_of_a_training_process_then_rerun_resumes_from_the_periodic_chec
     assert_same_outcome(out, reference)
 
 
-def test_sigterm_mid_step_stops_after_the_step_and_resumes_bit_identically(tiny_sd1_dir, synthetic_tasks, tmp_path, reference, monkeypatch):
+def test_sigterm_mid_step_stops_after_the_step_and_resumes_bit_identically(
+    tiny_sd1_dir, synthetic_tasks, tmp_path, reference, monkeypatch
+):
     out = tmp_path / "task1"
     handler_before = signal.getsignal(signal.SIGTERM)
     sigterm_during_step(monkeypatch, 5)
-    with pytest.raises(TrainingInterrupted, match=rf"interrupted by SIGTERM after step 6 of {STEPS}; no state was written; checkpoint written to .*resume from step 6") as info:
+    with pytest.raises(
+        TrainingInterrupted,
+        match=rf"interrupted by SIGTERM after step 6 of {STEPS}; no state was written; checkpoint written to .*resume from step 6",
+    ) as info:
         run(tiny_sd1_dir, synthetic_tasks, out)
     assert isinstance(info.value, TrainingError)
     assert info.value.step == 6 and info.value.checkpoint == out / RESUME_DIR / CHECKPOINT_FILE
@@ -239,7 +264,9 @@ def test_sigterm_mid_step_stops_after_the_step_and_resumes_bit_identically(tiny_
     assert_same_outcome(out, reference)
 
 
-def test_crash_mid_step_resumes_from_the_last_periodic_checkpoint(tiny_sd1_dir, synthetic_tasks, tmp_path, reference, monkeypatch):
+def test_crash_mid_step_resumes_from_the_last_periodic_checkpoint(
+    tiny_sd1_dir, synthetic_tasks, tmp_path, reference, monkeypatch
+):
     """A hard kill (SIGKILL after the grace period, a node failure) leaves only the periodic checkpoint."""
     out = tmp_path / "task1"
 
@@ -262,7 +289,9 @@ def test_crash_mid_step_resumes_from_the_last_periodic_checkpoint(tiny_sd1_dir, 
     assert_same_outcome(out, reference)
 
 
-def test_sigterm_during_the_last_step_finishes_the_task(tiny_sd1_dir, synthetic_tasks, tmp_path, reference, monkeypatch):
+def test_sigterm_during_the_last_step_finishes_the_task(
+    tiny_sd1_dir, synthetic_tasks, tmp_path, reference, monkeypatch
+):
     out = tmp_path / "task1"
     handler_before = signal.getsignal(signal.SIGTERM)
     sigterm_during_step(monkeypatch, STEPS - 1)
@@ -276,7 +305,9 @@ def test_sigterm_during_the_last_step_finishes_the_task(tiny_sd1_dir, synthetic_
 
 
 @pytest.mark.parametrize("change", [{"seed": 1}, {"learning_rate": 2e-3}])
-def test_checkpoint_of_another_configuration_is_not_used(tiny_sd1_dir, synthetic_tasks, tmp_path, reference, other_seed, monkeypatch, caplog, change):
+def test_checkpoint_of_another_configuration_is_not_used(
+    tiny_sd1_dir, synthetic_tasks, tmp_path, reference, other_seed, monkeypatch, caplog, change
+):
     out = tmp_path / "task1"
     sigterm_during_step(monkeypatch, 5)
     with pytest.raises(TrainingInterrupted):
@@ -287,7 +318,10 @@ def test_checkpoint_of_another_configuration_is_not_used(tiny_sd1_dir, synthetic
         manifest = run(tiny_sd1_dir, synthetic_tasks, out, **change)
     assert manifest["resumed_from_step"] == 0
     key = "seed" if "seed" in change else "training"
-    assert any("ignoring the in-task checkpoint" in r.getMessage() and key in r.getMessage().split("differs in: ")[-1] for r in caplog.records), caplog.text
+    assert any(
+        "ignoring the in-task checkpoint" in r.getMessage() and key in r.getMessage().split("differs in: ")[-1]
+        for r in caplog.records
+    ), caplog.text
     assert not (out / RESUME_DIR).exists()
     if "seed" in change:  # equal to a fresh run of the new configuration
         assert_same_outcome(out, other_seed)
@@ -306,7 +340,9 @@ def test_unreadable_checkpoint_is_ignored(tiny_sd1_dir, synthetic_tasks, tmp_pat
     assert_same_outcome(out, reference)
 
 
-def test_task2_resumes_on_its_previous_state_and_ignores_a_changed_one(tiny_sd1_dir, synthetic_tasks, tmp_path, reference, other_seed, monkeypatch, caplog):
+def test_task2_resumes_on_its_previous_state_and_ignores_a_changed_one(
+    tiny_sd1_dir, synthetic_tasks, tmp_path, reference, other_seed, monkeypatch, caplog
+):
     previous = tmp_path / "run" / "task1"
     shutil.copytree(reference["dir"], previous)
     out = tmp_path / "run" / "task2"
@@ -350,7 +386,10 @@ def test_checkpoint_every_zero_writes_no_checkpoint(tiny_sd1_dir, synthetic_task
 def test_sigterm_with_checkpoints_disabled_still_stops_cleanly(tiny_sd1_dir, synthetic_tasks, tmp_path, monkeypatch):
     out = tmp_path / "task1"
     sigterm_during_step(monkeypatch, 5)
-    with pytest.raises(TrainingInterrupted, match=r"after step 6 of 12; no state was written; no checkpoint \(training.checkpoint_every is 0\)") as info:
+    with pytest.raises(
+        TrainingInterrupted,
+        match=r"after step 6 of 12; no state was written; no checkpoint \(training.checkpoint_every is 0\)",
+    ) as info:
         run(tiny_sd1_dir, synthetic_tasks, out, checkpoint_every=0)
     assert info.value.checkpoint is None
     assert_incomplete(out)
@@ -398,7 +437,10 @@ def test_training_config_defaults_are_the_schemas():
     defaults = TrainingConfig()
     optimizer = {key: block["default"] for key, block in schema.pop("optimizer")["properties"].items()}
     assert (defaults.optimizer, list(defaults.betas), defaults.weight_decay, defaults.eps) == (
-        optimizer["name"], optimizer["betas"], optimizer["weight_decay"], optimizer["eps"]
+        optimizer["name"],
+        optimizer["betas"],
+        optimizer["weight_decay"],
+        optimizer["eps"],
     )
     for key, block in schema.items():
         value = getattr(defaults, key)

@@ -11,7 +11,13 @@ import pytest
 
 from lorachain.data import Task
 from lorachain.sample import (
-    INDEX_COLUMNS, SamplingConfig, SamplingError, initial_noises, load_model_for_sampling, read_index, sample_after_task, sample_tasks,
+    INDEX_COLUMNS,
+    SamplingConfig,
+    SamplingError,
+    initial_noises,
+    load_model_for_sampling,
+    read_index,
+    sample_after_task,
 )
 from lorachain.state import STATE_FILE, StateError
 from lorachain.torch_env import torch
@@ -23,8 +29,14 @@ TRAINING = dict(rank=4, lora_alpha=4, steps=3, learning_rate=1e-3, resolution=64
 
 def make_task(concept: str, images: list[str], prompts=("a {} in a jail", "a {} wearing a santa hat")) -> Task:
     return Task(
-        concept=concept, kind="object", token="sks", class_name=concept, train_images=images,
-        train_prompt=f"a photo of sks {concept}", eval_prompts=[p.format(f"sks {concept}") for p in prompts], reference_images=images,
+        concept=concept,
+        kind="object",
+        token="sks",
+        class_name=concept,
+        train_images=images,
+        train_prompt=f"a photo of sks {concept}",
+        eval_prompts=[p.format(f"sks {concept}") for p in prompts],
+        reference_images=images,
     )
 
 
@@ -52,9 +64,19 @@ def states(tiny_sd1_dir, tasks, tmp_path_factory) -> dict[str, list[Path]]:
         for index, task in enumerate(tasks, start=1):
             directory = root / method / f"task{index:02d}"
             train_task(
-                model_source=str(tiny_sd1_dir), train_images=list(task.train_images), train_prompt=task.train_prompt,
-                task_index=index, previous_state=previous, method_name=method, method_params={}, training=TRAINING, seed=0,
-                output_dir=directory, run={"method": method}, concept=task.concept, progress=False,
+                model_source=str(tiny_sd1_dir),
+                train_images=list(task.train_images),
+                train_prompt=task.train_prompt,
+                task_index=index,
+                previous_state=previous,
+                method_name=method,
+                method_params={},
+                training=TRAINING,
+                seed=0,
+                output_dir=directory,
+                run={"method": method},
+                concept=task.concept,
+                progress=False,
             )
             dirs.append(directory)
             previous = directory
@@ -64,14 +86,24 @@ def states(tiny_sd1_dir, tasks, tmp_path_factory) -> dict[str, list[Path]]:
 
 def sample(tiny_sd1_dir, tasks_file, state_dir, method, output_dir, after=2, **overrides):
     return sample_after_task(
-        tasks_file=tasks_file, task_index=after, state_dir=state_dir, method_name=method, method_params={},
-        sampling={**SAMPLING, **overrides}, model_source=str(tiny_sd1_dir), vae=None, output_dir=output_dir,
+        tasks_file=tasks_file,
+        task_index=after,
+        state_dir=state_dir,
+        method_name=method,
+        method_params={},
+        sampling={**SAMPLING, **overrides},
+        model_source=str(tiny_sd1_dir),
+        vae=None,
+        output_dir=output_dir,
         identity={"model": method, "method": method, "domain": "objects", "order": 0, "seed": 0, "after_task": after},
     )
 
 
 def digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.rglob("*.png"))}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*.png"))
+    }
 
 
 def max_pixel_difference(first: Path, second: Path) -> int:
@@ -127,8 +159,15 @@ def test_sampling_is_deterministic_and_paired_across_methods(tiny_sd1_dir, tasks
     assert digests(tmp_path / "merge2") != digests(tmp_path / "a")
     # The state is really applied: the base model draws other images from the same noises.
     sample_after_task(
-        tasks_file=tasks_file, task_index=None, state_dir=None, method_name=None, method_params=None, sampling=SAMPLING,
-        model_source=str(tiny_sd1_dir), vae=None, output_dir=tmp_path / "base",
+        tasks_file=tasks_file,
+        task_index=None,
+        state_dir=None,
+        method_name=None,
+        method_params=None,
+        sampling=SAMPLING,
+        model_source=str(tiny_sd1_dir),
+        vae=None,
+        output_dir=tmp_path / "base",
         identity={"model": "base", "method": "base", "domain": "objects", "order": "", "seed": "", "after_task": 0},
     )
     assert digests(tmp_path / "base").keys() == digests(tmp_path / "a").keys()
@@ -148,7 +187,10 @@ def test_failed_sampling_keeps_the_previous_sample_set(tiny_sd1_dir, tasks_file,
 
 
 def test_state_of_another_architecture_is_refused(tiny_sdxl_dir, tasks_file, states, tmp_path):
-    with pytest.raises(StateError, match=rf"{STATE_FILE}: written for a StableDiffusionPipeline, but model .* is a StableDiffusionXLPipeline"):
+    with pytest.raises(
+        StateError,
+        match=rf"{STATE_FILE}: written for a StableDiffusionPipeline, but model .* is a StableDiffusionXLPipeline",
+    ):
         load_model_for_sampling(str(tiny_sdxl_dir), None, states["naive"][0], "naive", {})
 
 
@@ -191,8 +233,15 @@ def test_read_index_checks_images(tiny_sd1_dir, tasks_file, states, tmp_path):
 
 def test_base_model_sampling_on_sdxl(tiny_sdxl_dir, tasks_file, tmp_path):
     timings = sample_after_task(
-        tasks_file=tasks_file, task_index=None, state_dir=None, method_name=None, method_params=None,
-        sampling={**SAMPLING, "num_samples": 1}, model_source=str(tiny_sdxl_dir), vae=None, output_dir=tmp_path / "base",
+        tasks_file=tasks_file,
+        task_index=None,
+        state_dir=None,
+        method_name=None,
+        method_params=None,
+        sampling={**SAMPLING, "num_samples": 1},
+        model_source=str(tiny_sdxl_dir),
+        vae=None,
+        output_dir=tmp_path / "base",
         identity={"model": "base", "method": "base", "domain": "objects", "order": "", "seed": "", "after_task": 0},
     )
     frame = read_index(tmp_path / "base")

@@ -10,8 +10,14 @@ import pytest
 
 from lorachain.data import Task
 from lorachain.metrics.scoring import (
-    ScoreError, embed_references, load_references, mean_matched_cosine, mean_pairwise_cosine, read_scores,
-    score_sample_sets, write_scores,
+    ScoreError,
+    embed_references,
+    load_references,
+    mean_matched_cosine,
+    mean_pairwise_cosine,
+    read_scores,
+    score_sample_sets,
+    write_scores,
 )
 from lorachain.torch_env import torch
 
@@ -60,13 +66,47 @@ def _solid(path, colour):
 def sample_set(tmp_path):
     red, blue = _solid(tmp_path / "red.png", (255, 0, 0)), _solid(tmp_path / "blue.png", (0, 0, 255))
     rows = [
-        {"path": red, "model": "m", "method": "naive", "domain": "d", "order": 0, "seed": 0, "after_task": 1, "task": 1,
-         "concept": "c1", "prompt_index": 0, "prompt": "a red thing", "sample": 0, "noise_seed": 42},
-        {"path": blue, "model": "m", "method": "naive", "domain": "d", "order": 0, "seed": 0, "after_task": 1, "task": 1,
-         "concept": "c1", "prompt_index": 1, "prompt": "a blue thing", "sample": 0, "noise_seed": 42},
+        {
+            "path": red,
+            "model": "m",
+            "method": "naive",
+            "domain": "d",
+            "order": 0,
+            "seed": 0,
+            "after_task": 1,
+            "task": 1,
+            "concept": "c1",
+            "prompt_index": 0,
+            "prompt": "a red thing",
+            "sample": 0,
+            "noise_seed": 42,
+        },
+        {
+            "path": blue,
+            "model": "m",
+            "method": "naive",
+            "domain": "d",
+            "order": 0,
+            "seed": 0,
+            "after_task": 1,
+            "task": 1,
+            "concept": "c1",
+            "prompt_index": 1,
+            "prompt": "a blue thing",
+            "sample": 0,
+            "noise_seed": 42,
+        },
     ]
-    task = Task(concept="c1", kind="object", token="sks", class_name="thing", train_images=[red], train_prompt="a photo of sks thing",
-                eval_prompts=["a red thing", "a blue thing"], reference_images=[red])
+    task = Task(
+        concept="c1",
+        kind="object",
+        token="sks",
+        class_name="thing",
+        train_images=[red],
+        train_prompt="a photo of sks thing",
+        eval_prompts=["a red thing", "a blue thing"],
+        reference_images=[red],
+    )
     return pd.DataFrame(rows), task
 
 
@@ -107,8 +147,25 @@ def test_bad_scoring_input_names_the_file(sample_set, tmp_path):
         embed_references([broken], encoders, ["dino"], tmp_path / "refs.safetensors")
     with pytest.raises(ScoreError, match="references.safetensors: reference embeddings missing"):
         load_references(tmp_path / "references.safetensors")
-    write_scores([{"model": "m", "method": "m", "domain": "d", "order": 0, "seed": 0, "after_task": 1, "task": 1, "concept": "c",
-                   "metric": "dino", "score": math.nan, "n_images": 1, "n_references": 1}], tmp_path / "nan.csv")
+    write_scores(
+        [
+            {
+                "model": "m",
+                "method": "m",
+                "domain": "d",
+                "order": 0,
+                "seed": 0,
+                "after_task": 1,
+                "task": 1,
+                "concept": "c",
+                "metric": "dino",
+                "score": math.nan,
+                "n_images": 1,
+                "n_references": 1,
+            }
+        ],
+        tmp_path / "nan.csv",
+    )
     with pytest.raises(ScoreError, match="nan.csv: dino on task 1 after task 1 is nan"):
         read_scores(tmp_path / "nan.csv")
 

@@ -33,10 +33,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 VENV_BIN = Path(sys.executable).parent
 GPU_RULES = {
-    "train_task", "sample_state", "sample_base", "embed_references", "score_run", "score_base",
-    "train_concept", "record_layer_inputs", "merge_and_sample", "score_merges",
+    "train_task",
+    "sample_state",
+    "sample_base",
+    "embed_references",
+    "score_run",
+    "score_base",
+    "train_concept",
+    "record_layer_inputs",
+    "merge_and_sample",
+    "score_merges",
 }
-
 
 
 def _snakemake(*args: str, workdir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -50,7 +57,14 @@ def _snakemake(*args: str, workdir: Path, timeout: int = 600) -> subprocess.Comp
 def test_paper_grid_dry_runs_through_the_cluster_profile(tmp_path):
     """profiles/slurm (executor: slurm, resources scaled by attempt) plans the same DAG as a plain dry-run."""
     config = str(ROOT / "config" / "config.yaml")
-    cluster = _snakemake("-n", "--profile", str(ROOT / "profiles" / "slurm"), "--configfile", config, workdir=paper_workdir(tmp_path / "slurm"))
+    cluster = _snakemake(
+        "-n",
+        "--profile",
+        str(ROOT / "profiles" / "slurm"),
+        "--configfile",
+        config,
+        workdir=paper_workdir(tmp_path / "slurm"),
+    )
     assert cluster.returncode == 0, cluster.stdout[-3000:] + cluster.stderr[-3000:]
     local = _snakemake("-n", "--configfile", config, workdir=paper_workdir(tmp_path / "local"))
     assert local.returncode == 0, local.stderr[-3000:]
@@ -117,7 +131,9 @@ def slurm_run(rehearsal_runs):
     logs = {path.stem: path for path in (workdir / ".snakemake" / "slurm_logs").rglob("*.log")}
     for job in jobs:
         log = logs.get(job["JobID"])
-        job["rule"] = log.relative_to(workdir / ".snakemake" / "slurm_logs").parts[0].removeprefix("rule_") if log else None
+        job["rule"] = (
+            log.relative_to(workdir / ".snakemake" / "slurm_logs").parts[0].removeprefix("rule_") if log else None
+        )
         job["wildcards"] = log.parent.name if log else None
         job["log"] = log
     run = {**run, "jobs": jobs}
@@ -153,10 +169,16 @@ def _figures(run: dict, cluster: dict) -> dict:
         "sbatch_jobs": len(jobs),
         "first_sbatch_after_start_seconds": round(submits[0] - run["started"], 1),  # sacct has 1 s resolution
         "last_job_end_to_exit_seconds": round(run["started"] + run["wall"] - ends[-1], 1),
-        "chained_submit_latency_seconds": {"mean": round(sum(latencies) / len(latencies), 1), "min": min(latencies), "max": max(latencies)},
+        "chained_submit_latency_seconds": {
+            "mean": round(sum(latencies) / len(latencies), 1),
+            "min": min(latencies),
+            "max": max(latencies),
+        },
         "chained": chained,
         "job_seconds_mean": round(sum(_timestamp(j["End"]) - _timestamp(j["Start"]) for j in jobs) / len(jobs), 1),
-        "queue_wait_seconds_mean": round(sum(_timestamp(j["Start"]) - _timestamp(j["Submit"]) for j in jobs) / len(jobs), 1),
+        "queue_wait_seconds_mean": round(
+            sum(_timestamp(j["Start"]) - _timestamp(j["Submit"]) for j in jobs) / len(jobs), 1
+        ),
     }
 
 
@@ -170,7 +192,9 @@ def test_slurm_run_writes_both_tables_the_modular_table_and_the_report(slurm_run
         assert table.is_file(), slurm_run["output"][-3000:]
         with table.open() as handle:
             rows = list(csv.DictReader(handle))
-        expected = sorted((method, metric) for method in config["methods"] for metric in DEFAULT_METRICS[block["dataset"]["layout"]])
+        expected = sorted(
+            (method, metric) for method in config["methods"] for metric in DEFAULT_METRICS[block["dataset"]["layout"]]
+        )
         assert sorted((row["method"], row["metric"]) for row in rows) == expected
         assert all(row["n_runs"] == "1" and math.isfinite(float(row["S_mean"])) for row in rows), rows
     with (workdir / "results" / "tables" / "objects-modular.csv").open() as handle:
@@ -201,11 +225,16 @@ def _digests(workdir: Path) -> dict[str, str]:
     import hashlib
 
     results = workdir / "results"
-    keep = lambda path: path.suffix in (".safetensors", ".json", ".png", ".csv", ".md") and not {"benchmarks", "figures"} & set(path.parts)  # noqa: E731
+    keep = lambda path: (
+        path.suffix in (".safetensors", ".json", ".png", ".csv", ".md")
+        and not {"benchmarks", "figures"} & set(path.parts)
+    )  # noqa: E731
     return {
         str(path.relative_to(results)): hashlib.sha256(_comparable(path)).hexdigest()
         for path in sorted(results.rglob("*"))
-        if path.is_file() and keep(path) and not path.name.endswith("-modular.md")  # the .md shows the same rows as the .csv
+        if path.is_file()
+        and keep(path)
+        and not path.name.endswith("-modular.md")  # the .md shows the same rows as the .csv
     }
 
 
@@ -216,7 +245,10 @@ def test_the_local_and_the_slurm_rehearsal_write_identical_bytes(slurm_run, rehe
     byte-identical; only the measured merge times differ."""
     local, cluster = _digests(rehearsal_run["workdir"]), _digests(slurm_run["workdir"])
     assert sorted(local) == sorted(cluster)
-    assert sum(name.endswith(".safetensors") for name in local) >= 16 and sum(name.endswith(".png") for name in local) >= 16
+    assert (
+        sum(name.endswith(".safetensors") for name in local) >= 16
+        and sum(name.endswith(".png") for name in local) >= 16
+    )
     differ = sorted(name for name in local if local[name] != cluster[name])
     assert differ == [], differ[:20]
     print(f"\n{len(local)} files byte-identical between the local and the SLURM rehearsal")
@@ -262,7 +294,10 @@ def test_every_train_task_job_completed_on_a_gpu(slurm_run):
     "edit, message",
     [
         (lambda profile: profile["default-resources"].pop("slurm_account"), "no SLURM account"),
-        (lambda profile: profile["set-resources"]["train_task"].update(slurm_partition="gpu-a100"), "'gpu-a100' does not exist"),
+        (
+            lambda profile: profile["set-resources"]["train_task"].update(slurm_partition="gpu-a100"),
+            "'gpu-a100' does not exist",
+        ),
     ],
     ids=["no-account", "unknown-partition"],
 )
@@ -273,7 +308,13 @@ def test_bad_cluster_settings_fail_before_any_submission(slurm_cluster, rehearsa
     edit(profile)
     (tmp_path / "profile").mkdir()
     (tmp_path / "profile" / "config.yaml").write_text(yaml.safe_dump(profile))
-    result = _snakemake("--profile", str(tmp_path / "profile"), f"--configfile={rehearsal_setup['path']}", workdir=tmp_path / "run", timeout=300)
+    result = _snakemake(
+        "--profile",
+        str(tmp_path / "profile"),
+        f"--configfile={rehearsal_setup['path']}",
+        workdir=tmp_path / "run",
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     assert result.returncode != 0 and message in output, output[-3000:]
     assert "SLURM profile check failed before any job was submitted" in output

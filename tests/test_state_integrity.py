@@ -15,7 +15,15 @@ from safetensors.torch import load_file, save_file
 
 from lorachain.files import sha256_file
 from lorachain.methods import LayerAdapter, make_method
-from lorachain.state import LORA_FILE, STATE_FILE, StateError, fold_state, load_adapters, read_manifest, write_task_state
+from lorachain.state import (
+    LORA_FILE,
+    STATE_FILE,
+    StateError,
+    fold_state,
+    load_adapters,
+    read_manifest,
+    write_task_state,
+)
 from lorachain.torch_env import torch
 
 LAYERS = {"down.attn1.to_q": (8, 6), "down.attn1.to_k": (8, 6), "up.attn2.to_v": (6, 8)}  # name -> (out, in)
@@ -32,11 +40,21 @@ def write_state(directory: Path, rank: int = 4, seed: int = 0) -> Path:
 
     generator = torch.Generator().manual_seed(seed)
     adapters = {
-        name: LayerAdapter(A=torch.randn(rank, n_in, generator=generator), B=torch.randn(n_out, rank, generator=generator), scale=1.0)
+        name: LayerAdapter(
+            A=torch.randn(rank, n_in, generator=generator), B=torch.randn(n_out, rank, generator=generator), scale=1.0
+        )
         for name, (n_out, n_in) in LAYERS.items()
     }
-    manifest = {"task_index": 1, "parent": None, "method": {"name": "naive", "params": {}}, "run": {}, "base_model": "m",
-                "architecture": "StableDiffusionPipeline", "rank": rank, "lora_alpha": rank}
+    manifest = {
+        "task_index": 1,
+        "parent": None,
+        "method": {"name": "naive", "params": {}},
+        "run": {},
+        "base_model": "m",
+        "architecture": "StableDiffusionPipeline",
+        "rank": rank,
+        "lora_alpha": rank,
+    }
     write_task_state(directory, adapters, manifest, StableDiffusionPipeline, lora_config(rank))
     return directory
 
@@ -101,7 +119,9 @@ def test_a_missing_lora_b_key_is_refused_by_name(tmp_path):
     tensors = load_file(str(directory / LORA_FILE))
     tensors.pop("unet.down.attn1.to_k.lora_B.weight")
     rewrite_lora(directory, tensors, update_manifest=True)
-    assert "key 'unet.down.attn1.to_k.lora_A.weight' has no matching 'unet.down.attn1.to_k.lora_B.weight'" in refused(directory)
+    assert "key 'unet.down.attn1.to_k.lora_A.weight' has no matching 'unet.down.attn1.to_k.lora_B.weight'" in refused(
+        directory
+    )
 
 
 def test_a_lora_of_another_rank_than_the_manifest_is_refused(tmp_path):
@@ -149,11 +169,18 @@ def test_a_two_task_chain_is_byte_identical_across_processes_and_hash_seeds(tiny
         env = {**os.environ, "PYTHONHASHSEED": hash_seed, "HF_HUB_OFFLINE": "1"}
         result = subprocess.run(
             [sys.executable, "-c", CHAIN_SCRIPT, str(tiny_sd1_dir), str(out), json.dumps(synthetic_tasks[:2])],
-            env=env, capture_output=True, text=True, timeout=600,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        digests.append({str(path.relative_to(out)): sha256_file(path) for path in sorted(out.rglob("*")) if path.is_file()})
-    assert sorted(digests[0]) == [f"task{t}/{name}" for t in ("01", "02") for name in ("loss.csv", LORA_FILE, STATE_FILE)]
+        digests.append(
+            {str(path.relative_to(out)): sha256_file(path) for path in sorted(out.rglob("*")) if path.is_file()}
+        )
+    assert sorted(digests[0]) == [
+        f"task{t}/{name}" for t in ("01", "02") for name in ("loss.csv", LORA_FILE, STATE_FILE)
+    ]
     assert digests[0] == digests[1]
     print("\nsha256 of a two-task chain (identical under PYTHONHASHSEED 1 and 2):\n" + json.dumps(digests[0], indent=2))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -106,7 +105,13 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
 
 
 def test_paper_grid_table_target_dry_runs_only_its_domain(tmp_path):
-    result = snakemake("-n", "results/tables/styles.csv", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=paper_workdir(tmp_path))
+    result = snakemake(
+        "-n",
+        "results/tables/styles.csv",
+        "--configfile",
+        str(ROOT / "config" / "config.yaml"),
+        workdir=paper_workdir(tmp_path),
+    )
     assert result.returncode == 0, result.stderr
     counts = job_counts(result.stdout)
     assert counts["train_task"] == counts["sample_state"] == 4 * 4 * 2 * 10 and counts["continual_table"] == 1
@@ -186,7 +191,16 @@ def test_invalid_config_fails_the_dry_run_naming_the_key(tmp_path, edit, message
 def demo_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     # The demo has no GPU work: two single-threaded jobs at a time use both cores of a CI machine.
-    result = snakemake("--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2", "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=workdir, timeout=1500)
+    result = snakemake(
+        "--profile",
+        str(ROOT / "profiles" / "local"),
+        "--resources",
+        "gpu=2",
+        "--configfile",
+        str(ROOT / "config" / "demo.yaml"),
+        workdir=workdir,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return workdir, yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
 
@@ -203,7 +217,9 @@ def test_demo_trains_every_chain(demo_run):
             last = workdir / "results" / domain / method / "order0-seed0" / f"task{block['num_tasks']:02d}"
             chain = read_chain(last)
             assert [manifest["task_index"] for _, manifest in chain] == list(range(1, block["num_tasks"] + 1))
-            assert [manifest["concept"] for _, manifest in chain] == [task["concept"] for task in tasks[: block["num_tasks"]]]
+            assert [manifest["concept"] for _, manifest in chain] == [
+                task["concept"] for task in tasks[: block["num_tasks"]]
+            ]
             for directory, manifest in chain:
                 assert manifest["method"]["name"] == config["methods"][method]["method"]
                 assert manifest["run"] == {"domain": domain, "method": method, "order": 0, "seed": 0}
@@ -222,7 +238,9 @@ def test_demo_tables_have_one_finite_row_per_method_and_metric(demo_run):
     for domain, block in config["domains"].items():
         table = pd.read_csv(workdir / "results" / "tables" / f"{domain}.csv")
         metrics = DEFAULT_METRICS[block["dataset"]["layout"]]
-        assert sorted(zip(table["method"], table["metric"])) == sorted((m, metric) for m in config["methods"] for metric in metrics)
+        assert sorted(zip(table["method"], table["metric"])) == sorted(
+            (m, metric) for m in config["methods"] for metric in metrics
+        )
         numbers = table.drop(columns=["domain", "method", "metric"])
         assert numbers.map(lambda value: pd.notna(value) and abs(value) < float("inf")).all().all(), table
         assert (table["n_runs"] == len(config["orders"]) * len(config["seeds"])).all()
@@ -242,7 +260,9 @@ def test_demo_samples_every_state_on_its_tasks(demo_run):
         assert len(base) == pool * 5 * sampling["num_samples"]  # every concept, 5 prompts, N noises
         for method in config["methods"]:
             for after in range(1, T + 1):
-                index = read_index(workdir / "results" / domain / method / "order0-seed0" / "samples" / f"after{after:02d}")
+                index = read_index(
+                    workdir / "results" / domain / method / "order0-seed0" / "samples" / f"after{after:02d}"
+                )
                 assert sorted(set(index["task"])) == list(range(1, after + 1))
                 assert len(index) == after * 5 * sampling["num_samples"]
                 assert set(index["noise_seed"]) == {sampling["noise_seed"]}
@@ -285,17 +305,25 @@ def test_demo_modular_branch_writes_table_curve_and_diagnostics(demo_run):
         for kind in ("cosine", "sign-conflicts"):
             assert (figures / f"diagnostics-{adapter}-{kind}.png").stat().st_size > 1000
     # BlockLoRA's concepts touch disjoint rows: no sign conflicts at all; plain LoRAs conflict
-    blocks = pd.read_csv(workdir / "results" / "objects" / "modular" / "diagnostics" / "blocklora" / "sign_conflicts.csv")
+    blocks = pd.read_csv(
+        workdir / "results" / "objects" / "modular" / "diagnostics" / "blocklora" / "sign_conflicts.csv"
+    )
     plain = pd.read_csv(workdir / "results" / "objects" / "modular" / "diagnostics" / "lora" / "sign_conflicts.csv")
     assert (blocks["conflicting_entries"] == 0).all() and (plain["fraction"] > 0.1).all()
     # every merged model was sampled on exactly its k concepts, with the same concepts as the tasks
     tasks = json.loads((workdir / "results" / "objects" / "tasks" / "order0.json").read_text())["tasks"]
     for merge in modular["merges"]:
         for k in modular["merge_sizes"]:
-            index = pd.read_csv(workdir / "results" / "objects" / "modular" / "merges" / merge / f"k{k}" / "samples" / "index.csv")
+            index = pd.read_csv(
+                workdir / "results" / "objects" / "modular" / "merges" / merge / f"k{k}" / "samples" / "index.csv"
+            )
             assert sorted(index["concept"].unique()) == sorted(task["concept"] for task in tasks[:k])
     # the concept states are standard diffusers LoRAs with their slot in the manifest
-    state = json.loads((workdir / "results" / "objects" / "modular" / "adapters" / "blocklora" / "concept02" / "state.json").read_text())
+    state = json.loads(
+        (
+            workdir / "results" / "objects" / "modular" / "adapters" / "blocklora" / "concept02" / "state.json"
+        ).read_text()
+    )
     assert state["slot"] == 1 and state["task_index"] == 1 and state["parent"] is None
 
 
@@ -348,7 +376,9 @@ def test_one_method_hyperparameter_reruns_only_that_method(demo_run, tmp_path):
 @pytest.mark.slow
 def test_adding_a_method_adds_only_its_jobs(demo_run, tmp_path):
     workdir, _ = demo_run
-    jobs = replan(workdir, tmp_path, lambda c: c["methods"].update(ortho_rows={"method": "ortho_init", "variant": "rowspace"}))
+    jobs = replan(
+        workdir, tmp_path, lambda c: c["methods"].update(ortho_rows={"method": "ortho_init", "variant": "rowspace"})
+    )
     chain_jobs = [(rule, w) for rule, w in jobs if rule not in REPORT_RULES]
     assert {w["method"] for _, w in chain_jobs} == {"ortho_rows"}
     assert sum(rule == "train_task" for rule, _ in chain_jobs) == 2 * 3
@@ -364,7 +394,9 @@ def test_adding_a_task_within_the_pool_adds_only_its_jobs(demo_run, tmp_path):
     assert "prepare_tasks" not in rules and "sample_base" not in rules and "embed_references" not in rules
     assert {w["domain"] for _, w in jobs if w} == {"objects"}
     methods = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["methods"]
-    assert sorted((w["method"], w["task"]) for rule, w in jobs if rule == "train_task") == sorted((m, "04") for m in methods)
+    assert sorted((w["method"], w["task"]) for rule, w in jobs if rule == "train_task") == sorted(
+        (m, "04") for m in methods
+    )
     assert {w["task"] for rule, w in jobs if rule == "sample_state"} == {"04"}
     assert rules["score_run"] == len(methods)  # the runs' score matrices grow by a row and a column
 
@@ -373,7 +405,9 @@ def test_num_tasks_above_the_pool_fails_the_dry_run(tmp_path):
     path = write_config(tmp_path, lambda c: c["domains"]["objects"].update(num_tasks=5, task_pool=4))
     result = snakemake("-n", "--configfile", str(path), workdir=tmp_path / "run")
     output = result.stdout + result.stderr
-    assert result.returncode != 0 and "domains.objects.task_pool: 4 is smaller than num_tasks 5" in output, output[-2000:]
+    assert result.returncode != 0 and "domains.objects.task_pool: 4 is smaller than num_tasks 5" in output, output[
+        -2000:
+    ]
 
 
 @pytest.mark.slow
@@ -397,16 +431,27 @@ def test_missing_metric_checkpoint_fails_before_any_job(tmp_path, dry_run):
     def point_at_missing(config):
         config["metrics"]["csd"] = {"checkpoint": str(tmp_path / "csd" / "checkpoint.pth")}
 
-    result = snakemake(*(["-n"] if dry_run else ["--cores", "1"]), "--configfile", str(write_config(tmp_path, point_at_missing)), workdir=tmp_path)
+    result = snakemake(
+        *(["-n"] if dry_run else ["--cores", "1"]),
+        "--configfile",
+        str(write_config(tmp_path, point_at_missing)),
+        workdir=tmp_path,
+    )
     assert result.returncode != 0
-    assert f"metrics.csd.checkpoint: '{tmp_path / 'csd' / 'checkpoint.pth'}' does not exist" in result.stdout + result.stderr
+    assert (
+        f"metrics.csd.checkpoint: '{tmp_path / 'csd' / 'checkpoint.pth'}' does not exist"
+        in result.stdout + result.stderr
+    )
     assert not (tmp_path / "resources").exists() and not (tmp_path / "results").exists()
 
 
 def test_paper_config_without_the_csd_checkpoint_fails_the_dry_run_naming_the_key(tmp_path):
     result = snakemake("-n", "--configfile", str(ROOT / "config" / "config.yaml"), workdir=tmp_path)
     output = result.stdout + result.stderr
-    assert result.returncode != 0 and "config key metrics.csd.checkpoint: 'data/csd/checkpoint.pth' does not exist" in output, output[-2000:]
+    assert (
+        result.returncode != 0
+        and "config key metrics.csd.checkpoint: 'data/csd/checkpoint.pth' does not exist" in output
+    ), output[-2000:]
     # the other models are hub ids (not checked offline), so nothing else is reported
     assert "tiny_seed" not in output and "metrics.dino" not in output and "metrics.clip" not in output
 
@@ -417,13 +462,18 @@ def test_an_unquoted_exponent_is_refused_with_the_fix(tmp_path):
     result = snakemake("-n", "--configfile", str(path), workdir=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "config key training.learning_rate: '5e-4' was read as text, not a number" in output and "write 5.0e-4" in output, output[-2000:]
+    assert (
+        "config key training.learning_rate: '5e-4' was read as text, not a number" in output
+        and "write 5.0e-4" in output
+    ), output[-2000:]
 
 
 @pytest.mark.slow
 def test_demo_failure_of_a_bad_dataset_names_the_directory(tmp_path):
     def point_at_missing(config):
-        config["domains"] = {"objects": {"dataset": {"layout": "dreambooth", "root": str(tmp_path / "nowhere")}, "num_tasks": 2}}
+        config["domains"] = {
+            "objects": {"dataset": {"layout": "dreambooth", "root": str(tmp_path / "nowhere")}, "num_tasks": 2}
+        }
         config.pop("modular")
 
     result = snakemake("--cores", "1", "--configfile", str(write_config(tmp_path, point_at_missing)), workdir=tmp_path)
@@ -438,8 +488,17 @@ def test_a_run_killed_hard_leaves_a_lock_that_names_the_fix(tmp_path):
     next run refuses to start, naming --unlock; after --unlock it runs, rerunning the incomplete job."""
     workdir = tmp_path / "run"
     target = "resources/models/tiny-sd1"
-    command = [*SNAKEMAKE, "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir), "--cores", "1",
-               f"--configfile={ROOT / 'config' / 'demo.yaml'}", target]
+    command = [
+        *SNAKEMAKE,
+        "--snakefile",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "1",
+        f"--configfile={ROOT / 'config' / 'demo.yaml'}",
+        target,
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     locks = workdir / ".snakemake" / "locks"
@@ -452,9 +511,13 @@ def test_a_run_killed_hard_leaves_a_lock_that_names_the_fix(tmp_path):
     locked = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert locked.returncode != 0
     assert "Directory cannot be locked" in locked.stderr and "--unlock" in locked.stderr, locked.stderr[-2000:]
-    unlocked = subprocess.run([*command[:-1], "--unlock"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    unlocked = subprocess.run(
+        [*command[:-1], "--unlock"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert unlocked.returncode == 0, unlocked.stderr[-2000:]
-    rerun = subprocess.run([*command, "--rerun-incomplete"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(
+        [*command, "--rerun-incomplete"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (workdir / target / "model_index.json").is_file()
 

@@ -35,7 +35,11 @@ def test_a_failed_attempts_log_is_kept_beside_the_next(tmp_path):
     assert "done" in log.read_text() and "attempt failed" not in log.read_text()
     for kept in (log.with_name("task02.log.1"), log.with_name("task02.log.2")):
         assert "RuntimeError: attempt failed" in kept.read_text()
-    assert sorted(p.name for p in log.parent.iterdir()) == ["task02.log", "task02.log.1", "task02.log.2"]  # no hidden link left
+    assert sorted(p.name for p in log.parent.iterdir()) == [
+        "task02.log",
+        "task02.log.1",
+        "task02.log.2",
+    ]  # no hidden link left
 
 
 def test_a_killed_attempts_log_is_filed_by_the_next_attempt(tmp_path):

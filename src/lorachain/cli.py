@@ -49,7 +49,13 @@ def _inspect(args: argparse.Namespace) -> int:
     except LoraFileError as error:
         return _fail("inspect", str(error))
 
-    from lorachain.merging.diagnostics import cosine_tables, plot_cosine_heatmap, plot_sign_conflicts, sign_conflicts, unique_labels
+    from lorachain.merging.diagnostics import (
+        cosine_tables,
+        plot_cosine_heatmap,
+        plot_sign_conflicts,
+        sign_conflicts,
+        unique_labels,
+    )
 
     names = list(args.names) if args.names else unique_labels([f.path for f in files])
     try:
@@ -108,22 +114,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorachain", description="Continual and modular LoRA personalisation tools.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     inspect = commands.add_parser(
-        "inspect", help="compare LoRA files: cosine similarity and sign conflicts of their deltas",
+        "inspect",
+        help="compare LoRA files: cosine similarity and sign conflicts of their deltas",
         description="Compare LoRA files as the BlockLoRA paper's Figure 4 does: layer-wise cosine similarity "
         "of the deltas and the fraction of entries with sign conflicts when merging the first k files.",
     )
     inspect.add_argument("files", nargs="+", metavar="LORA", help="LoRA safetensors files (diffusers / peft layout)")
-    inspect.add_argument("--names", nargs="+", metavar="NAME", help="one label per file (default: shortest distinguishing path)")
+    inspect.add_argument(
+        "--names", nargs="+", metavar="NAME", help="one label per file (default: shortest distinguishing path)"
+    )
     inspect.add_argument("--out", metavar="DIR", help="write CSV tables and PNG plots here")
     inspect.set_defaults(handler=_inspect)
     rehearsal = commands.add_parser(
-        "rehearsal", help="write a CPU rehearsal of the paper config (local stand-ins for its models)",
+        "rehearsal",
+        help="write a CPU rehearsal of the paper config (local stand-ins for its models)",
         description="Write local stand-ins of the same classes for every model of the paper config and "
         "DIR/config.yaml, the paper config with only its models, dataset roots and sizes substituted.",
     )
-    rehearsal.add_argument("directory", metavar="DIR", help="where the stand-ins and the config go (the run's working directory)")
-    rehearsal.add_argument("--dreambooth", required=True, metavar="ROOT", help="a DreamBooth dataset directory (prompts_and_classes.txt)")
-    rehearsal.add_argument("--paper", default="config/config.yaml", metavar="YAML", help="the config to rehearse (default config/config.yaml)")
+    rehearsal.add_argument(
+        "directory", metavar="DIR", help="where the stand-ins and the config go (the run's working directory)"
+    )
+    rehearsal.add_argument(
+        "--dreambooth", required=True, metavar="ROOT", help="a DreamBooth dataset directory (prompts_and_classes.txt)"
+    )
+    rehearsal.add_argument(
+        "--paper",
+        default="config/config.yaml",
+        metavar="YAML",
+        help="the config to rehearse (default config/config.yaml)",
+    )
     rehearsal.set_defaults(handler=_rehearsal)
     return parser
 

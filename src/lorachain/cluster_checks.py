@@ -54,10 +54,14 @@ def partition_problems(request: RuleRequest, cluster: Cluster) -> list[str]:
     if request.partition is None:
         if cluster.has_default_partition or request.partition_set:
             return []
-        return [f"{request.rule}: no slurm_partition and the cluster has no default partition; set one in the profile's set-resources"]
+        return [
+            f"{request.rule}: no slurm_partition and the cluster has no default partition; set one in the profile's set-resources"
+        ]
     if request.partition not in cluster.partitions:
         listed = ", ".join(sorted(cluster.partitions))
-        return [f"{request.rule}: slurm_partition {request.partition!r} does not exist on this cluster (sinfo lists {listed})"]
+        return [
+            f"{request.rule}: slurm_partition {request.partition!r} does not exist on this cluster (sinfo lists {listed})"
+        ]
     return []
 
 
@@ -145,7 +149,9 @@ def sinfo(*fields: str) -> str:
     try:
         return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
     except (OSError, subprocess.SubprocessError) as error:
-        raise ClusterCheckError(f"SLURM executor: `{' '.join(command)}` failed ({error}); is this a SLURM login node?") from None
+        raise ClusterCheckError(
+            f"SLURM executor: `{' '.join(command)}` failed ({error}); is this a SLURM login node?"
+        ) from None
 
 
 def query_cluster() -> Cluster:

@@ -73,7 +73,9 @@ def model_source_problems(config: dict, encoders: list[str]) -> list[str]:
             continue
         key = MODEL_KEYS[name]
         if key not in block:
-            problems.append(f"config key metrics.{name}.{key} is not set; name the model (or set metrics.{name}.tiny: true)")
+            problems.append(
+                f"config key metrics.{name}.{key} is not set; name the model (or set metrics.{name}.tiny: true)"
+            )
         elif name == "csd":
             problems.append(file_problem(block[key], f"metrics.{name}.{key}"))
         else:
@@ -89,7 +91,11 @@ def check_model_sources(config: dict, encoders: list[str]) -> None:
 def number_like_strings(value, path: str = "") -> list[tuple[str, str]]:
     """(config key, text) of every string in the config that reads as a number."""
     if isinstance(value, dict):
-        return [found for key, item in value.items() for found in number_like_strings(item, f"{path}.{key}" if path else str(key))]
+        return [
+            found
+            for key, item in value.items()
+            for found in number_like_strings(item, f"{path}.{key}" if path else str(key))
+        ]
     if isinstance(value, list):
         return [found for index, item in enumerate(value) for found in number_like_strings(item, f"{path}[{index}]")]
     if isinstance(value, str) and _NUMBER_LIKE.match(value.strip()) and not value.strip().isdigit():
@@ -167,7 +173,10 @@ def registered_block_problems(config: dict) -> list[str]:
     longest = max((block["num_tasks"] for block in config.get("domains", {}).values()), default=0)
     modular = config.get("modular") or {}
     blocks = [(f"methods.{label}", block, longest) for label, block in config.get("methods", {}).items()]
-    blocks += [(f"modular.adapters.{label}", block, modular.get("concepts", 0)) for label, block in modular.get("adapters", {}).items()]
+    blocks += [
+        (f"modular.adapters.{label}", block, modular.get("concepts", 0))
+        for label, block in modular.get("adapters", {}).items()
+    ]
     for key, block, slots in blocks:
         try:
             method = make_method(block["method"], {k: v for k, v in block.items() if k != "method"}, key=key)
@@ -177,7 +186,11 @@ def registered_block_problems(config: dict) -> list[str]:
         problems.append(_slot_problem(method, slots, key))
     for label, block in modular.get("merges", {}).items():
         try:
-            make_merge(block["method"], {k: v for k, v in block.items() if k not in ("method", "adapters")}, key=f"modular.merges.{label}")
+            make_merge(
+                block["method"],
+                {k: v for k, v in block.items() if k not in ("method", "adapters")},
+                key=f"modular.merges.{label}",
+            )
         except MergeError as error:
             problems.append(str(error))
     return [problem for problem in problems if problem]

@@ -45,7 +45,9 @@ def check_matrix(a: np.ndarray, source: str = "score matrix") -> np.ndarray:
     learned = np.triu(np.ones_like(a, dtype=bool))  # j <= i
     if not np.isfinite(a[learned]).all():
         bad = np.argwhere(learned & ~np.isfinite(a))[0]
-        raise SummaryError(f"{source}: a[{bad[0] + 1}, {bad[1] + 1}] (task {bad[0] + 1} after task {bad[1] + 1}) is missing or not finite")
+        raise SummaryError(
+            f"{source}: a[{bad[0] + 1}, {bad[1] + 1}] (task {bad[0] + 1} after task {bad[1] + 1}) is missing or not finite"
+        )
     return a
 
 
@@ -79,7 +81,9 @@ def run_matrix(scores, metric: str, num_tasks: int, source: str) -> np.ndarray:
     a = np.full((num_tasks, num_tasks), np.nan)
     for after, task, value in zip(rows["after_task"], rows["task"], rows["score"]):
         if not (1 <= task <= after <= num_tasks):
-            raise SummaryError(f"{source}: entry task {task} after task {after} lies outside 1 <= task <= after <= {num_tasks}")
+            raise SummaryError(
+                f"{source}: entry task {task} after task {after} lies outside 1 <= task <= after <= {num_tasks}"
+            )
         if not np.isnan(a[task - 1, after - 1]):
             raise SummaryError(f"{source}: two scores for {metric} on task {task} after task {after}")
         a[task - 1, after - 1] = value
@@ -102,7 +106,9 @@ def matrix_frame(run_scores: dict[tuple, "object"], metrics: list[str], num_task
     return pd.concat(frames, ignore_index=True)[[*RUN_KEYS, "metric", "task", "after_task", "concept", "score"]]
 
 
-def summary_table(matrices, base_scores, methods: list[str], metrics: list[str], num_tasks: int, runs: list[tuple[int, int]]):
+def summary_table(
+    matrices, base_scores, methods: list[str], metrics: list[str], num_tasks: int, runs: list[tuple[int, int]]
+):
     """One row per (method, metric): mean and std over runs of S, F, F_ref, P, the number of runs,
     and the base model's mean score over the domain's concepts. A (method, run) without a complete
     matrix is an error, never a silently shorter mean."""
@@ -114,9 +120,16 @@ def summary_table(matrices, base_scores, methods: list[str], metrics: list[str],
         for metric in metrics:
             per_run = []
             for order, seed in runs:
-                part = matrices[(matrices["method"] == method) & (matrices["order"] == order) & (matrices["seed"] == seed) & (matrices["metric"] == metric)]
+                part = matrices[
+                    (matrices["method"] == method)
+                    & (matrices["order"] == order)
+                    & (matrices["seed"] == seed)
+                    & (matrices["metric"] == metric)
+                ]
                 if part.empty:
-                    raise SummaryError(f"no scores for method {method}, order {order}, seed {seed}, metric {metric}: that run is missing")
+                    raise SummaryError(
+                        f"no scores for method {method}, order {order}, seed {seed}, metric {metric}: that run is missing"
+                    )
                 a = run_matrix(part, metric, num_tasks, f"method {method} order {order} seed {seed}")
                 per_run.append(summarize_matrix(a))
             row = {"method": method, "metric": metric, "n_runs": len(per_run)}
@@ -144,9 +157,13 @@ def markdown_table(table, title: str) -> str:
             cells.append("n/a" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}")
         cells += [f"{row.base:.4f}", str(row.n_runs)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *(f"- {name}: {label}" for name, label in SUMMARY_LABELS.items()),
-              "- base: the base model's mean score over the domain's concepts",
-              "- ± is the population standard deviation over runs (orders x seeds)", ""]
+    lines += [
+        "",
+        *(f"- {name}: {label}" for name, label in SUMMARY_LABELS.items()),
+        "- base: the base model's mean score over the domain's concepts",
+        "- ± is the population standard deviation over runs (orders x seeds)",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -122,7 +122,7 @@ class LoraFile:
 def _strip_prefixes(key: str) -> str:
     for prefix in _LAYER_PREFIXES:
         if key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
@@ -136,7 +136,7 @@ def _adapter_config(path: Path, raw_metadata: dict | None) -> dict:
         raise LoraFileError(f"{path}: metadata key {METADATA_KEY!r} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise LoraFileError(f"{path}: metadata key {METADATA_KEY!r} holds {type(config).__name__}, not a JSON object")
-    prefixed = {k[len("unet."):]: v for k, v in config.items() if k.startswith("unet.")}
+    prefixed = {k[len("unet.") :]: v for k, v in config.items() if k.startswith("unet.")}
     if prefixed:
         return prefixed
     # A plain peft file carries the config unprefixed; a diffusers file without a unet config holds
@@ -155,7 +155,7 @@ def _pattern_value(patterns: dict, layer: str):
 def _safetensors_metadata(data: bytes) -> dict | None:
     """The ``__metadata__`` of a safetensors buffer (called after it parsed: the header is sound)."""
     (length,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + length]).get("__metadata__")
+    return json.loads(data[8 : 8 + length]).get("__metadata__")
 
 
 def _load_tensors(path: Path, data: bytes) -> tuple[dict, dict | None]:
@@ -201,9 +201,12 @@ def parse_lora(data: bytes, path: str | Path, *, strict: bool = False) -> LoraFi
     distinct_alphas = sorted(set(alphas.values()))
     notes.append(f"alpha from {', '.join(sorted(sources))}")
     return LoraFile(
-        path=path, adapters=adapters, rank=rank,
+        path=path,
+        adapters=adapters,
+        rank=rank,
         alpha=distinct_alphas[0] if len(distinct_alphas) == 1 else None,
-        metadata=config, notes=notes,
+        metadata=config,
+        notes=notes,
     )
 
 
@@ -212,7 +215,9 @@ def _check_strict_keys(path: Path, tensors: dict) -> None:
     for key in sorted(tensors):
         suffix = _A_SUFFIX if key.endswith(_A_SUFFIX) else _B_SUFFIX if key.endswith(_B_SUFFIX) else None
         if suffix is None or not key.startswith(_UNET_PREFIX):
-            raise LoraFileError(f"{path}: key {key!r} is not a LoRA factor ({_UNET_PREFIX}<layer>{_A_SUFFIX} / {_B_SUFFIX})")
+            raise LoraFileError(
+                f"{path}: key {key!r} is not a LoRA factor ({_UNET_PREFIX}<layer>{_A_SUFFIX} / {_B_SUFFIX})"
+            )
         other = key[: -len(suffix)] + (_B_SUFFIX if suffix == _A_SUFFIX else _A_SUFFIX)
         if other not in tensors:
             raise LoraFileError(f"{path}: key {key!r} has no matching {other!r}")
@@ -269,7 +274,9 @@ def _checked_pair(path: Path, parts: dict) -> tuple[str, torch.Tensor, str, torc
     for key, tensor in ((a_key, A), (b_key, B)):
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
-            raise LoraFileError(f"{path}: key {key!r} holds {bad} non-finite value(s) (NaN or inf); the LoRA is damaged or diverged in training")
+            raise LoraFileError(
+                f"{path}: key {key!r} holds {bad} non-finite value(s) (NaN or inf); the LoRA is damaged or diverged in training"
+            )
     return a_key, A, b_key, B
 
 

@@ -47,7 +47,9 @@ def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None)
 
     manifest = read_manifest(state_dir)
     if manifest["task_index"] != 1 or manifest.get("parent"):
-        raise ModularError(f"{Path(state_dir) / 'state.json'}: not an independently trained concept (task {manifest['task_index']} of a chain)")
+        raise ModularError(
+            f"{Path(state_dir) / 'state.json'}: not an independently trained concept (task {manifest['task_index']} of a chain)"
+        )
     return Concept(
         name=str(state_dir),
         adapters=load_adapters(state_dir, manifest),
@@ -58,8 +60,19 @@ def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None)
 
 @torch.no_grad()
 def record_layer_inputs(
-    *, model_source: str, vae: str | None, state_dir: str | Path, method_name: str, method_params: dict, task,
-    target_modules, resolution: int, timesteps: int, seed: int, output: str | Path, gram_dtype: str = "float32",
+    *,
+    model_source: str,
+    vae: str | None,
+    state_dir: str | Path,
+    method_name: str,
+    method_params: dict,
+    task,
+    target_modules,
+    resolution: int,
+    timesteps: int,
+    seed: int,
+    output: str | Path,
+    gram_dtype: str = "float32",
 ) -> dict:
     """Record the Gram matrices of the targeted layers' inputs of one concept's model (see the module
     docstring) and write them with :func:`lorachain.merging.fusion.save_grams`. Returns timings."""
@@ -96,14 +109,31 @@ def record_layer_inputs(
             noisy = scheduler.add_noise(latents, noise, t)
             pipe.unet(noisy.to(pipe.unet.dtype), t, **unet_kwargs(condition, len(latents), time_ids, pipe.unet.dtype))
     if recorder.unseen:
-        raise ModularError(f"{state_dir}: layers {recorder.unseen[:3]} received no input while recording; check training.target_modules")
+        raise ModularError(
+            f"{state_dir}: layers {recorder.unseen[:3]} received no input while recording; check training.target_modules"
+        )
     save_grams(output, recorder.grams, dtype=getattr(torch, gram_dtype))
-    return {"layers": len(layers), "rows_per_layer_max": max(n for _, n in recorder.grams.values()), "load_s": load_s, "total_s": time.perf_counter() - started}
+    return {
+        "layers": len(layers),
+        "rows_per_layer_max": max(n for _, n in recorder.grams.values()),
+        "load_s": load_s,
+        "total_s": time.perf_counter() - started,
+    }
 
 
 def merge_and_sample(
-    *, concept_dirs: list, gram_files: list | None, merge_name: str, merge_params: dict, merge_key: str,
-    tasks_file: str | Path, sampling: dict, model_source: str, vae: str | None, output_dir: str | Path, identity: dict,
+    *,
+    concept_dirs: list,
+    gram_files: list | None,
+    merge_name: str,
+    merge_params: dict,
+    merge_key: str,
+    tasks_file: str | Path,
+    sampling: dict,
+    model_source: str,
+    vae: str | None,
+    output_dir: str | Path,
+    identity: dict,
     merge_record: str | Path,
 ) -> dict:
     """Merge the first k concepts (k = len(concept_dirs)) and sample the merged model on them.
@@ -128,7 +158,9 @@ def merge_and_sample(
     loaded = [load_concept(directory, with_grams=gram) for directory, gram in zip(concept_dirs, grams)]
     for position, (concept, manifest) in enumerate(loaded):
         if manifest.get("concept") != tasks[position].concept:
-            raise ModularError(f"{concept.name}: trained on concept {manifest.get('concept')!r}, but task {position + 1} of {tasks_file} is {tasks[position].concept!r}")
+            raise ModularError(
+                f"{concept.name}: trained on concept {manifest.get('concept')!r}, but task {position + 1} of {tasks_file} is {tasks[position].concept!r}"
+            )
     concepts = [concept for concept, _ in loaded]
     read_s = time.perf_counter() - started
     method.load_dependencies()
@@ -150,9 +182,14 @@ def merge_and_sample(
     del delta
     result = sample_tasks(pipe, list(enumerate(tasks[:k], start=1)), config, output_dir, identity)
     record = {
-        "merge": identity.get("method"), "method": merge_name, "params": method.params, "k": k,
+        "merge": identity.get("method"),
+        "method": merge_name,
+        "params": method.params,
+        "k": k,
         "merge_type": "post-training (closed form)" if method.needs_layer_inputs else "instant",
-        "merge_s": merge_s, "read_s": read_s, "concepts": [str(d) for d in concept_dirs],
+        "merge_s": merge_s,
+        "read_s": read_s,
+        "concepts": [str(d) for d in concept_dirs],
     }
     Path(merge_record).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return {**result, "merge_s": merge_s, "read_s": read_s, "total_s": time.perf_counter() - started}
@@ -162,8 +199,20 @@ def merge_and_sample(
 
 
 def train_concept_job(
-    *, tasks, concept_index: int, method: str, method_params: dict, training: dict, checkpoint_every: int, model: str, vae: str | None,
-    seed: int, run: dict, state, lora, loss,
+    *,
+    tasks,
+    concept_index: int,
+    method: str,
+    method_params: dict,
+    training: dict,
+    checkpoint_every: int,
+    model: str,
+    vae: str | None,
+    seed: int,
+    run: dict,
+    state,
+    lora,
+    loss,
 ) -> dict:
     """The train_concept job: concept `concept_index` (1-based) of the domain's reference task file,
     trained from the base model independently of the other concepts (task 1 of its own chain, slot
@@ -171,15 +220,38 @@ def train_concept_job(
     from lorachain.train import train_task_from_file
 
     return train_task_from_file(
-        tasks=tasks, position=concept_index, task_index=1, previous_state=None, slot=concept_index - 1, seed=concept_seed(seed, concept_index),
-        method=method, method_params=method_params, training=training, checkpoint_every=checkpoint_every, model=model, vae=vae, run=run,
-        state=state, lora=lora, loss=loss,
+        tasks=tasks,
+        position=concept_index,
+        task_index=1,
+        previous_state=None,
+        slot=concept_index - 1,
+        seed=concept_seed(seed, concept_index),
+        method=method,
+        method_params=method_params,
+        training=training,
+        checkpoint_every=checkpoint_every,
+        model=model,
+        vae=vae,
+        run=run,
+        state=state,
+        lora=lora,
+        loss=loss,
     )
 
 
 def record_layer_inputs_job(
-    *, tasks, state, concept_index: int, method: str, method_params: dict, layer_inputs: dict, target_modules: list, resolution: int,
-    model: str, vae: str | None, grams,
+    *,
+    tasks,
+    state,
+    concept_index: int,
+    method: str,
+    method_params: dict,
+    layer_inputs: dict,
+    target_modules: list,
+    resolution: int,
+    model: str,
+    vae: str | None,
+    grams,
 ) -> dict:
     """The record_layer_inputs job: the Gram matrices of the concept whose manifest is `state`, on
     concept `concept_index` of the task file `tasks` (``modular.layer_inputs`` sets timesteps, seed
@@ -188,20 +260,49 @@ def record_layer_inputs_job(
 
     block = dict(layer_inputs)
     return record_layer_inputs(
-        model_source=model, vae=vae, state_dir=Path(state).parent, method_name=method, method_params=dict(method_params),
-        task=read_tasks(tasks)[concept_index - 1], target_modules=list(target_modules), resolution=resolution,
-        timesteps=block.get("timesteps", 10), seed=block.get("seed", 0), gram_dtype=block.get("gram_dtype", "float32"), output=grams,
+        model_source=model,
+        vae=vae,
+        state_dir=Path(state).parent,
+        method_name=method,
+        method_params=dict(method_params),
+        task=read_tasks(tasks)[concept_index - 1],
+        target_modules=list(target_modules),
+        resolution=resolution,
+        timesteps=block.get("timesteps", 10),
+        seed=block.get("seed", 0),
+        gram_dtype=block.get("gram_dtype", "float32"),
+        output=grams,
     )
 
 
 def merge_and_sample_job(
-    *, tasks, grams: list, method: str, merge_params: dict, concept_dirs: list, sampling: dict, model: str, vae: str | None,
-    identity: dict, merge: str, samples, record,
+    *,
+    tasks,
+    grams: list,
+    method: str,
+    merge_params: dict,
+    concept_dirs: list,
+    sampling: dict,
+    model: str,
+    vae: str | None,
+    identity: dict,
+    merge: str,
+    samples,
+    record,
 ) -> dict:
     """The merge_and_sample job: merge label `merge` (merge method `method`) of the concepts in
     `concept_dirs`, sampled into `samples`; the merge's time and inputs go to `record`."""
     return merge_and_sample(
-        concept_dirs=list(concept_dirs), gram_files=list(grams) or None, merge_name=method, merge_params=dict(merge_params),
-        merge_key=f"modular.merges.{merge}", tasks_file=tasks, sampling=dict(sampling), model_source=model, vae=vae,
-        output_dir=samples, identity=dict(identity), merge_record=record,
+        concept_dirs=list(concept_dirs),
+        gram_files=list(grams) or None,
+        merge_name=method,
+        merge_params=dict(merge_params),
+        merge_key=f"modular.merges.{merge}",
+        tasks_file=tasks,
+        sampling=dict(sampling),
+        model_source=model,
+        vae=vae,
+        output_dir=samples,
+        identity=dict(identity),
+        merge_record=record,
     )

@@ -58,7 +58,7 @@ class Param:
 
 
 def with_owner(owner: str, problem: str) -> str:
-    """"method 'x' has no parameter(s) ..." / "method 'x': parameter 'p' must be ..." """
+    """ "method 'x' has no parameter(s) ..." / "method 'x': parameter 'p' must be ..." """
     return f"{owner} {problem}" if problem.startswith("has no") else f"{owner}: {problem}"
 
 
@@ -84,7 +84,15 @@ def check_values(params: Sequence[Param], values: dict) -> tuple[dict, list[str]
     return merged, problems
 
 
-_TYPE_WORDS = {"integer": "an integer", "number": "a number", "string": "a string", "boolean": "a boolean", "array": "a list", "object": "a mapping", "null": "null"}
+_TYPE_WORDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "string": "a string",
+    "boolean": "a boolean",
+    "array": "a list",
+    "object": "a mapping",
+    "null": "null",
+}
 _BOUNDS = (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<"))
 
 

@@ -141,7 +141,9 @@ def encoder_inputs(config: dict, domain: str) -> list[str]:
 
 def runs(config: dict) -> list[tuple]:
     """(method, order, seed) of every run of a domain, in config order."""
-    return [(method, order, seed) for method in config["methods"] for order in config["orders"] for seed in config["seeds"]]
+    return [
+        (method, order, seed) for method in config["methods"] for order in config["orders"] for seed in config["seeds"]
+    ]
 
 
 def chain_files(run: dict, through: int) -> list[str]:
@@ -164,20 +166,26 @@ def run_sample_dirs(config: dict, run: dict) -> list[str]:
 
 
 def domain_run_scores(config: dict, domain: str) -> dict:
-    return canonical({
-        f"{method}|{order}|{seed}": paths.RUN_SCORES.format(domain=domain, method=method, order=order, seed=seed)
-        for method, order, seed in runs(config)
-    })
+    return canonical(
+        {
+            f"{method}|{order}|{seed}": paths.RUN_SCORES.format(domain=domain, method=method, order=order, seed=seed)
+            for method, order, seed in runs(config)
+        }
+    )
 
 
 def grid_sample_dirs(config: dict, domain: str) -> dict:
     """The image grid shows the first run (first order, first seed) of every method."""
     order, seed = config["orders"][0], config["seeds"][0]
-    return canonical({
-        f"{method}|{task}": paths.SAMPLES_DIR.format(domain=domain, method=method, order=order, seed=seed, task=task_label(task))
-        for method in config["methods"]
-        for task in range(1, config["domains"][domain]["num_tasks"] + 1)
-    })
+    return canonical(
+        {
+            f"{method}|{task}": paths.SAMPLES_DIR.format(
+                domain=domain, method=method, order=order, seed=seed, task=task_label(task)
+            )
+            for method in config["methods"]
+            for task in range(1, config["domains"][domain]["num_tasks"] + 1)
+        }
+    )
 
 
 # ------------------------------------------------------------------------------ modular regime
@@ -206,13 +214,17 @@ def concept_labels(config: dict) -> list[str]:
 
 def merged_concept_dirs(config: dict, domain: str, merge: str, k: int) -> list[str]:
     adapter = modular(config)["merges"][merge]["adapters"]
-    return [paths.CONCEPT_DIR.format(domain=domain, adapter=adapter, concept=task_label(index)) for index in range(1, k + 1)]
+    return [
+        paths.CONCEPT_DIR.format(domain=domain, adapter=adapter, concept=task_label(index)) for index in range(1, k + 1)
+    ]
 
 
 def modular_merges(config: dict) -> dict:
     """The table's rows: each merge label's method and the adapters it merges (sorted by label)."""
     merges = modular(config).get("merges", {})
-    return canonical({label: {"method": block["method"], "adapters": block["adapters"]} for label, block in merges.items()})
+    return canonical(
+        {label: {"method": block["method"], "adapters": block["adapters"]} for label, block in merges.items()}
+    )
 
 
 # ------------------------------------------------------------------------------ targets

@@ -33,14 +33,28 @@ REHEARSAL_SIZES = {
 }
 # Every key a rehearsal may change ("*" any name at that level).
 SUBSTITUTABLE = {
-    "model.pretrained", "model.vae",
-    "domains.*.dataset.root", "domains.*.num_tasks",
-    "orders", "seeds",
-    "training.rank", "training.lora_alpha", "training.steps", "training.resolution", "training.mixed_precision",
+    "model.pretrained",
+    "model.vae",
+    "domains.*.dataset.root",
+    "domains.*.num_tasks",
+    "orders",
+    "seeds",
+    "training.rank",
+    "training.lora_alpha",
+    "training.steps",
+    "training.resolution",
+    "training.mixed_precision",
     "training.optimizer.name",
-    "sampling.num_samples", "sampling.steps", "sampling.resolution", "sampling.precision",
-    "metrics.dino.pretrained", "metrics.clip.pretrained", "metrics.csd.checkpoint",
-    "modular.concepts", "modular.merge_sizes", "modular.layer_inputs.timesteps",
+    "sampling.num_samples",
+    "sampling.steps",
+    "sampling.resolution",
+    "sampling.precision",
+    "metrics.dino.pretrained",
+    "metrics.clip.pretrained",
+    "metrics.csd.checkpoint",
+    "modular.concepts",
+    "modular.merge_sizes",
+    "modular.layer_inputs.timesteps",
 }
 
 
@@ -62,7 +76,9 @@ def build_stand_ins(directory: str | Path, paper: dict, seed: int = 0) -> dict[s
     paths: dict[str, Path] = {}
     if "pretrained" in model:
         if "xl" not in model["pretrained"].lower():
-            raise ValueError(f"model.pretrained {model['pretrained']!r}: the rehearsal has a stand-in for SDXL pipelines only")
+            raise ValueError(
+                f"model.pretrained {model['pretrained']!r}: the rehearsal has a stand-in for SDXL pipelines only"
+            )
         paths["model.pretrained"] = directory / _stand_in_name(model["pretrained"])
         build_tiny_pipeline("sdxl", seed=seed).save_pretrained(paths["model.pretrained"], safe_serialization=True)
     if model.get("vae"):
@@ -108,7 +124,11 @@ def substituted_keys(paper, rehearsal, path: str = "") -> set[str]:
     """The dotted keys at which `rehearsal` differs from `paper` (added, removed or changed)."""
     if isinstance(paper, dict) and isinstance(rehearsal, dict):
         keys = set(paper) | set(rehearsal)
-        return {found for key in keys for found in substituted_keys(paper.get(key), rehearsal.get(key), f"{path}.{key}" if path else key)}
+        return {
+            found
+            for key in keys
+            for found in substituted_keys(paper.get(key), rehearsal.get(key), f"{path}.{key}" if path else key)
+        }
     return set() if paper == rehearsal else {path}
 
 

@@ -21,8 +21,19 @@ from lorachain.torch_env import torch
 
 INDEX_FILE = "index.csv"
 INDEX_COLUMNS = (
-    "path", "model", "method", "domain", "order", "seed", "after_task",
-    "task", "concept", "prompt_index", "prompt", "sample", "noise_seed",
+    "path",
+    "model",
+    "method",
+    "domain",
+    "order",
+    "seed",
+    "after_task",
+    "task",
+    "concept",
+    "prompt_index",
+    "prompt",
+    "sample",
+    "noise_seed",
 )
 _DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,9 +61,13 @@ class SamplingConfig:
             raise SamplingError(f"config key sampling: unknown keys {unknown}; allowed: {sorted(known)}")
         config = cls(**block)
         if config.resolution % 8:
-            raise SamplingError(f"config key sampling.resolution: {config.resolution} is not a multiple of 8 (the VAE downsamples 8x)")
+            raise SamplingError(
+                f"config key sampling.resolution: {config.resolution} is not a multiple of 8 (the VAE downsamples 8x)"
+            )
         if config.precision not in _DTYPES:
-            raise SamplingError(f"config key sampling.precision: {config.precision!r}, expected one of {sorted(_DTYPES)}")
+            raise SamplingError(
+                f"config key sampling.precision: {config.precision!r}, expected one of {sorted(_DTYPES)}"
+            )
         return config
 
 
@@ -70,7 +85,9 @@ def set_scheduler(pipe, name: str) -> None:
 
     scheduler_class = getattr(diffusers, name, None)
     if scheduler_class is None or not name.endswith("Scheduler"):
-        raise SamplingError(f"config key sampling.scheduler: {name!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler, DDIMScheduler) or 'default'")
+        raise SamplingError(
+            f"config key sampling.scheduler: {name!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler, DDIMScheduler) or 'default'"
+        )
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
 
@@ -78,7 +95,14 @@ def device_for_sampling() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model_for_sampling(model_source: str, vae: str | None, state_dir, method_name: str | None, method_params: dict | None, precision: str = "no"):
+def load_model_for_sampling(
+    model_source: str,
+    vae: str | None,
+    state_dir,
+    method_name: str | None,
+    method_params: dict | None,
+    precision: str = "no",
+):
     """The base pipeline, with the state that ends at `state_dir` applied to its U-Net (None: base)."""
     from lorachain.methods import make_method
     from lorachain.models.loading import load_pipeline
@@ -90,9 +114,13 @@ def load_model_for_sampling(model_source: str, vae: str | None, state_dir, metho
         manifest = read_manifest(state_dir)
         manifest_file = Path(state_dir) / STATE_FILE
         if manifest.get("architecture") != type(pipe).__name__:
-            raise StateError(f"{manifest_file}: written for a {manifest.get('architecture')}, but model {model_source!r} is a {type(pipe).__name__}")
+            raise StateError(
+                f"{manifest_file}: written for a {manifest.get('architecture')}, but model {model_source!r} is a {type(pipe).__name__}"
+            )
         if manifest.get("base_model") != str(model_source):
-            raise StateError(f"{manifest_file}: trained on base model {manifest.get('base_model')!r}, not {str(model_source)!r}; sample it with its own base model")
+            raise StateError(
+                f"{manifest_file}: trained on base model {manifest.get('base_model')!r}, not {str(model_source)!r}; sample it with its own base model"
+            )
         state = fold_state(state_dir, make_method(method_name, method_params or {}))
         apply_to_unet(pipe.unet, state)
     pipe.set_progress_bar_config(disable=True)
@@ -152,10 +180,18 @@ def sample_tasks(
             name = _image_name(index, prompt_index, sample)
             (staging / name).parent.mkdir(exist_ok=True)
             image.save(staging / name)
-            rows.append({
-                **identity, "path": name, "task": index, "concept": task.concept, "prompt_index": prompt_index,
-                "prompt": prompt, "sample": sample, "noise_seed": config.noise_seed,
-            })
+            rows.append(
+                {
+                    **identity,
+                    "path": name,
+                    "task": index,
+                    "concept": task.concept,
+                    "prompt_index": prompt_index,
+                    "prompt": prompt,
+                    "sample": sample,
+                    "noise_seed": config.noise_seed,
+                }
+            )
     elapsed = time.perf_counter() - started
     write_index(staging / INDEX_FILE, rows)
     if output_dir.exists():
@@ -183,17 +219,32 @@ def read_index(samples_dir: str | Path):
     frame = pd.read_csv(path, keep_default_na=False)
     missing_columns = sorted(set(INDEX_COLUMNS) - set(frame.columns))
     if missing_columns:
-        raise SamplingError(f"{path}: columns {missing_columns} missing; the samples were written by another version, resample them")
+        raise SamplingError(
+            f"{path}: columns {missing_columns} missing; the samples were written by another version, resample them"
+        )
     frame["path"] = [str(samples_dir / name) for name in frame["path"]]
     absent = [name for name in frame["path"] if not Path(name).is_file()]
     if absent:
-        raise SamplingError(f"{path}: {len(absent)} listed images are missing (first: {absent[0]}); resample {samples_dir}")
+        raise SamplingError(
+            f"{path}: {len(absent)} listed images are missing (first: {absent[0]}); resample {samples_dir}"
+        )
     return frame
 
 
 __all__ = [
-    "INDEX_COLUMNS", "INDEX_FILE", "SamplingConfig", "SamplingError", "initial_noises", "load_model_for_sampling",
-    "read_index", "sample_after_task", "sample_base_job", "sample_state_job", "sample_tasks", "set_scheduler", "write_index",
+    "INDEX_COLUMNS",
+    "INDEX_FILE",
+    "SamplingConfig",
+    "SamplingError",
+    "initial_noises",
+    "load_model_for_sampling",
+    "read_index",
+    "sample_after_task",
+    "sample_base_job",
+    "sample_state_job",
+    "sample_tasks",
+    "set_scheduler",
+    "write_index",
 ]
 
 
@@ -226,13 +277,32 @@ def sample_after_task(
     return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
 
 
-def sample_state_job(*, tasks, task_index: int, state_dir, method: str, method_params: dict, sampling: dict, model: str, vae: str | None,
-                     run: dict, samples) -> dict:
+def sample_state_job(
+    *,
+    tasks,
+    task_index: int,
+    state_dir,
+    method: str,
+    method_params: dict,
+    sampling: dict,
+    model: str,
+    vae: str | None,
+    run: dict,
+    samples,
+) -> dict:
     """The sample_state job: the state after task `task_index` of run `run` on tasks 1..task_index."""
     identity = {**run, "model": run["method"], "method": method, "after_task": task_index}
     return sample_after_task(
-        tasks_file=tasks, task_index=task_index, state_dir=state_dir, method_name=method, method_params=dict(method_params),
-        sampling=dict(sampling), model_source=model, vae=vae, output_dir=samples, identity=identity,
+        tasks_file=tasks,
+        task_index=task_index,
+        state_dir=state_dir,
+        method_name=method,
+        method_params=dict(method_params),
+        sampling=dict(sampling),
+        model_source=model,
+        vae=vae,
+        output_dir=samples,
+        identity=identity,
     )
 
 
@@ -240,6 +310,14 @@ def sample_base_job(*, tasks, sampling: dict, model: str, vae: str | None, domai
     """The sample_base job: the base model on every task of the domain's reference task file."""
     identity = {"model": "base", "method": "base", "domain": domain, "order": "", "seed": "", "after_task": 0}
     return sample_after_task(
-        tasks_file=tasks, task_index=None, state_dir=None, method_name=None, method_params=None,
-        sampling=dict(sampling), model_source=model, vae=vae, output_dir=samples, identity=identity,
+        tasks_file=tasks,
+        task_index=None,
+        state_dir=None,
+        method_name=None,
+        method_params=None,
+        sampling=dict(sampling),
+        model_source=model,
+        vae=vae,
+        output_dir=samples,
+        identity=identity,
     )

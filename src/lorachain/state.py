@@ -68,7 +68,9 @@ def read_manifest(task_dir: str | Path) -> dict:
         raise StateError(f"{path}: not valid JSON ({error}); delete the task directory and rerun it") from None
     if not isinstance(manifest, dict) or manifest.get("format") not in READABLE_FORMATS:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise StateError(f"{path}: state format {found!r}, this lorachain reads formats {READABLE_FORMATS}; {_rerun_hint(task_dir)}")
+        raise StateError(
+            f"{path}: state format {found!r}, this lorachain reads formats {READABLE_FORMATS}; {_rerun_hint(task_dir)}"
+        )
     lora = Path(task_dir) / LORA_FILE
     if not lora.is_file():
         raise StateError(f"{lora}: LoRA file of a finished task is missing; {_rerun_hint(task_dir)}")
@@ -119,7 +121,9 @@ def read_chain(task_dir: str | Path) -> list[tuple[Path, dict]]:
     first = chain[0][1]
     for position, (directory, manifest) in enumerate(chain, start=1):
         if manifest["task_index"] != position:
-            raise StateError(f"{directory / STATE_FILE}: task_index {manifest['task_index']} at position {position} of its chain")
+            raise StateError(
+                f"{directory / STATE_FILE}: task_index {manifest['task_index']} at position {position} of its chain"
+            )
         for key in ("method", "base_model", "architecture", "run"):
             if manifest.get(key) != first.get(key):
                 raise StateError(
@@ -177,7 +181,7 @@ def fold_state(task_dir: str | Path | None, method: ContinualMethod, device="cpu
         adapters = load_adapters(directory, manifest)
         for layer in sorted(adapters):
             adapter = adapters[layer]
-            delta = (adapter.scale * (adapter.B.to(device) @ adapter.A.to(device)))
+            delta = adapter.scale * (adapter.B.to(device) @ adapter.A.to(device))
             folded = method.fold(merged.get(layer), delta)
             if folded is not None:
                 merged[layer] = folded
@@ -190,11 +194,15 @@ def apply_to_unet(unet, state: FoldedState) -> None:
     modules = dict(unet.named_modules())
     for layer in state.layers():
         if layer not in modules:
-            raise StateError(f"state layer {layer!r} does not exist in this U-Net: the state comes from another architecture")
+            raise StateError(
+                f"state layer {layer!r} does not exist in this U-Net: the state comes from another architecture"
+            )
         weight = modules[layer].weight
         delta = state.layer_delta(layer)
         if delta.shape != weight.shape:
-            raise StateError(f"state layer {layer!r} has shape {tuple(delta.shape)}, the U-Net's is {tuple(weight.shape)}")
+            raise StateError(
+                f"state layer {layer!r} has shape {tuple(delta.shape)}, the U-Net's is {tuple(weight.shape)}"
+            )
         weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
 
 
@@ -240,13 +248,21 @@ def write_task_state(
         layers[f"{layer}.lora_B.weight"] = adapters[layer].B.detach().to("cpu", torch.float32).contiguous()
     staging = output_dir / f".staging{os.getpid()}"
     staging.mkdir(exist_ok=True)
-    pipeline_class.save_lora_weights(staging, unet_lora_layers=layers, unet_lora_adapter_metadata=_sorted_sets(lora_config))
+    pipeline_class.save_lora_weights(
+        staging, unet_lora_layers=layers, unet_lora_adapter_metadata=_sorted_sets(lora_config)
+    )
     canonical_safetensors(staging / LORA_FILE)
     os.replace(staging / LORA_FILE, output_dir / LORA_FILE)
     staging.rmdir()
     _readable_by_group(output_dir / LORA_FILE)
     record = lora_file_record(output_dir / LORA_FILE)
-    manifest = {"format": STATE_FORMAT, **manifest, "layers": len(adapters), "bytes": {"lora": record["bytes"]}, "sha256": {"lora": record["sha256"]}}
+    manifest = {
+        "format": STATE_FORMAT,
+        **manifest,
+        "layers": len(adapters),
+        "bytes": {"lora": record["bytes"]},
+        "sha256": {"lora": record["sha256"]},
+    }
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     _atomic_write_text(output_dir / STATE_FILE, text)
     return record["bytes"] + len(text.encode())

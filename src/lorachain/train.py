@@ -41,19 +41,66 @@ from pathlib import Path
 from lorachain.methods import ContinualMethod, LayerAdapter, make_method
 from lorachain.state import LORA_FILE, apply_to_unet, fold_state, write_task_state
 from lorachain.torch_env import torch
-from lorachain.training.adapters import OutputErasure, check_rank, initial_adapters, inject_lora, lora_layers, trained_adapters
+from lorachain.training.adapters import (
+    OutputErasure,
+    check_rank,
+    initial_adapters,
+    inject_lora,
+    lora_layers,
+    trained_adapters,
+)
 from lorachain.training.conditioning import encode_condition, is_sdxl, load_training_image, sdxl_time_ids, unet_kwargs
-from lorachain.training.config import SEED_POLICIES, SEED_STRIDE, TrainingConfig, TrainingError, TrainingInterrupted, derived_seed, task_seed
+from lorachain.training.config import (
+    SEED_POLICIES,
+    SEED_STRIDE,
+    TrainingConfig,
+    TrainingError,
+    TrainingInterrupted,
+    derived_seed,
+    task_seed,
+)
 from lorachain.training.resume import (
-    CHECKPOINT_FILE, CHECKPOINT_FORMAT, RESUME_DIR, CheckpointWriter, deferred_sigterm, load_checkpoint, read_checkpoint,
-    restore_checkpoint, run_fingerprint, save_checkpoint,
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    RESUME_DIR,
+    CheckpointWriter,
+    deferred_sigterm,
+    load_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+    run_fingerprint,
+    save_checkpoint,
 )
 
 __all__ = [
-    "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "RESUME_DIR", "SEED_POLICIES", "SEED_STRIDE", "OutputErasure", "TrainingConfig",
-    "TrainingError", "TrainingInterrupted", "check_rank", "deferred_sigterm", "derived_seed", "encode_condition", "initial_adapters",
-    "inject_lora", "is_sdxl", "load_checkpoint", "load_training_image", "lora_layers", "read_checkpoint", "run_fingerprint",
-    "save_checkpoint", "task_seed", "train_task", "train_task_from_file", "train_task_job", "trained_adapters", "unet_kwargs",
+    "CHECKPOINT_FILE",
+    "CHECKPOINT_FORMAT",
+    "RESUME_DIR",
+    "SEED_POLICIES",
+    "SEED_STRIDE",
+    "OutputErasure",
+    "TrainingConfig",
+    "TrainingError",
+    "TrainingInterrupted",
+    "check_rank",
+    "deferred_sigterm",
+    "derived_seed",
+    "encode_condition",
+    "initial_adapters",
+    "inject_lora",
+    "is_sdxl",
+    "load_checkpoint",
+    "load_training_image",
+    "lora_layers",
+    "read_checkpoint",
+    "run_fingerprint",
+    "save_checkpoint",
+    "task_seed",
+    "train_task",
+    "train_task_from_file",
+    "train_task_job",
+    "trained_adapters",
+    "unet_kwargs",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,14 +174,22 @@ class Progress:
 
 def _optimizer(params, config: TrainingConfig):
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps)
+        return torch.optim.AdamW(
+            params, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps
+        )
     if config.optimizer == "adamw8bit":
         try:
             import bitsandbytes
         except ImportError:
-            raise TrainingError("config key training.optimizer.name: adamw8bit needs the bitsandbytes package (GPU); install it or use adamw") from None
-        return bitsandbytes.optim.AdamW8bit(params, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps)
-    raise TrainingError(f"config key training.optimizer.name: unknown optimiser {config.optimizer!r}; use adamw or adamw8bit")
+            raise TrainingError(
+                "config key training.optimizer.name: adamw8bit needs the bitsandbytes package (GPU); install it or use adamw"
+            ) from None
+        return bitsandbytes.optim.AdamW8bit(
+            params, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps
+        )
+    raise TrainingError(
+        f"config key training.optimizer.name: unknown optimiser {config.optimizer!r}; use adamw or adamw8bit"
+    )
 
 
 def _accelerator(config: TrainingConfig):
@@ -145,7 +200,9 @@ def _accelerator(config: TrainingConfig):
     return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def _checked_task(*, config: TrainingConfig, method: ContinualMethod, method_key: str, output_dir, slot: int | None, **fields) -> TaskSpec:
+def _checked_task(
+    *, config: TrainingConfig, method: ContinualMethod, method_key: str, output_dir, slot: int | None, **fields
+) -> TaskSpec:
     """The task as a :class:`TaskSpec`, after the checks that need no model."""
     task_index, previous_state = fields["task_index"], fields["previous_state"]
     if (task_index == 1) != (previous_state is None):
@@ -175,9 +232,19 @@ def _fingerprint(task: TaskSpec, config: TrainingConfig, method: ContinualMethod
     if not (config.checkpoint_every and config.steps):
         return None
     return run_fingerprint(
-        config=config, method=method, task_index=task.task_index, seed=task.seed, this_seed=task.this_seed, model_source=task.model_source,
-        vae=task.vae, train_images=task.train_images, train_prompt=task.train_prompt, previous_state=task.previous_state, run=task.run,
-        concept=task.concept, slot=task.slot,
+        config=config,
+        method=method,
+        task_index=task.task_index,
+        seed=task.seed,
+        this_seed=task.this_seed,
+        model_source=task.model_source,
+        vae=task.vae,
+        train_images=task.train_images,
+        train_prompt=task.train_prompt,
+        previous_state=task.previous_state,
+        run=task.run,
+        concept=task.concept,
+        slot=task.slot,
     )
 
 
@@ -200,13 +267,19 @@ def _encode_training_data(pipe, images, task: TaskSpec, config: TrainingConfig, 
         latent_mean, latent_std = posterior.mean.float(), posterior.std.float()
         condition = encode_condition(pipe, task.train_prompt, device)
     return TrainingData(
-        latent_mean=latent_mean, latent_std=latent_std, scaling_factor=pipe.vae.config.scaling_factor, condition=condition,
+        latent_mean=latent_mean,
+        latent_std=latent_std,
+        scaling_factor=pipe.vae.config.scaling_factor,
+        condition=condition,
         time_ids=sdxl_time_ids(condition, images, config.resolution, device),
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config), count=len(images),
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        count=len(images),
     )
 
 
-def _prepare_unet(unet, adapters, row_masks, layers, method: ContinualMethod, task: TaskSpec, config: TrainingConfig, accelerator) -> PreparedUNet:
+def _prepare_unet(
+    unet, adapters, row_masks, layers, method: ContinualMethod, task: TaskSpec, config: TrainingConfig, accelerator
+) -> PreparedUNet:
     """Inject the adapter, make its trained factors the only trainable parameters (fp32), hook the
     row masks and output erasure, and let accelerate prepare the U-Net and the optimizer."""
     device = accelerator.device
@@ -221,21 +294,37 @@ def _prepare_unet(unet, adapters, row_masks, layers, method: ContinualMethod, ta
         parameter.data = parameter.data.float()  # trainable factors in fp32 under mixed precision
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    named_trainable = [(n, p) for n, p in unet.named_parameters() if any(f".{factor}." in n for factor in trained_factors)]
+    named_trainable = [
+        (n, p) for n, p in unet.named_parameters() if any(f".{factor}." in n for factor in trained_factors)
+    ]
     modules = dict(unet.named_modules())
     for name, mask in row_masks.items():  # rows of B outside the mask get no gradient: they stay 0
-        modules[name].lora_B["default"].weight.register_hook(lambda grad, mask=mask.to(device): grad * mask.to(grad.dtype))
-    erasure = OutputErasure(unet, list(layers), method.erasure_rate(), task.this_seed + 2, device) if method.erasure_rate() > 0 else None
+        modules[name].lora_B["default"].weight.register_hook(
+            lambda grad, mask=mask.to(device): grad * mask.to(grad.dtype)
+        )
+    erasure = (
+        OutputErasure(unet, list(layers), method.erasure_rate(), task.this_seed + 2, device)
+        if method.erasure_rate() > 0
+        else None
+    )
     optimizer = _optimizer(trainable, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
     return PreparedUNet(
-        unet=unet, optimizer=optimizer, accelerator=accelerator, weight_dtype=weight_dtype, lora_config=lora_config,
-        trainable=trainable, named_trainable=named_trainable, erasure=erasure,
+        unet=unet,
+        optimizer=optimizer,
+        accelerator=accelerator,
+        weight_dtype=weight_dtype,
+        lora_config=lora_config,
+        trainable=trainable,
+        named_trainable=named_trainable,
+        erasure=erasure,
     )
 
 
-def _restore(model: PreparedUNet, fingerprint: dict | None, task: TaskSpec, config: TrainingConfig, timings: dict) -> Progress:
+def _restore(
+    model: PreparedUNet, fingerprint: dict | None, task: TaskSpec, config: TrainingConfig, timings: dict
+) -> Progress:
     """A fresh start, or the in-task checkpoint of this run. After injection, optimizer creation
     and accelerate's prepare: the checkpoint replaces the initial factors, the (empty) optimizer
     state and the generator state in place."""
@@ -243,12 +332,25 @@ def _restore(model: PreparedUNet, fingerprint: dict | None, task: TaskSpec, conf
     if fingerprint is None:
         return progress
     resume_started = time.perf_counter()
-    checkpoint = load_checkpoint(task.resume_dir, fingerprint, model.named_trainable, model.optimizer, progress.generator, config.steps)
+    checkpoint = load_checkpoint(
+        task.resume_dir, fingerprint, model.named_trainable, model.optimizer, progress.generator, config.steps
+    )
     if checkpoint is not None:
         progress.start_step, progress.losses = restore_checkpoint(
-            checkpoint, model.named_trainable, model.optimizer, model.accelerator.scaler, progress.generator,
+            checkpoint,
+            model.named_trainable,
+            model.optimizer,
+            model.accelerator.scaler,
+            progress.generator,
         )
-        log.info("task %d (%s): resuming from the checkpoint at step %d of %d in %s", task.task_index, task.concept, progress.start_step, config.steps, task.resume_dir)
+        log.info(
+            "task %d (%s): resuming from the checkpoint at step %d of %d in %s",
+            task.task_index,
+            task.concept,
+            progress.start_step,
+            config.steps,
+            task.resume_dir,
+        )
         del checkpoint
     timings["resume_s"] = time.perf_counter() - resume_started
     return progress
@@ -292,37 +394,60 @@ def _optimizer_step(model: PreparedUNet, loss, config: TrainingConfig) -> None:
 
 def _write_checkpoint(checkpoints: CheckpointWriter, done: int, model: PreparedUNet, progress: Progress) -> Path:
     return checkpoints.write(
-        step=done, losses=progress.losses, named_parameters=model.named_trainable, optimizer=model.optimizer,
-        scaler=model.accelerator.scaler, generator=progress.generator,
+        step=done,
+        losses=progress.losses,
+        named_parameters=model.named_trainable,
+        optimizer=model.optimizer,
+        scaler=model.accelerator.scaler,
+        generator=progress.generator,
     )
 
 
-def _interrupted(task: TaskSpec, config: TrainingConfig, signum: int, done: int, path: Path | None) -> TrainingInterrupted:
-    where = f"checkpoint written to {path}; rerun the same job to resume from step {done}" if path else (
-        "no checkpoint (training.checkpoint_every is 0): a rerun starts from step 0"
+def _interrupted(
+    task: TaskSpec, config: TrainingConfig, signum: int, done: int, path: Path | None
+) -> TrainingInterrupted:
+    where = (
+        f"checkpoint written to {path}; rerun the same job to resume from step {done}"
+        if path
+        else ("no checkpoint (training.checkpoint_every is 0): a rerun starts from step 0")
     )
     return TrainingInterrupted(
         f"task {task.task_index} ({task.concept}): interrupted by {signal.Signals(signum).name} after step {done} of {config.steps}; "
         f"no state was written; {where}",
-        step=done, checkpoint=path,
+        step=done,
+        checkpoint=path,
     )
 
 
-def _train_loop(task: TaskSpec, config: TrainingConfig, data: TrainingData, model: PreparedUNet, progress: Progress,
-                checkpoints: CheckpointWriter | None, show_progress: bool) -> None:
+def _train_loop(
+    task: TaskSpec,
+    config: TrainingConfig,
+    data: TrainingData,
+    model: PreparedUNet,
+    progress: Progress,
+    checkpoints: CheckpointWriter | None,
+    show_progress: bool,
+) -> None:
     """Steps start_step .. steps - 1. An in-task checkpoint every checkpoint_every steps; SIGTERM
     stops at the end of the current step (after writing one) with :class:`TrainingInterrupted`."""
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        range(progress.start_step, config.steps), initial=progress.start_step, total=config.steps,
-        desc=f"task {task.task_index} {task.concept or ''}".strip(), file=sys.stderr, disable=not show_progress, mininterval=2.0,
+        range(progress.start_step, config.steps),
+        initial=progress.start_step,
+        total=config.steps,
+        desc=f"task {task.task_index} {task.concept or ''}".strip(),
+        file=sys.stderr,
+        disable=not show_progress,
+        mininterval=2.0,
     )
     with deferred_sigterm() as stop, contextlib.closing(bar):
         for step in bar:
             loss = _step_loss(step, data, model, progress.generator, config)
             if not torch.isfinite(loss):
-                raise TrainingError(f"task {task.task_index} ({task.concept}): loss is {loss.item()} at step {step}; nothing was written. Lower training.learning_rate or check the data")
+                raise TrainingError(
+                    f"task {task.task_index} ({task.concept}): loss is {loss.item()} at step {step}; nothing was written. Lower training.learning_rate or check the data"
+                )
             _optimizer_step(model, loss, config)
             progress.losses.append(loss.item())
             if step % 10 == 0:
@@ -338,7 +463,9 @@ def _train_loop(task: TaskSpec, config: TrainingConfig, data: TrainingData, mode
 # ------------------------------------------------------------------------------ results
 
 
-def _trained_result(model: PreparedUNet, layers, row_masks, task: TaskSpec, config: TrainingConfig) -> dict[str, LayerAdapter]:
+def _trained_result(
+    model: PreparedUNet, layers, row_masks, task: TaskSpec, config: TrainingConfig
+) -> dict[str, LayerAdapter]:
     if model.erasure is not None:
         model.erasure.remove()  # training only
     result = trained_adapters(model.accelerator.unwrap_model(model.unet), layers, config.scale)
@@ -359,9 +486,15 @@ def _write_loss_log(loss_log: str | Path, losses: list[float]) -> None:
         writer.writerows((i, f"{value:.6g}") for i, value in enumerate(losses))
 
 
-def _manifest(task: TaskSpec, method: ContinualMethod, config: TrainingConfig, losses: list[float], pipeline_class) -> dict:
-    parent = None if task.previous_state is None else os.path.relpath(Path(task.previous_state).resolve(), task.output_dir.resolve())
-    tail = losses[-max(1, len(losses) // 10):]
+def _manifest(
+    task: TaskSpec, method: ContinualMethod, config: TrainingConfig, losses: list[float], pipeline_class
+) -> dict:
+    parent = (
+        None
+        if task.previous_state is None
+        else os.path.relpath(Path(task.previous_state).resolve(), task.output_dir.resolve())
+    )
+    tail = losses[-max(1, len(losses) // 10) :]
     return {
         "task_index": task.task_index,
         "slot": task.slot,
@@ -422,9 +555,20 @@ def train_task(
     method_key = f"methods.{(run or {}).get('method', method_name)}"
     method = make_method(method_name, method_params, key=method_key)
     task = _checked_task(
-        config=config, method=method, method_key=method_key, output_dir=output_dir, slot=slot, model_source=model_source, vae=vae,
-        train_images=train_images, train_prompt=train_prompt, task_index=task_index, previous_state=previous_state, seed=seed,
-        concept=concept, run=run or {},
+        config=config,
+        method=method,
+        method_key=method_key,
+        output_dir=output_dir,
+        slot=slot,
+        model_source=model_source,
+        vae=vae,
+        train_images=train_images,
+        train_prompt=train_prompt,
+        task_index=task_index,
+        previous_state=previous_state,
+        seed=seed,
+        concept=concept,
+        run=run or {},
     )
     accelerator = _accelerator(config)
 
@@ -463,8 +607,23 @@ def train_task(
 
 
 def train_task_from_file(
-    *, tasks, position: int, task_index: int, previous_state, slot: int | None, seed: int, method: str, method_params: dict,
-    training: dict, checkpoint_every: int, model: str, vae: str | None, run: dict, state, lora, loss,
+    *,
+    tasks,
+    position: int,
+    task_index: int,
+    previous_state,
+    slot: int | None,
+    seed: int,
+    method: str,
+    method_params: dict,
+    training: dict,
+    checkpoint_every: int,
+    model: str,
+    vae: str | None,
+    run: dict,
+    state,
+    lora,
+    loss,
 ) -> dict:
     """What the train_task and train_concept jobs share: train task `position` (1-based) of the task
     file `tasks` as task `task_index` of a chain and write its state: the manifest `state` and the
@@ -473,26 +632,64 @@ def train_task_from_file(
     from lorachain.data import read_tasks
 
     if Path(lora) != Path(state).parent / LORA_FILE:
-        raise TrainingError(f"{lora}: a task's LoRA file is written beside its manifest, as {Path(state).parent / LORA_FILE}")
+        raise TrainingError(
+            f"{lora}: a task's LoRA file is written beside its manifest, as {Path(state).parent / LORA_FILE}"
+        )
     task = read_tasks(tasks)[position - 1]
     manifest = train_task(
-        model_source=model, vae=vae, train_images=list(task.train_images), train_prompt=task.train_prompt, task_index=task_index,
-        slot=slot, previous_state=previous_state, method_name=method, method_params=dict(method_params),
-        training=dict(training, checkpoint_every=checkpoint_every), seed=seed, output_dir=Path(state).parent, run=dict(run),
-        concept=task.concept, loss_log=loss,
+        model_source=model,
+        vae=vae,
+        train_images=list(task.train_images),
+        train_prompt=task.train_prompt,
+        task_index=task_index,
+        slot=slot,
+        previous_state=previous_state,
+        method_name=method,
+        method_params=dict(method_params),
+        training=dict(training, checkpoint_every=checkpoint_every),
+        seed=seed,
+        output_dir=Path(state).parent,
+        run=dict(run),
+        concept=task.concept,
+        loss_log=loss,
     )
     return {key: manifest[key] for key in ("task_index", "slot", "concept", "final_loss", "bytes_written", "timings")}
 
 
 def train_task_job(
-    *, tasks, task_index: int, previous_dir, method: str, method_params: dict, training: dict, checkpoint_every: int, model: str,
-    vae: str | None, run: dict, seed: int, state, lora, loss,
+    *,
+    tasks,
+    task_index: int,
+    previous_dir,
+    method: str,
+    method_params: dict,
+    training: dict,
+    checkpoint_every: int,
+    model: str,
+    vae: str | None,
+    run: dict,
+    seed: int,
+    state,
+    lora,
+    loss,
 ) -> dict:
     """The train_task job: task `task_index` of run `run` (training seed `seed`) on top of the state
     in `previous_dir` (None for task 1)."""
     return train_task_from_file(
-        tasks=tasks, position=task_index, task_index=task_index, previous_state=previous_dir, slot=None, seed=int(seed), method=method,
-        method_params=method_params, training=training, checkpoint_every=checkpoint_every, model=model, vae=vae, run=run, state=state, lora=lora,
+        tasks=tasks,
+        position=task_index,
+        task_index=task_index,
+        previous_state=previous_dir,
+        slot=None,
+        seed=int(seed),
+        method=method,
+        method_params=method_params,
+        training=training,
+        checkpoint_every=checkpoint_every,
+        model=model,
+        vae=vae,
+        run=run,
+        state=state,
+        lora=lora,
         loss=loss,
     )
-

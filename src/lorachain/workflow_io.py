@@ -12,7 +12,6 @@ from pathlib import Path
 
 from lorachain.methods import load_plugins
 
-
 KEPT_LOGS = 9  # earlier failed attempts kept beside a job's log: <log>.1 (the latest) .. <log>.9
 
 
@@ -49,7 +48,9 @@ def job_log(path: str | Path):
             os.link(path, attempt)
         except OSError:  # a filesystem without hard links: the log is kept only until the rerun
             attempt = None
-        logging.basicConfig(stream=handle, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        logging.basicConfig(
+            stream=handle, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+        )
         try:
             yield handle
         except BaseException:

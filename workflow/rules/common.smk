@@ -33,7 +33,16 @@ from lorachain.paths import (
     state_files,
     task_dir,
 )
-from lorachain.plan import canonical, merge_sizes, model_source, modular_merges, reference_order, revision, stage_block, training_block
+from lorachain.plan import (
+    canonical,
+    merge_sizes,
+    model_source,
+    modular_merges,
+    reference_order,
+    revision,
+    stage_block,
+    training_block,
+)
 
 MODULAR = plan.modular(config)
 
@@ -62,7 +71,6 @@ def run_of(wildcards):
 
 def model_inputs(wildcards):
     return plan.model_inputs(config)
-
 
 
 def dataset_root(wildcards):
@@ -199,7 +207,9 @@ def merge_identity(wildcards):
 
 
 def merge_sample_dirs(wildcards):
-    return [f"{MERGE_DIR.format(domain=wildcards.domain, merge=wildcards.merge, k=k)}/samples" for k in merge_sizes(config)]
+    return [
+        f"{MERGE_DIR.format(domain=wildcards.domain, merge=wildcards.merge, k=k)}/samples" for k in merge_sizes(config)
+    ]
 
 
 def modular_scores(wildcards):
@@ -207,11 +217,13 @@ def modular_scores(wildcards):
 
 
 def modular_records(wildcards):
-    return canonical({
-        f"{merge}|{k}": f"{MERGE_DIR.format(domain=wildcards.domain, merge=merge, k=k)}/merge.json"
-        for merge in MODULAR["merges"]
-        for k in merge_sizes(config)
-    })
+    return canonical(
+        {
+            f"{merge}|{k}": f"{MERGE_DIR.format(domain=wildcards.domain, merge=merge, k=k)}/merge.json"
+            for merge in MODULAR["merges"]
+            for k in merge_sizes(config)
+        }
+    )
 
 
 def modular_results_inputs(wildcards):

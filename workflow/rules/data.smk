@@ -2,14 +2,14 @@ rule generate_synthetic_dataset:
     """A small generated dataset in the domain's native layout (demo and tests)."""
     output:
         directory(SYNTHETIC_DATA),
+    log:
+        f"{LOGS}/data/synthetic-{{domain}}.log",
+    conda:
+        "../../envs/lorachain.yaml"
     params:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         synthetic=lambda wildcards: canonical(domain(wildcards)["dataset"]["synthetic"]),
         root=lambda wildcards, output: output[0],
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/data/synthetic-{{domain}}.log",
     script:
         "../scripts/generate_synthetic_dataset.py"
 
@@ -20,6 +20,10 @@ rule prepare_tasks:
         dataset_inputs,
     output:
         TASKS,
+    log:
+        f"{LOGS}/{{domain}}/tasks/order{{order}}.log",
+    conda:
+        "../../envs/lorachain.yaml"
     params:
         layout=lambda wildcards: domain(wildcards)["dataset"]["layout"],
         root=dataset_root,
@@ -27,9 +31,5 @@ rule prepare_tasks:
         order=lambda wildcards: int(wildcards.order),
         domain="{domain}",
         tasks=lambda wildcards, output: output[0],
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/tasks/order{{order}}.log",
     script:
         "../scripts/prepare_tasks.py"

@@ -2,14 +2,14 @@ rule build_tiny_encoder:
     """A tiny DINO, CLIP or CSD encoder with random weights, of the real classes (demo and tests)."""
     output:
         directory(TINY_ENCODER),
+    log:
+        f"{LOGS}/metrics/tiny-{{encoder}}.log",
+    conda:
+        "../../envs/lorachain.yaml"
     params:
         encoder="{encoder}",
         seed=lambda wildcards: config["metrics"][wildcards.encoder].get("tiny_seed", 0),
         output_dir=lambda wildcards, output: output[0],
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/metrics/tiny-{{encoder}}.log",
     script:
         "../scripts/build_tiny_encoder.py"
 
@@ -21,21 +21,21 @@ rule embed_references:
         tasks=reference_tasks,
     output:
         REFERENCE_EMBEDDINGS,
+    log:
+        f"{LOGS}/{{domain}}/references.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/references.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
         references=lambda wildcards, output: output[0],
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/references.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/references.tsv"
     script:
         "../scripts/embed_references.py"
 
@@ -48,21 +48,21 @@ rule score_run:
         references=REFERENCE_EMBEDDINGS,
     output:
         RUN_SCORES,
+    log:
+        f"{LOGS}/{RUN}/scores.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{RUN}/scores.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
         scores=lambda wildcards, output: output[0],
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{RUN}/scores.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{RUN}/scores.tsv"
     script:
         "../scripts/score_run.py"
 
@@ -75,20 +75,20 @@ rule score_base:
         references=REFERENCE_EMBEDDINGS,
     output:
         BASE_SCORES,
+    log:
+        f"{LOGS}/{{domain}}/base/scores.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/base/scores.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
         scores=lambda wildcards, output: output[0],
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/base/scores.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/base/scores.tsv"
     script:
         "../scripts/score_base.py"

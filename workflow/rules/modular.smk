@@ -7,6 +7,15 @@ rule train_concept:
         state=f"{CONCEPT_DIR}/{STATE_FILE}",
         lora=f"{CONCEPT_DIR}/{LORA_FILE}",
         loss=f"{CONCEPT_DIR}/{LOSS_FILE}",
+    log:
+        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         concept_index=lambda wildcards: int(wildcards.concept),
         method=adapter_method,
@@ -20,15 +29,6 @@ rule train_concept:
         vae=config["model"].get("vae"),
         seed=MODULAR.get("seed"),
         run=concept_identity,
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}.tsv"
     script:
         "../scripts/train_concept.py"
 
@@ -42,6 +42,15 @@ rule record_layer_inputs:
         state=f"{CONCEPT_DIR}/{STATE_FILE}",
     output:
         GRAMS,
+    log:
+        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         concept_index=lambda wildcards: int(wildcards.concept),
         method=adapter_method,
@@ -53,15 +62,6 @@ rule record_layer_inputs:
         model=model_source(config),
         vae=config["model"].get("vae"),
         grams=lambda wildcards, output: output[0],
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.tsv"
     script:
         "../scripts/record_layer_inputs.py"
 
@@ -76,6 +76,15 @@ rule merge_and_sample:
     output:
         samples=directory(f"{MERGE_DIR}/samples"),
         record=f"{MERGE_DIR}/merge.json",
+    log:
+        f"{LOGS}/{{domain}}/modular/{{merge}}/k{{k}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{merge}}/k{{k}}.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         method=merge_method,
         merge_params=merge_block,
@@ -86,15 +95,6 @@ rule merge_and_sample:
         vae=config["model"].get("vae"),
         identity=merge_identity,
         merge="{merge}",
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/modular/{{merge}}/k{{k}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/modular/{{merge}}/k{{k}}.tsv"
     script:
         "../scripts/merge_and_sample.py"
 
@@ -107,21 +107,21 @@ rule score_merges:
         references=REFERENCE_EMBEDDINGS,
     output:
         MERGE_SCORES,
+    log:
+        f"{LOGS}/{{domain}}/modular/{{merge}}/scores.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{merge}}/scores.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         metrics=metrics_of,
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
         scores=lambda wildcards, output: output[0],
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/modular/{{merge}}/scores.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/modular/{{merge}}/scores.tsv"
     script:
         "../scripts/score_merges.py"
 
@@ -132,10 +132,21 @@ rule modular_results:
     input:
         lambda wildcards: [path for paths in modular_results_inputs(wildcards).values() for path in paths],
     output:
-        table=report(f"{MODULAR_TABLE}.csv", caption="../report/modular_table.rst", category="Modular", subcategory="{domain}"),
+        table=report(
+            f"{MODULAR_TABLE}.csv", caption="../report/modular_table.rst", category="Modular", subcategory="{domain}"
+        ),
         markdown=f"{MODULAR_TABLE}.md",
-        curve=report(f"{FIGURES}/modular-curve.png", caption="../report/modular_curve.rst", category="Modular", subcategory="{domain}"),
+        curve=report(
+            f"{FIGURES}/modular-curve.png",
+            caption="../report/modular_curve.rst",
+            category="Modular",
+            subcategory="{domain}",
+        ),
         curve_pdf=f"{FIGURES}/modular-curve.pdf",
+    log:
+        f"{LOGS}/tables/{{domain}}-modular.log",
+    conda:
+        "../../envs/lorachain.yaml"
     params:
         scores=modular_scores,
         records=modular_records,
@@ -144,10 +155,6 @@ rule modular_results:
         merge_order=lambda wildcards, input: list(MODULAR["merges"]),
         metrics=metrics_of,
         domain="{domain}",
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/tables/{{domain}}-modular.log",
     script:
         "../scripts/modular_results.py"
 
@@ -158,13 +165,23 @@ rule lora_diagnostics:
     input:
         loras=diagnostics_loras,
     output:
-        cosine_figure=report(f"{FIGURES}/diagnostics-{{adapter}}-cosine.png", caption="../report/diagnostics.rst", category="Modular", subcategory="{domain}"),
-        conflicts_figure=report(f"{FIGURES}/diagnostics-{{adapter}}-sign-conflicts.png", caption="../report/diagnostics.rst", category="Modular", subcategory="{domain}"),
+        cosine_figure=report(
+            f"{FIGURES}/diagnostics-{{adapter}}-cosine.png",
+            caption="../report/diagnostics.rst",
+            category="Modular",
+            subcategory="{domain}",
+        ),
+        conflicts_figure=report(
+            f"{FIGURES}/diagnostics-{{adapter}}-sign-conflicts.png",
+            caption="../report/diagnostics.rst",
+            category="Modular",
+            subcategory="{domain}",
+        ),
         cosine=f"{DIAGNOSTICS_DIR}/cosine.csv",
         conflicts=f"{DIAGNOSTICS_DIR}/sign_conflicts.csv",
-    conda:
-        "../../envs/lorachain.yaml"
     log:
         f"{LOGS}/{{domain}}/modular/{{adapter}}/diagnostics.log",
+    conda:
+        "../../envs/lorachain.yaml"
     script:
         "../scripts/lora_diagnostics.py"

@@ -12,6 +12,10 @@ rule continual_table:
         ),
         markdown=f"{TABLE}.md",
         matrices=f"{MATRICES}",
+    log:
+        f"{LOGS}/tables/{{domain}}.log",
+    conda:
+        "../../envs/lorachain.yaml"
     params:
         run_scores=domain_run_scores,
         # the rows' order (the config's): derived from `input`, so Snakemake does not record it and
@@ -22,10 +26,6 @@ rule continual_table:
         orders=config["orders"],
         seeds=config["seeds"],
         domain="{domain}",
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/tables/{{domain}}.log",
     script:
         "../scripts/continual_table.py"
 
@@ -50,6 +50,10 @@ rule plot_metric:
             labels={"domain": "{domain}", "metric": "{metric}"},
         ),
         curve_pdf=f"{FIGURES}/curve-{{metric}}.pdf",
+    log:
+        f"{LOGS}/figures/{{domain}}/{{metric}}.log",
+    conda:
+        "../../envs/lorachain.yaml"
     params:
         # the rows' order (the config's): derived from `input`, so Snakemake does not record it and
         # reordering the YAML reruns nothing; a new or removed method changes the inputs
@@ -57,10 +61,6 @@ rule plot_metric:
         num_tasks=lambda wildcards: domain(wildcards)["num_tasks"],
         domain="{domain}",
         metric="{metric}",
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/figures/{{domain}}/{{metric}}.log",
     script:
         "../scripts/plot_metric.py"
 
@@ -77,6 +77,10 @@ rule image_grid:
             category="Image grids",
             labels={"domain": "{domain}"},
         ),
+    log:
+        f"{LOGS}/figures/{{domain}}/grid.log",
+    conda:
+        "../../envs/lorachain.yaml"
     params:
         samples=grid_sample_dirs,
         # the rows' order (the config's): derived from `input`, so Snakemake does not record it and
@@ -86,9 +90,5 @@ rule image_grid:
         run={"order": config["orders"][0], "seed": config["seeds"][0]},
         domain="{domain}",
         output=lambda wildcards, output: output[0],
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/figures/{{domain}}/grid.log",
     script:
         "../scripts/image_grid.py"

@@ -6,6 +6,15 @@ rule sample_state:
         tasks=TASKS,
     output:
         directory(SAMPLES_DIR),
+    log:
+        f"{LOGS}/{RUN}/samples-after{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{RUN}/samples-after{{task}}.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         task_index=check_task_index,
         state_dir=state_dir,
@@ -17,15 +26,6 @@ rule sample_state:
         vae=config["model"].get("vae"),
         run=run_identity,
         samples=lambda wildcards, output: output[0],
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{RUN}/samples-after{{task}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{RUN}/samples-after{{task}}.tsv"
     script:
         "../scripts/sample_state.py"
 
@@ -37,6 +37,15 @@ rule sample_base:
         tasks=reference_tasks,
     output:
         directory(BASE_SAMPLES_DIR),
+    log:
+        f"{LOGS}/{{domain}}/base/samples.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{domain}}/base/samples.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         sampling=stage_block(config, "sampling"),
         revision=revision(config, "sampling"),
@@ -44,14 +53,5 @@ rule sample_base:
         vae=config["model"].get("vae"),
         domain="{domain}",
         samples=lambda wildcards, output: output[0],
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{{domain}}/base/samples.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/base/samples.tsv"
     script:
         "../scripts/sample_base.py"

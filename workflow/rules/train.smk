@@ -8,6 +8,15 @@ rule train_task:
         state=f"{TASK_DIR}/{STATE_FILE}",
         lora=f"{TASK_DIR}/{LORA_FILE}",
         loss=f"{TASK_DIR}/{LOSS_FILE}",
+    log:
+        f"{LOGS}/{RUN}/task{{task}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{RUN}/task{{task}}.tsv"
+    conda:
+        "../../envs/lorachain.yaml"
+    threads: 1
+    resources:
+        gpu=1,
     params:
         task_index=check_task_index,
         previous_dir=previous_task_dir,
@@ -22,14 +31,5 @@ rule train_task:
         vae=config["model"].get("vae"),
         run=run_identity,
         seed=lambda wildcards: int(wildcards.seed),
-    threads: 1
-    resources:
-        gpu=1,
-    conda:
-        "../../envs/lorachain.yaml"
-    log:
-        f"{LOGS}/{RUN}/task{{task}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/{RUN}/task{{task}}.tsv"
     script:
         "../scripts/train_task.py"

@@ -78,9 +78,7 @@ def check_images_decode(paths: Iterable[str | os.PathLike[str]]) -> None:
             with Image.open(path) as image:
                 image.load()
         except (OSError, ValueError, SyntaxError) as error:  # PIL raises all three on bad files
-            raise DatasetError(
-                f"image {path} cannot be decoded ({error}); replace or delete the file"
-            ) from error
+            raise DatasetError(f"image {path} cannot be decoded ({error}); replace or delete the file") from error
 
 
 def _parse_classes_section(classes_file: Path) -> dict[str, str]:
@@ -90,10 +88,7 @@ def _parse_classes_section(classes_file: Path) -> dict[str, str]:
     one ``subject,class`` row per subject up to the next blank line (then the "Prompts" section).
     """
     lines = classes_file.read_text(encoding="utf-8").splitlines()
-    fix = (
-        "it must contain a 'Classes' line followed by 'subject_name,class' and one "
-        "'subject,class' row per subject"
-    )
+    fix = "it must contain a 'Classes' line followed by 'subject_name,class' and one 'subject,class' row per subject"
     try:
         start = next(i for i, line in enumerate(lines) if line.strip().lower() == "classes")
     except StopIteration:
@@ -114,9 +109,7 @@ def _parse_classes_section(classes_file: Path) -> dict[str, str]:
             break
         fields = [field.strip() for field in line.split(",")]
         if len(fields) != 2 or not all(fields):
-            raise DatasetError(
-                f"{classes_file} line {line_number}: {line!r} is not a 'subject,class' row; {fix}"
-            )
+            raise DatasetError(f"{classes_file} line {line_number}: {line!r} is not a 'subject,class' row; {fix}")
         subject, class_name = fields
         if subject in subject_classes:
             raise DatasetError(f"{classes_file} line {line_number}: subject {subject!r} is listed twice")
@@ -160,7 +153,9 @@ def read_dreambooth(root: str | os.PathLike[str], config_key: str = "the dataset
     return subjects
 
 
-def read_unlearncanvas(root: str | os.PathLike[str], config_key: str = "the dataset root") -> dict[str, dict[str, list[str]]]:
+def read_unlearncanvas(
+    root: str | os.PathLike[str], config_key: str = "the dataset root"
+) -> dict[str, dict[str, list[str]]]:
     """Read an UnlearnCanvas-layout directory: ``{style: {object: [abs image paths]}}``.
 
     A style is a top-level directory holding object directories; ``Seed_Images`` and directories

@@ -13,7 +13,9 @@ from .synthetic import generate_dreambooth_like, generate_unlearncanvas_like
 LAYOUTS = ("dreambooth", "unlearncanvas")
 
 
-def select_domain_tasks(layout: str, root: str | os.PathLike[str], block: dict[str, Any], domain: str = "<domain>") -> list[Task]:
+def select_domain_tasks(
+    layout: str, root: str | os.PathLike[str], block: dict[str, Any], domain: str = "<domain>"
+) -> list[Task]:
     """The reference's task selection for one domain block of the config (before ordering). Every
     error names the domain's config keys (domains.<domain>.dataset.root, num_tasks, concepts)."""
     try:
@@ -33,19 +35,32 @@ def _select(layout: str, root: str | os.PathLike[str], block: dict[str, Any], do
     if layout == "dreambooth":
         tokens = {"tokens": tuple(block["tokens"])} if block.get("tokens") else {}
         return select_object_tasks(
-            root, num_tasks=block["num_tasks"], seed=block.get("selection_seed", 42), subjects=block.get("concepts"),
-            config_key=key, **tokens,
+            root,
+            num_tasks=block["num_tasks"],
+            seed=block.get("selection_seed", 42),
+            subjects=block.get("concepts"),
+            config_key=key,
+            **tokens,
         )
     if layout == "unlearncanvas":
         return select_style_tasks(
-            root, num_tasks=block["num_tasks"], seed=block.get("selection_seed", 42),
-            train_images_per_style=block.get("train_images_per_style", 5), styles=block.get("concepts"), config_key=key,
+            root,
+            num_tasks=block["num_tasks"],
+            seed=block.get("selection_seed", 42),
+            train_images_per_style=block.get("train_images_per_style", 5),
+            styles=block.get("concepts"),
+            config_key=key,
         )
     raise ValueError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
 
 
 def prepare_tasks(
-    layout: str, root: str | os.PathLike[str], block: dict[str, Any], order_seed: int, output: str | os.PathLike[str], domain: str = "<domain>"
+    layout: str,
+    root: str | os.PathLike[str],
+    block: dict[str, Any],
+    order_seed: int,
+    output: str | os.PathLike[str],
+    domain: str = "<domain>",
 ) -> list[Task]:
     """Select, order and write the tasks of one (domain, order seed)."""
     tasks = order_tasks(select_domain_tasks(layout, root, block, domain), order_seed)

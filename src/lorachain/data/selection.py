@@ -232,7 +232,9 @@ def select_object_tasks(
     return tasks
 
 
-def _check_style_folders(dataset, root_path: Path, styles, train_objects, metric_objects, train_images_per_style: int) -> None:
+def _check_style_folders(
+    dataset, root_path: Path, styles, train_objects, metric_objects, train_images_per_style: int
+) -> None:
     """Every selected style has its training object's and every metric object's folder, and
     enough training images."""
     for style, train_object in zip(styles, train_objects):
@@ -302,9 +304,7 @@ def select_style_tasks(
         # The reference samples from sorted(os.listdir(...)): lexicographic file names.
         listing = sorted(dataset[style][train_object], key=lambda path: Path(path).name)
         train_images = tuple(sorted(rng.sample(listing, train_images_per_style), key=image_sort_key))
-        reference_images = tuple(
-            dataset[style][obj][index - 1] for obj, index in zip(metric_objects, metric_indices)
-        )
+        reference_images = tuple(dataset[style][obj][index - 1] for obj, index in zip(metric_objects, metric_indices))
         check_images_decode(train_images + reference_images)
         phrase = concept_phrase(style)
         tasks.append(
@@ -361,8 +361,7 @@ def _load_task_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         ) from error
     if not isinstance(content, dict) or not isinstance(content.get("tasks"), list):
         raise DatasetError(
-            f"task list {file_path} must be a JSON object with a 'tasks' list; "
-            "delete it and re-run the selection"
+            f"task list {file_path} must be a JSON object with a 'tasks' list; delete it and re-run the selection"
         )
     return content
 

@@ -31,7 +31,6 @@ from itertools import combinations
 from pathlib import Path
 
 from lorachain.lora import LoraFile, check_compatible
-from lorachain.torch_env import torch
 
 STAT_COLUMNS = ("mean_cosine", "mean_abs_cosine", "max_abs_cosine")
 PAIR_SEPARATOR = " ~ "
@@ -136,8 +135,12 @@ def sign_conflicts(items: Sequence, names: Sequence[str] | None = None, atol: fl
         total += has_positive.numel()
     rows = [
         {
-            "k": k, "added": named[k - 1][0], "active_entries": active[k], "conflicting_entries": conflicting[k],
-            "total_entries": total, "fraction": conflicting[k] / active[k] if active[k] else 0.0,
+            "k": k,
+            "added": named[k - 1][0],
+            "active_entries": active[k],
+            "conflicting_entries": conflicting[k],
+            "total_entries": total,
+            "fraction": conflicting[k] / active[k] if active[k] else 0.0,
         }
         for k in range(2, count + 1)
     ]
@@ -159,7 +162,9 @@ def plot_cosine_heatmap(table, path: str | Path) -> Path:
     image = axes.imshow(values, aspect="auto", cmap="coolwarm", vmin=-limit, vmax=limit, interpolation="nearest")
     axes.set_xlabel(f"layer (sorted name order, {len(table)} layers)")
     axes.set_yticks(range(len(columns)), labels=columns, fontsize=7 if len(columns) > 10 else 9)
-    axes.set_title("Layer-wise cosine similarity of LoRA deltas" + (" per pair" if pair_columns else " (mean over pairs)"))
+    axes.set_title(
+        "Layer-wise cosine similarity of LoRA deltas" + (" per pair" if pair_columns else " (mean over pairs)")
+    )
     figure.colorbar(image, ax=axes, label="cosine similarity")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

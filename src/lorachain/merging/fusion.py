@@ -59,7 +59,9 @@ GRAM_FORMAT = "lorachain-grams-1"
 PRIORS = ("mean", "base")
 DEFAULT_RIDGE = 1e-6
 DEFAULT_RCOND = 1e-10
-RECENT_INPUTS = 8  # inputs whose X^T X the recorder keeps for reuse (SDXL: 4-5 distinct inputs between text-embedding uses)
+RECENT_INPUTS = (
+    8  # inputs whose X^T X the recorder keeps for reuse (SDXL: 4-5 distinct inputs between text-embedding uses)
+)
 
 
 class GramError(ValueError):
@@ -93,7 +95,9 @@ class GramRecorder:
             if name not in modules:
                 raise GramError(f"GramRecorder: the model has no submodule {name!r}")
             if _linear_of(modules[name]) is None:
-                raise GramError(f"GramRecorder: submodule {name!r} is a {type(modules[name]).__name__}, not a linear layer")
+                raise GramError(
+                    f"GramRecorder: submodule {name!r} is a {type(modules[name]).__name__}, not a linear layer"
+                )
             self.layers[name] = modules[name]
         self._sums: dict[str, torch.Tensor] = {}
         self._rows: dict[str, int] = {}
@@ -107,7 +111,9 @@ class GramRecorder:
             source = args[0]
             x = source.detach()
             if x.shape[-1] != in_features:
-                raise GramError(f"GramRecorder: layer {name!r} got inputs of width {x.shape[-1]}, expected {in_features}")
+                raise GramError(
+                    f"GramRecorder: layer {name!r} got inputs of width {x.shape[-1]}, expected {in_features}"
+                )
             rows = x.reshape(-1, in_features)
             cached = self._recent.get(id(source))
             if cached is not None and cached[0]() is source and cached[1] == source._version:
@@ -169,7 +175,9 @@ def save_grams(path: str | Path, grams: dict[str, tuple[torch.Tensor, int]], dty
     for layer in sorted(grams):
         G = grams[layer][0].detach().to("cpu", dtype).contiguous()
         fingerprint = (tuple(G.shape), float(G.sum()), float(G.diagonal().sum()))
-        twin = next((other for other in stored_by_fingerprint.get(fingerprint, []) if torch.equal(tensors[other], G)), None)
+        twin = next(
+            (other for other in stored_by_fingerprint.get(fingerprint, []) if torch.equal(tensors[other], G)), None
+        )
         if twin is not None:
             aliases[layer] = twin
         else:
@@ -197,7 +205,9 @@ def load_grams(path: str | Path) -> dict[str, tuple[torch.Tensor, int]]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             if metadata.get("format") != GRAM_FORMAT:
-                raise GramError(f"{path}: not a gram file (metadata format {metadata.get('format')!r}, expected {GRAM_FORMAT!r})")
+                raise GramError(
+                    f"{path}: not a gram file (metadata format {metadata.get('format')!r}, expected {GRAM_FORMAT!r})"
+                )
             rows = json.loads(metadata["rows"])
             aliases = json.loads(metadata.get("aliases", "{}"))
             stored = {layer: handle.get_tensor(layer).to(torch.float64) for layer in handle.keys()}
@@ -259,7 +269,9 @@ def fuse_layer(
     dense delta is formed); `grams`: each concept's G_i (in, in), of which the solvers read the
     lower triangle; `weights`: w_i (default 1/k); `ridge` relative to trace(G)/in."""
     if len(deltas) == 0 or len(deltas) != len(grams):
-        raise GramError(f"fuse_layer: {len(deltas)} delta(s) and {len(grams)} gram(s); need one gram per delta, at least one")
+        raise GramError(
+            f"fuse_layer: {len(deltas)} delta(s) and {len(grams)} gram(s); need one gram per delta, at least one"
+        )
     if prior not in PRIORS:
         raise GramError(f"fuse_layer: prior must be one of {PRIORS}, got {prior!r}")
     if ridge < 0:

@@ -36,11 +36,36 @@ from lorachain.methods.base import (
     method_names,
     register_method,
 )
-from lorachain.methods.merge_base import MergeError, MergeMethod, make_merge, merge_class, merge_names, register_merge, weights_param
+from lorachain.methods.merge_base import (
+    MergeError,
+    MergeMethod,
+    make_merge,
+    merge_class,
+    merge_names,
+    register_merge,
+    weights_param,
+)
 from lorachain.methods.registry import PluginError, load_plugins, schema_defs
 
 __all__ = [
-    "Concept", "ContinualMethod", "InitContext", "LayerAdapter", "MergeError", "MergeMethod", "MethodError", "PluginError",
-    "linear_combination", "load_plugins", "make_merge", "make_method", "merge_class", "merge_names", "method_class",
-    "method_names", "register_merge", "register_method", "schema_defs", "weights_param",
+    "Concept",
+    "ContinualMethod",
+    "InitContext",
+    "LayerAdapter",
+    "MergeError",
+    "MergeMethod",
+    "MethodError",
+    "PluginError",
+    "linear_combination",
+    "load_plugins",
+    "make_merge",
+    "make_method",
+    "merge_class",
+    "merge_names",
+    "method_class",
+    "method_names",
+    "register_merge",
+    "register_method",
+    "schema_defs",
+    "weights_param",
 ]

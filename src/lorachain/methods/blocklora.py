@@ -38,7 +38,9 @@ def block_rows(out_features: int, num_blocks: int, slot: int) -> slice:
     if num_blocks < 1:
         raise ValueError(f"block_rows: num_blocks must be >= 1, got {num_blocks}")
     if num_blocks > out_features:
-        raise ValueError(f"block_rows: {num_blocks} blocks do not fit in {out_features} output rows (a block would be empty)")
+        raise ValueError(
+            f"block_rows: {num_blocks} blocks do not fit in {out_features} output rows (a block would be empty)"
+        )
     if not 0 <= slot < num_blocks:
         raise ValueError(
             f"block_rows: slot {slot} is outside 0..{num_blocks - 1}: the layers have num_blocks={num_blocks} row blocks, "
@@ -79,8 +81,15 @@ class BlockLoRA(ContinualMethod):
 
     name = "blocklora"
     param_specs = (
-        Param("num_blocks", 16, {"type": "integer", "minimum": 1}, "row blocks per layer = how many concepts can merge"),
-        Param("erasure", 0.25, {"type": "number", "minimum": 0, "exclusiveMaximum": 1}, "lambda of randomized output erasure (0: off)"),
+        Param(
+            "num_blocks", 16, {"type": "integer", "minimum": 1}, "row blocks per layer = how many concepts can merge"
+        ),
+        Param(
+            "erasure",
+            0.25,
+            {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+            "lambda of randomized output erasure (0: off)",
+        ),
         Param("blockwise", True, {"type": "boolean"}, "false: the paper's ablation without blockwise parameterization"),
     )
 
@@ -120,7 +129,9 @@ class BlockLoRAMerge(MergeMethod):
             shared = rows_i & rows_j
             if not shared.any():
                 continue
-            overlap = nonzero_rows(concepts[i].adapters[layer], shared) & nonzero_rows(concepts[j].adapters[layer], shared)
+            overlap = nonzero_rows(concepts[i].adapters[layer], shared) & nonzero_rows(
+                concepts[j].adapters[layer], shared
+            )
             if overlap.any():
                 rows = torch.nonzero(overlap).flatten().tolist()
                 shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")

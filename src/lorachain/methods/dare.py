@@ -33,7 +33,12 @@ class Dare(PeftTensorMerge):
 
     param_specs = (
         weights_param(1.0),
-        Param("variant", "linear", {"type": "string", "enum": list(VARIANTS)}, "combine by weighted sum (linear) or TIES' sign election (ties)"),
+        Param(
+            "variant",
+            "linear",
+            {"type": "string", "enum": list(VARIANTS)},
+            "combine by weighted sum (linear) or TIES' sign election (ties)",
+        ),
         density_param(0.5),
         Param("seed", 0, {"type": "integer"}, "seed of the drop masks (layer i uses seed + i)"),
         SIGN_METHOD,

@@ -24,9 +24,24 @@ class GradientFusion(MergeMethod):
     needs_layer_inputs = True
     param_specs = (
         weights_param("mean", "w_i of the per-concept loss terms"),
-        Param("ridge", DEFAULT_RIDGE, {"type": "number", "minimum": 0}, "ridge, relative to the mean diagonal of sum_i w_i G_i"),
-        Param("prior", "mean", {"type": "string", "enum": list(PRIORS)}, "what unexcited input directions keep: the weighted average of the deltas (mean) or W0 (base)"),
-        Param("rcond", DEFAULT_RCOND, {"type": "number", "minimum": 0}, "eigenvalue cut-off of the ridge-0 pseudo-inverse, relative to the largest"),
+        Param(
+            "ridge",
+            DEFAULT_RIDGE,
+            {"type": "number", "minimum": 0},
+            "ridge, relative to the mean diagonal of sum_i w_i G_i",
+        ),
+        Param(
+            "prior",
+            "mean",
+            {"type": "string", "enum": list(PRIORS)},
+            "what unexcited input directions keep: the weighted average of the deltas (mean) or W0 (base)",
+        ),
+        Param(
+            "rcond",
+            DEFAULT_RCOND,
+            {"type": "number", "minimum": 0},
+            "eigenvalue cut-off of the ridge-0 pseudo-inverse, relative to the largest",
+        ),
     )
 
     def prepare(self, concepts: Sequence[Concept], weights: list[float]) -> None:
@@ -54,5 +69,8 @@ class GradientFusion(MergeMethod):
         return fuse_layer(
             [concept.adapters[layer] for concept in concepts],
             [concept.grams[layer][0] for concept in concepts],
-            ridge=float(self.params["ridge"]), weights=weights, prior=self.params["prior"], rcond=float(self.params["rcond"]),
+            ridge=float(self.params["ridge"]),
+            weights=weights,
+            prior=self.params["prior"],
+            rcond=float(self.params["rcond"]),
         )

@@ -133,7 +133,9 @@ class MergeMethod(ABC):
         if isinstance(spec, Real):
             return [float(spec)] * count
         if len(spec) != count:
-            raise self.error(f"parameter 'weights' has {len(spec)} value(s) but {count} concept(s) are merged; give one weight per concept")
+            raise self.error(
+                f"parameter 'weights' has {len(spec)} value(s) but {count} concept(s) are merged; give one weight per concept"
+            )
         return [float(w) for w in spec]
 
     # ------------------------------------------------------------------ merging
@@ -178,7 +180,9 @@ def merge_names() -> list[str]:
 def merge_class(name: str, *, key: str = "merges") -> type[MergeMethod]:
     """The registered class (for class attributes such as ``needs_layer_inputs``)."""
     if name not in _REGISTRY:
-        raise MergeError(f"config key {key}: unknown merge method {name!r}; known merge methods: {', '.join(merge_names())}")
+        raise MergeError(
+            f"config key {key}: unknown merge method {name!r}; known merge methods: {', '.join(merge_names())}"
+        )
     return _REGISTRY[name]
 
 

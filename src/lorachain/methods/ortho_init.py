@@ -62,8 +62,18 @@ class OrthoInit(ContinualMethod):
     name = "ortho_init"
 
     param_specs = (
-        Param("variant", "columnwise", {"type": "string", "enum": list(VARIANTS)}, "columnwise: null space of each column of the previous A; rowspace: orthogonal to the merged row space"),
-        Param("init_scale", "gaussian", {"type": "string", "enum": list(INIT_SCALES)}, "gaussian: the Gaussian init's expected norm; unit: unit vectors"),
+        Param(
+            "variant",
+            "columnwise",
+            {"type": "string", "enum": list(VARIANTS)},
+            "columnwise: null space of each column of the previous A; rowspace: orthogonal to the merged row space",
+        ),
+        Param(
+            "init_scale",
+            "gaussian",
+            {"type": "string", "enum": list(INIT_SCALES)},
+            "gaussian: the Gaussian init's expected norm; unit: unit vectors",
+        ),
     )
 
     def init_adapter(self, ctx: InitContext) -> LayerAdapter:

@@ -60,7 +60,7 @@ def slot_down_projection(in_features: int, rank: int, slot: int, seed: int) -> t
             f"concept slots (0..{max_slots(in_features, rank) - 1}) fit at this rank"
         )
     basis = _orthogonal_basis(int(in_features), int(seed))
-    return basis[:, slot * rank:(slot + 1) * rank].T.to(torch.float32).contiguous()
+    return basis[:, slot * rank : (slot + 1) * rank].T.to(torch.float32).contiguous()
 
 
 @register_method

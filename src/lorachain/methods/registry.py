@@ -54,7 +54,9 @@ def method_block() -> dict:
         "type": "object",
         "required": ["method"],
         "properties": {"method": {"type": "string", "enum": names}},
-        "allOf": [{"if": _if_method(name), "then": _then(["method"], method_class(name).param_specs, True)} for name in names],
+        "allOf": [
+            {"if": _if_method(name), "then": _then(["method"], method_class(name).param_specs, True)} for name in names
+        ],
     }
 
 
@@ -68,7 +70,10 @@ def merge_block() -> dict:
             "method": {"type": "string", "enum": names},
             "adapters": {"type": "string", "description": "the label under modular.adapters whose LoRAs are merged"},
         },
-        "allOf": [{"if": _if_method(name), "then": _then(["method", "adapters"], merge_class(name).param_specs, False)} for name in names],
+        "allOf": [
+            {"if": _if_method(name), "then": _then(["method", "adapters"], merge_class(name).param_specs, False)}
+            for name in names
+        ],
     }
 
 
@@ -81,7 +86,9 @@ def shared_defs() -> dict:
             if param.shared is None:
                 continue
             if shared.setdefault(param.shared, param.schema) != param.schema:
-                raise RuntimeError(f"{cls.__name__}: parameter {param.name!r} declares $defs/{param.shared} differently from another class")
+                raise RuntimeError(
+                    f"{cls.__name__}: parameter {param.name!r} declares $defs/{param.shared} differently from another class"
+                )
     return shared
 
 
@@ -116,7 +123,9 @@ def load_plugin(name: str, key: str = "plugins") -> ModuleType:
     if name.endswith(".py") or "/" in name or "\\" in name:
         path = Path(name).expanduser().resolve()
         if not path.is_file():
-            raise PluginError(f"config key {key}: {name!r} is not a file; give the path of a .py file (relative paths are read from {Path.cwd()}) or a module name")
+            raise PluginError(
+                f"config key {key}: {name!r} is not a file; give the path of a .py file (relative paths are read from {Path.cwd()}) or a module name"
+            )
         return _import_file(path, key)
     try:
         return importlib.import_module(name)

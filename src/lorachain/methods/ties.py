@@ -21,13 +21,20 @@ from lorachain.params import Param
 
 SIGN_METHODS = ("total", "frequency")
 SIGN_METHOD = Param(
-    "majority_sign_method", "total", {"type": "string", "enum": list(SIGN_METHODS)},
+    "majority_sign_method",
+    "total",
+    {"type": "string", "enum": list(SIGN_METHODS)},
     "sign election by the summed (total) or counted (frequency) values",
 )
 
 
 def density_param(default: float) -> Param:
-    return Param("density", default, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "fraction of each delta's entries kept")
+    return Param(
+        "density",
+        default,
+        {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "fraction of each delta's entries kept",
+    )
 
 
 class PeftTensorMerge(MergeMethod):
@@ -50,6 +57,8 @@ class Ties(PeftTensorMerge):
 
         deltas = [concept.delta(layer).float() for concept in concepts]
         return ties(
-            deltas, torch.tensor(weights, dtype=torch.float32, device=deltas[0].device),
-            density=float(self.params["density"]), majority_sign_method=self.params["majority_sign_method"],
+            deltas,
+            torch.tensor(weights, dtype=torch.float32, device=deltas[0].device),
+            density=float(self.params["density"]),
+            majority_sign_method=self.params["majority_sign_method"],
         )

@@ -72,7 +72,9 @@ class Encoder:
         return torch.cat(rows)
 
     def embed_texts(self, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-        raise EncoderError(f"the {self.name} encoder ({self.source}) embeds images only; text embeddings come from clip")
+        raise EncoderError(
+            f"the {self.name} encoder ({self.source}) embeds images only; text embeddings come from clip"
+        )
 
 
 def _keys(keys, limit: int = 20) -> str:
@@ -123,10 +125,15 @@ class ClipEncoder(Encoder):
         with torch.no_grad():
             for start in range(0, len(texts), batch_size):
                 tokens = self.processor.tokenizer(
-                    list(texts[start : start + batch_size]), padding="max_length", max_length=CLIP_TEXT_LENGTH,
-                    truncation=True, return_tensors="pt",
+                    list(texts[start : start + batch_size]),
+                    padding="max_length",
+                    max_length=CLIP_TEXT_LENGTH,
+                    truncation=True,
+                    return_tensors="pt",
                 ).to(self.device)
-                output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+                output = self.model.get_text_features(
+                    input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+                )
                 rows.append(_normalised(_features(output)))
         return torch.cat(rows)
 
@@ -146,24 +153,28 @@ def dino_transform():
     """DINO's evaluation protocol (also the DreamBooth paper's DINO metric)."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(224),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def csd_transform(image_size: int = 224):
     """CSD's evaluation transform (its ``transforms_branch0``): resize bicubic, centre crop, CLIP stats."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(image_size),
-        transforms.ToTensor(),
-        transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Resize(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(image_size),
+            transforms.ToTensor(),
+            transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+        ]
+    )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -210,12 +221,16 @@ def _from_pretrained(cls, source: str, key: str, **kwargs):
     except (OSError, ValueError, KeyError) as error:
         where = "directory" if local else "hub id (offline: only the local cache is searched)" if offline else "hub id"
         prefix, fix = loading_error_prefix(source, key)
-        raise EncoderError(f"{prefix}: cannot load {cls.__name__} from {source!r} as a {where}: {error}{fix}") from error
+        raise EncoderError(
+            f"{prefix}: cannot load {cls.__name__} from {source!r} as a {where}: {error}{fix}"
+        ) from error
     if not is_model:
         return loaded
     model, info = loaded
     if info.get("missing_keys"):  # random weights would give meaningless scores: refuse them
-        raise EncoderError(f"config key {key}: {source!r} lacks weights of {cls.__name__}: missing keys {_keys(info['missing_keys'])}")
+        raise EncoderError(
+            f"config key {key}: {source!r} lacks weights of {cls.__name__}: missing keys {_keys(info['missing_keys'])}"
+        )
     return model
 
 
@@ -236,7 +251,10 @@ def _csd_backbone(image_size: int, patch_size: int, width: int, layers: int, mlp
     from open_clip.transformer import QuickGELU, VisionTransformer
 
     backbone = VisionTransformer(
-        image_size=image_size, patch_size=patch_size, width=width, layers=layers,
+        image_size=image_size,
+        patch_size=patch_size,
+        width=width,
+        layers=layers,
         heads=max(1, width // 64),  # OpenAI CLIP's head width
         mlp_ratio=mlp_width / width,
         act_layer=QuickGELU,  # OpenAI's CLIP (CSD's starting point) uses QuickGELU, open_clip defaults to GELU
@@ -273,16 +291,25 @@ def _load_csd(source: str, key: str):
     state = _read_csd_state(path, key)
 
     # Architecture from the shapes, so the ViT-L/14 release and a tiny checkpoint load alike.
-    needed = ["backbone.conv1.weight", "backbone.positional_embedding", "backbone.transformer.resblocks.0.mlp.c_fc.weight", "last_layer_style"]
+    needed = [
+        "backbone.conv1.weight",
+        "backbone.positional_embedding",
+        "backbone.transformer.resblocks.0.mlp.c_fc.weight",
+        "last_layer_style",
+    ]
     if absent := [k for k in needed if k not in state]:
-        raise EncoderError(f"config key {key}: {path} is not a CSD checkpoint; missing keys {absent} (it has {_keys(state, 8)})")
+        raise EncoderError(
+            f"config key {key}: {path} is not a CSD checkpoint; missing keys {absent} (it has {_keys(state, 8)})"
+        )
     width, _, patch_size, _ = state["backbone.conv1.weight"].shape
     grid = math.isqrt(state["backbone.positional_embedding"].shape[0] - 1)
     layers = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"backbone\.transformer\.resblocks\.(\d+)\.", k)))
     mlp_width = state["backbone.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     style = state["last_layer_style"]
     if style.ndim != 2 or style.shape[0] != width:
-        raise EncoderError(f"config key {key}: {path}: last_layer_style has shape {tuple(style.shape)}, expected [{width}, dim]")
+        raise EncoderError(
+            f"config key {key}: {path}: last_layer_style has shape {tuple(style.shape)}, expected [{width}, dim]"
+        )
 
     import open_clip.transformer  # noqa: F401  (imported outside the meta-device context below)
 
@@ -293,7 +320,9 @@ def _load_csd(source: str, key: str):
     except RuntimeError as error:  # shape mismatches
         raise EncoderError(f"config key {key}: {path} does not fit the CSD layout: {error}") from error
     if missing or unexpected:
-        raise EncoderError(f"config key {key}: {path} does not match the CSD layout; missing keys {_keys(missing)}, unexpected keys {_keys(unexpected)}")
+        raise EncoderError(
+            f"config key {key}: {path} does not match the CSD layout; missing keys {_keys(missing)}, unexpected keys {_keys(unexpected)}"
+        )
     return model, grid * patch_size
 
 
@@ -317,8 +346,15 @@ def save_tiny_encoder(name: str, output_dir: str | Path, seed: int = 0, config_k
         if name == "dino":
             from transformers import ViTConfig, ViTModel
 
-            config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                               patch_size=16, image_size=224, layer_norm_eps=1e-6)
+            config = ViTConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                patch_size=16,
+                image_size=224,
+                layer_norm_eps=1e-6,
+            )
             ViTModel(config, add_pooling_layer=False).save_pretrained(output_dir)
             return output_dir
         if name == "clip":
@@ -327,11 +363,14 @@ def save_tiny_encoder(name: str, output_dir: str | Path, seed: int = 0, config_k
         width, dim = 64, 32
         model = _CsdModel(_csd_backbone(224, 16, width, layers=2, mlp_width=4 * width), width, dim)
     checkpoint = output_dir / "checkpoint.pth"
-    torch.save({  # the release's layout: DataParallel keys under model_state_dict, plus run metadata
-        "model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-        "iter": 0,
-        "args": argparse.Namespace(arch="tiny", seed=seed),
-    }, checkpoint)
+    torch.save(
+        {  # the release's layout: DataParallel keys under model_state_dict, plus run metadata
+            "model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+            "iter": 0,
+            "args": argparse.Namespace(arch="tiny", seed=seed),
+        },
+        checkpoint,
+    )
     return checkpoint
 
 
@@ -340,17 +379,29 @@ def _tiny_clip(output_dir: Path) -> None:
 
     from lorachain.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
 
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu")
+    common = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu"
+    )
     config = CLIPConfig(
-        text_config=dict(vocab_size=CLIP_VOCAB_SIZE, max_position_embeddings=CLIP_MAX_LENGTH,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **common),
+        text_config=dict(
+            vocab_size=CLIP_VOCAB_SIZE,
+            max_position_embeddings=CLIP_MAX_LENGTH,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            **common,
+        ),
         vision_config=dict(image_size=224, patch_size=32, **common),
         projection_dim=32,
     )
     CLIPModel(config).save_pretrained(output_dir)
     image_processor = CLIPImageProcessor(  # openai/clip-vit-base-patch32's settings
-        size={"shortest_edge": 224}, resample=3, crop_size={"height": 224, "width": 224},
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
+        size={"shortest_edge": 224},
+        resample=3,
+        crop_size={"height": 224, "width": 224},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_convert_rgb=True,
     )
     CLIPProcessor(image_processor=image_processor, tokenizer=build_clip_tokenizer()).save_pretrained(output_dir)
 

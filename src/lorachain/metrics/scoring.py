@@ -18,8 +18,18 @@ from lorachain.metrics.catalog import IMAGE_METRICS, METRIC_ENCODER, TEXT_METRIC
 from lorachain.torch_env import torch
 
 SCORE_COLUMNS = (
-    "model", "method", "domain", "order", "seed", "after_task", "task", "concept", "metric",
-    "score", "n_images", "n_references",
+    "model",
+    "method",
+    "domain",
+    "order",
+    "seed",
+    "after_task",
+    "task",
+    "concept",
+    "metric",
+    "score",
+    "n_images",
+    "n_references",
 )
 
 
@@ -41,7 +51,9 @@ def mean_pairwise_cosine(generated: torch.Tensor, references: torch.Tensor) -> f
 def mean_matched_cosine(images: torch.Tensor, texts: torch.Tensor) -> float:
     """Mean cosine between each image and its own text (row i with row i): CLIP-T."""
     if images.shape != texts.shape or len(images) == 0:
-        raise ScoreError(f"matched cosine needs equal, non-empty shapes; got {tuple(images.shape)} and {tuple(texts.shape)}")
+        raise ScoreError(
+            f"matched cosine needs equal, non-empty shapes; got {tuple(images.shape)} and {tuple(texts.shape)}"
+        )
     return float((_normalise(images) * _normalise(texts)).sum(-1).mean())
 
 
@@ -67,7 +79,9 @@ def embed_references(tasks, encoders: dict, metrics: list[str], output: str | Pa
     image_encoders = encoders_for([m for m in metrics if m in IMAGE_METRICS])
     for task in tasks:
         if not task.reference_images:
-            raise ScoreError(f"task {task.concept}: no reference images; the dataset's reference directory for it is empty")
+            raise ScoreError(
+                f"task {task.concept}: no reference images; the dataset's reference directory for it is empty"
+            )
         images = _open_images(list(task.reference_images))
         sources[task.concept] = list(task.reference_images)
         for name in image_encoders:
@@ -86,14 +100,18 @@ def load_references(path: str | Path) -> dict:
     return load_file(str(path))
 
 
-def score_sample_sets(frames: list, references: dict, encoders: dict, metrics: list[str], sources: list[str], batch_size: int = 32) -> list[dict]:
+def score_sample_sets(
+    frames: list, references: dict, encoders: dict, metrics: list[str], sources: list[str], batch_size: int = 32
+) -> list[dict]:
     """Rows of scores (one per sample set, task and metric) for sample-set index frames (see
     lorachain.sample.read_index); `sources` names each frame's index file for errors."""
     rows = []
     for frame, source in zip(frames, sources):
         frame = frame.reset_index(drop=True)  # row i <-> embedding i
         images = _open_images(list(frame["path"]))
-        embeddings = {name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(metrics)}
+        embeddings = {
+            name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(metrics)
+        }
         if "clip_t" in metrics:
             prompts = sorted(set(frame["prompt"]))
             text = dict(zip(prompts, encoders["clip"].embed_texts(prompts, batch_size=batch_size)))
@@ -108,16 +126,31 @@ def score_sample_sets(frames: list, references: dict, encoders: dict, metrics: l
                 else:
                     key = f"{METRIC_ENCODER[metric]}/{concept}"
                     if key not in references:
-                        raise ScoreError(f"{source}: no reference embeddings {key!r}; the references were embedded for other tasks or metrics, rerun embed_references")
+                        raise ScoreError(
+                            f"{source}: no reference embeddings {key!r}; the references were embedded for other tasks or metrics, rerun embed_references"
+                        )
                     value = mean_pairwise_cosine(generated, references[key])
                     n_references = len(references[key])
                 if not math.isfinite(value):
-                    raise ScoreError(f"{source}: {metric} on task {task} after task {after} is {value}; check the images and the metric model")
-                rows.append({
-                    "model": first["model"], "method": first["method"], "domain": first["domain"], "order": first["order"],
-                    "seed": first["seed"], "after_task": int(after), "task": int(task), "concept": concept, "metric": metric,
-                    "score": value, "n_images": len(group), "n_references": n_references,
-                })
+                    raise ScoreError(
+                        f"{source}: {metric} on task {task} after task {after} is {value}; check the images and the metric model"
+                    )
+                rows.append(
+                    {
+                        "model": first["model"],
+                        "method": first["method"],
+                        "domain": first["domain"],
+                        "order": first["order"],
+                        "seed": first["seed"],
+                        "after_task": int(after),
+                        "task": int(task),
+                        "concept": concept,
+                        "metric": metric,
+                        "score": value,
+                        "n_images": len(group),
+                        "n_references": n_references,
+                    }
+                )
     return rows
 
 
@@ -153,7 +186,9 @@ def read_scores(path: str | Path):
         raise ScoreError(f"{path}: columns {missing} missing; rescore")
     if not frame["score"].map(math.isfinite).all():
         bad = frame[~frame["score"].map(math.isfinite)].iloc[0]
-        raise ScoreError(f"{path}: {bad['metric']} on task {bad['task']} after task {bad['after_task']} is {bad['score']}")
+        raise ScoreError(
+            f"{path}: {bad['metric']} on task {bad['task']} after task {bad['after_task']} is {bad['score']}"
+        )
     return frame
 
 
@@ -170,7 +205,9 @@ def embed_references_job(*, tasks, metrics: list[str], encoders: dict, batch_siz
     return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
 
 
-def score_samples(*, sample_dirs: list, references, metrics: list[str], encoder_blocks: dict, batch_size: int, output) -> dict:
+def score_samples(
+    *, sample_dirs: list, references, metrics: list[str], encoder_blocks: dict, batch_size: int, output
+) -> dict:
     """What the scoring jobs share: the sample sets `sample_dirs`, one scores CSV. Returns
     timings, including the share of the job spent loading the embedding models."""
     from lorachain.sample import INDEX_FILE, read_index
@@ -180,14 +217,21 @@ def score_samples(*, sample_dirs: list, references, metrics: list[str], encoder_
     reference_embeddings = load_references(references)
     encoders, load_s = load_encoders(metrics, encoder_blocks)
     score_started = time.perf_counter()
-    rows = score_sample_sets(frames, reference_embeddings, encoders, metrics, [str(Path(d) / INDEX_FILE) for d in sample_dirs], batch_size)
+    rows = score_sample_sets(
+        frames, reference_embeddings, encoders, metrics, [str(Path(d) / INDEX_FILE) for d in sample_dirs], batch_size
+    )
     score_s = time.perf_counter() - score_started
     write_scores(rows, output)
     total_s = time.perf_counter() - started
     images = sum(len(frame) for frame in frames)
     return {
-        "images": images, "rows": len(rows), "load_models_s": load_s, "score_s": score_s, "total_s": total_s,
-        "images_per_s": images / score_s if score_s else math.nan, "load_share": load_s / total_s,
+        "images": images,
+        "rows": len(rows),
+        "load_models_s": load_s,
+        "score_s": score_s,
+        "total_s": total_s,
+        "images_per_s": images / score_s if score_s else math.nan,
+        "load_share": load_s / total_s,
     }
 
 
@@ -197,14 +241,35 @@ def _sample_dirs(samples) -> list:
 
 def score_run_job(*, samples: list, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
     """The score_run job: every sample set of one run (after task 1..T), one scores CSV."""
-    return score_samples(sample_dirs=_sample_dirs(samples), references=references, metrics=metrics, encoder_blocks=encoders, batch_size=batch_size, output=scores)
+    return score_samples(
+        sample_dirs=_sample_dirs(samples),
+        references=references,
+        metrics=metrics,
+        encoder_blocks=encoders,
+        batch_size=batch_size,
+        output=scores,
+    )
 
 
 def score_base_job(*, samples, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
     """The score_base job: the base model's sample set of a domain."""
-    return score_samples(sample_dirs=_sample_dirs(samples), references=references, metrics=metrics, encoder_blocks=encoders, batch_size=batch_size, output=scores)
+    return score_samples(
+        sample_dirs=_sample_dirs(samples),
+        references=references,
+        metrics=metrics,
+        encoder_blocks=encoders,
+        batch_size=batch_size,
+        output=scores,
+    )
 
 
 def score_merges_job(*, samples: list, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
     """The score_merges job: the sample sets of one merge label, one per merge size k."""
-    return score_samples(sample_dirs=_sample_dirs(samples), references=references, metrics=metrics, encoder_blocks=encoders, batch_size=batch_size, output=scores)
+    return score_samples(
+        sample_dirs=_sample_dirs(samples),
+        references=references,
+        metrics=metrics,
+        encoder_blocks=encoders,
+        batch_size=batch_size,
+        output=scores,
+    )

@@ -19,8 +19,13 @@ TINY_ARCHITECTURES = ("sd1", "sdxl")
 _TEXT_HIDDEN = 32
 _ADDITION_TIME_EMBED_DIM = 8
 _SCHEDULER = dict(  # Stable Diffusion's training schedule
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    steps_offset=1,
 )
 
 
@@ -28,9 +33,18 @@ def _text_config(**overrides):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE, hidden_size=_TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, projection_dim=_TEXT_HIDDEN,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_act="quick_gelu", **overrides,
+        vocab_size=CLIP_VOCAB_SIZE,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        projection_dim=_TEXT_HIDDEN,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_act="quick_gelu",
+        **overrides,
     )
 
 
@@ -38,10 +52,16 @@ def _vae():
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
         block_out_channels=(16, 32, 32, 32),  # four blocks: three 2x downsamplings = 8x, as in SD
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        sample_size=64, scaling_factor=0.18215,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=64,
+        scaling_factor=0.18215,
     )
 
 
@@ -49,11 +69,17 @@ def _unet(cross_attention_dim: int, **sdxl_conditioning):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=16, attention_head_dim=(2, 4),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=16,
+        attention_head_dim=(2, 4),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, **sdxl_conditioning,
+        cross_attention_dim=cross_attention_dim,
+        **sdxl_conditioning,
     )
 
 
@@ -77,22 +103,33 @@ def build_tiny_pipeline(architecture: str, seed: int = 0):
     tokenizer = build_clip_tokenizer()
     if architecture == "sd1":
         return StableDiffusionPipeline(
-            vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=tokenizer,
-            unet=_unet(cross_attention_dim=_TEXT_HIDDEN), scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=_vae(),
+            text_encoder=CLIPTextModel(_text_config()),
+            tokenizer=tokenizer,
+            unet=_unet(cross_attention_dim=_TEXT_HIDDEN),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
     # SDXL: the U-Net attends to both encoders' penultimate states concatenated, and is conditioned
     # on the second encoder's pooled projection plus six size/crop numbers (text_time).
     unet = _unet(
-        cross_attention_dim=2 * _TEXT_HIDDEN, addition_embed_type="text_time",
+        cross_attention_dim=2 * _TEXT_HIDDEN,
+        addition_embed_type="text_time",
         addition_time_embed_dim=_ADDITION_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * _ADDITION_TIME_EMBED_DIM + _TEXT_HIDDEN,
-        transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
     )
     return StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=CLIPTextModel(_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer=tokenizer,
-        tokenizer_2=build_clip_tokenizer(pad_token="!"), unet=unet, scheduler=scheduler,
+        vae=_vae(),
+        text_encoder=CLIPTextModel(_text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config()),
+        tokenizer=tokenizer,
+        tokenizer_2=build_clip_tokenizer(pad_token="!"),
+        unet=unet,
+        scheduler=scheduler,
     )
 
 

@@ -33,7 +33,9 @@ def bpe_merges_file() -> Path:
 @lru_cache(maxsize=1)
 def _byte_symbols() -> tuple[str, ...]:
     """GPT-2/CLIP's reversible byte -> printable unicode mapping, in byte order 0..255."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codepoints, extra = {}, 0
     for byte in range(256):
         if byte in printable:

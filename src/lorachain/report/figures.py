@@ -45,14 +45,24 @@ def heatmaps(mean_by_method: dict[str, np.ndarray], metric: str, title: str, ste
         low, high = low - 1e-3, high + 1e-3
     T = next(iter(mean_by_method.values())).shape[0]
     size = max(2.6, 0.45 * T + 1.2)
-    figure, axes = plt.subplots(1, len(methods), figsize=(size * len(methods), size + 0.4), squeeze=False, constrained_layout=True)
+    figure, axes = plt.subplots(
+        1, len(methods), figsize=(size * len(methods), size + 0.4), squeeze=False, constrained_layout=True
+    )
     for axis, method in zip(axes[0], methods):
         a = mean_by_method[method]
         image = axis.imshow(np.ma.masked_invalid(a), vmin=low, vmax=high, cmap="viridis", origin="upper")
         if T <= 12:
             for (j, i), value in np.ndenumerate(a):
                 if np.isfinite(value):
-                    axis.text(i, j, f"{value:.2f}", ha="center", va="center", fontsize=7, color="white" if value < (low + high) / 2 else "black")
+                    axis.text(
+                        i,
+                        j,
+                        f"{value:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if value < (low + high) / 2 else "black",
+                    )
         axis.set_title(method)
         axis.set_xticks(range(T), [str(i + 1) for i in range(T)])
         axis.set_yticks(range(T), [str(j + 1) for j in range(T)])
@@ -65,7 +75,9 @@ def heatmaps(mean_by_method: dict[str, np.ndarray], metric: str, title: str, ste
     return paths
 
 
-def first_task_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], base: float, metric: str, title: str, stem: str | Path) -> list[Path]:
+def first_task_curves(
+    curves: dict[str, tuple[np.ndarray, np.ndarray]], base: float, metric: str, title: str, stem: str | Path
+) -> list[Path]:
     """The first task's score after each task, per method (mean and a ±std band over runs), with
     the base model's score on the same concepts as a dashed line (the paper's Figure 2)."""
     plt = _pyplot()
@@ -94,7 +106,9 @@ def image_grid(rows: dict[str, dict[int, str]], base_image: str | None, title: s
     plt = _pyplot()
     T = max(max(cells) for cells in rows.values())
     columns = T + 1
-    figure, axes = plt.subplots(len(rows), columns, figsize=(1.5 * columns, 1.5 * len(rows) + 0.5), squeeze=False, constrained_layout=True)
+    figure, axes = plt.subplots(
+        len(rows), columns, figsize=(1.5 * columns, 1.5 * len(rows) + 0.5), squeeze=False, constrained_layout=True
+    )
     for r, (method, cells) in enumerate(rows.items()):
         for c in range(columns):
             axis = axes[r][c]

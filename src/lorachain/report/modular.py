@@ -17,7 +17,19 @@ from pathlib import Path
 from lorachain.report import figures
 
 IMAGE_METRIC_PREFERENCE = ("clip_i", "dino", "csd")
-TABLE_COLUMNS = ("domain", "merge", "merge_type", "method", "adapters", "k", "merge_s", "image_metric", "image_alignment", "text_alignment", "average")
+TABLE_COLUMNS = (
+    "domain",
+    "merge",
+    "merge_type",
+    "method",
+    "adapters",
+    "k",
+    "merge_s",
+    "image_metric",
+    "image_alignment",
+    "text_alignment",
+    "average",
+)
 
 
 class ModularResultError(ValueError):
@@ -27,7 +39,9 @@ class ModularResultError(ValueError):
 def alignment_metrics(metrics: list[str]) -> tuple[str, str | None]:
     image = next((name for name in IMAGE_METRIC_PREFERENCE if name in metrics), None)
     if image is None:
-        raise ModularResultError(f"the domain's metrics {metrics} have no image metric ({', '.join(IMAGE_METRIC_PREFERENCE)})")
+        raise ModularResultError(
+            f"the domain's metrics {metrics} have no image metric ({', '.join(IMAGE_METRIC_PREFERENCE)})"
+        )
     return image, "clip_t" if "clip_t" in metrics else None
 
 
@@ -40,12 +54,22 @@ def alignment_by_k(scores, metric: str, source: str) -> dict[int, float]:
     for k, group in part.groupby("after_task"):
         per_concept = group.groupby("task")["score"].mean()
         if sorted(per_concept.index) != list(range(1, int(k) + 1)):
-            raise ModularResultError(f"{source}: the merge of k = {k} is scored on tasks {sorted(per_concept.index)}, expected 1..{k}")
+            raise ModularResultError(
+                f"{source}: the merge of k = {k} is scored on tasks {sorted(per_concept.index)}, expected 1..{k}"
+            )
         result[int(k)] = float(per_concept.mean())
     return result
 
 
-def modular_table(*, domain: str, scores: dict[str, str], records: dict[str, str], merges: dict[str, dict], merge_order: list[str], metrics: list[str]):
+def modular_table(
+    *,
+    domain: str,
+    scores: dict[str, str],
+    records: dict[str, str],
+    merges: dict[str, dict],
+    merge_order: list[str],
+    metrics: list[str],
+):
     """One row per merge label at its largest k, plus the per-k alignment (long) for the curve."""
     import pandas as pd
 
@@ -67,30 +91,82 @@ def modular_table(*, domain: str, scores: dict[str, str], records: dict[str, str
             record = json.loads(Path(record_path).read_text())
             if record.get("k") != k:
                 raise ModularResultError(f"{record_path}: records k = {record.get('k')}, expected {k}")
-            curve_rows.append({"domain": domain, "merge": label, "k": k, "image_alignment": image[k], "text_alignment": text.get(k, math.nan), "merge_s": record["merge_s"]})
+            curve_rows.append(
+                {
+                    "domain": domain,
+                    "merge": label,
+                    "k": k,
+                    "image_alignment": image[k],
+                    "text_alignment": text.get(k, math.nan),
+                    "merge_s": record["merge_s"],
+                }
+            )
         largest = ks[-1]
         record = json.loads(Path(records[f"{label}|{largest}"]).read_text())
         text_value = text.get(largest, math.nan)
-        rows.append({
-            "domain": domain, "merge": label, "merge_type": record["merge_type"], "method": merges[label]["method"],
-            "adapters": merges[label]["adapters"], "k": largest, "merge_s": record["merge_s"], "image_metric": image_metric,
-            "image_alignment": image[largest], "text_alignment": text_value,
-            "average": (image[largest] + text_value) / 2 if text_metric else image[largest],
-        })
+        rows.append(
+            {
+                "domain": domain,
+                "merge": label,
+                "merge_type": record["merge_type"],
+                "method": merges[label]["method"],
+                "adapters": merges[label]["adapters"],
+                "k": largest,
+                "merge_s": record["merge_s"],
+                "image_metric": image_metric,
+                "image_alignment": image[largest],
+                "text_alignment": text_value,
+                "average": (image[largest] + text_value) / 2 if text_metric else image[largest],
+            }
+        )
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), pd.DataFrame(curve_rows)
 
 
 def markdown_table(table, domain: str) -> str:
-    label = figures.METRIC_LABELS.get(table["image_metric"].iloc[0], table["image_metric"].iloc[0]) if len(table) else "image"
-    header = ["merge", "merge type", "method (adapters)", "k", "merge time (s)", f"image alignment ({label})", "text alignment (CLIP-T)", "average"]
-    lines = [f"# {domain}: instant merging of independently trained concepts", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    label = (
+        figures.METRIC_LABELS.get(table["image_metric"].iloc[0], table["image_metric"].iloc[0])
+        if len(table)
+        else "image"
+    )
+    header = [
+        "merge",
+        "merge type",
+        "method (adapters)",
+        "k",
+        "merge time (s)",
+        f"image alignment ({label})",
+        "text alignment (CLIP-T)",
+        "average",
+    ]
+    lines = [
+        f"# {domain}: instant merging of independently trained concepts",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
     for row in table.itertuples(index=False):
-        lines.append("| " + " | ".join([
-            row.merge, row.merge_type, f"{row.method} ({row.adapters})", str(row.k), f"{row.merge_s:.3f}",
-            f"{row.image_alignment:.4f}", "n/a" if math.isnan(row.text_alignment) else f"{row.text_alignment:.4f}", f"{row.average:.4f}",
-        ]) + " |")
-    lines += ["", "- alignment: mean over the k merged concepts of each concept's mean cosine similarity",
-              "- merge time: the merge alone (LoRA files already read), on the machine that ran the job", ""]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row.merge,
+                    row.merge_type,
+                    f"{row.method} ({row.adapters})",
+                    str(row.k),
+                    f"{row.merge_s:.3f}",
+                    f"{row.image_alignment:.4f}",
+                    "n/a" if math.isnan(row.text_alignment) else f"{row.text_alignment:.4f}",
+                    f"{row.average:.4f}",
+                ]
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "- alignment: mean over the k merged concepts of each concept's mean cosine similarity",
+        "- merge time: the merge alone (LoRA files already read), on the machine that ran the job",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -110,14 +186,18 @@ def plot_curve(curve, image_metric: str, title: str, stem) -> list[Path]:
     return written
 
 
-def modular_results_job(*, domain, scores, records, merges, merge_order, metrics, table, markdown, curve, curve_pdf) -> list[dict]:
+def modular_results_job(
+    *, domain, scores, records, merges, merge_order, metrics, table, markdown, curve, curve_pdf
+) -> list[dict]:
     """The modular_results job: the table (CSV `table`, Markdown `markdown`; merges in
     `merge_order`) and the curve (`curve` PNG and `curve_pdf`). Returns the table's rows."""
     stem = Path(curve).with_suffix("")
     if Path(curve_pdf) != stem.with_suffix(".pdf"):
         raise ModularResultError(f"{curve}, {curve_pdf}: the curve's outputs are <stem>.png and <stem>.pdf")
     merges = {label: dict(block) for label, block in merges.items()}
-    summary, points = modular_table(domain=domain, scores=scores, records=records, merges=merges, merge_order=merge_order, metrics=metrics)
+    summary, points = modular_table(
+        domain=domain, scores=scores, records=records, merges=merges, merge_order=merge_order, metrics=metrics
+    )
     Path(table).parent.mkdir(parents=True, exist_ok=True)
     summary.to_csv(table, index=False, float_format="%.6f")
     Path(markdown).write_text(markdown_table(summary, domain))
@@ -128,8 +208,14 @@ def modular_results_job(*, domain, scores, records, merges, merge_order, metrics
 def lora_diagnostics_job(*, loras: list, cosine, conflicts, cosine_figure, conflicts_figure) -> None:
     """The lora_diagnostics job: layer-wise pairwise cosine similarity and sign conflicts of the
     concepts' LoRA files `loras` (named "concept 1" .. in their order), as CSV and figures."""
-    diagnostics(lora_files=list(loras), names=[f"concept {index}" for index in range(1, len(loras) + 1)], cosine_csv=cosine,
-                conflicts_csv=conflicts, cosine_png=cosine_figure, conflicts_png=conflicts_figure)
+    diagnostics(
+        lora_files=list(loras),
+        names=[f"concept {index}" for index in range(1, len(loras) + 1)],
+        cosine_csv=cosine,
+        conflicts_csv=conflicts,
+        cosine_png=cosine_figure,
+        conflicts_png=conflicts_figure,
+    )
 
 
 def diagnostics(*, lora_files: list, names: list[str], cosine_csv, conflicts_csv, cosine_png, conflicts_png):

@@ -13,8 +13,20 @@ def _run_key(text: str) -> tuple[str, int, int]:
     return method, int(order), int(seed)
 
 
-def continual_table_job(*, domain: str, run_scores: dict[str, str], base_scores: str, methods: list[str], metrics: list[str],
-                        num_tasks: int, orders: list[int], seeds: list[int], table, markdown, matrices) -> list[dict]:
+def continual_table_job(
+    *,
+    domain: str,
+    run_scores: dict[str, str],
+    base_scores: str,
+    methods: list[str],
+    metrics: list[str],
+    num_tasks: int,
+    orders: list[int],
+    seeds: list[int],
+    table,
+    markdown,
+    matrices,
+) -> list[dict]:
     """The continual_table job: check that every (method, order, seed) run has a complete matrix,
     write the long matrix file `matrices` and the summary table (CSV `table`, Markdown `markdown`;
     rows in the order of `methods`). Returns the table's rows."""
@@ -35,7 +47,11 @@ def continual_table_job(*, domain: str, run_scores: dict[str, str], base_scores:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     matrix_frame.to_csv(matrices, index=False, float_format="%.6f")
     summary.to_csv(table, index=False, float_format="%.6f")
-    Path(markdown).write_text(continual.markdown_table(summary, f"{domain}: continual summary over {len(runs)} run(s) per method, T = {num_tasks}"))
+    Path(markdown).write_text(
+        continual.markdown_table(
+            summary, f"{domain}: continual summary over {len(runs)} run(s) per method, T = {num_tasks}"
+        )
+    )
     return summary.to_dict(orient="records")
 
 
@@ -47,7 +63,19 @@ def _stem(png, pdf) -> Path:
     return stem
 
 
-def plot_metric_job(*, domain: str, metric: str, matrices, base_scores, methods: list[str], num_tasks: int, heatmap, heatmap_pdf, curve, curve_pdf):
+def plot_metric_job(
+    *,
+    domain: str,
+    metric: str,
+    matrices,
+    base_scores,
+    methods: list[str],
+    num_tasks: int,
+    heatmap,
+    heatmap_pdf,
+    curve,
+    curve_pdf,
+):
     """The plot_metric job: heatmaps of a[j, i] per method (in the order of `methods`) and the first
     task's curve of one metric, each as PNG and PDF."""
     import pandas as pd
@@ -64,12 +92,21 @@ def plot_metric_job(*, domain: str, metric: str, matrices, base_scores, methods:
     if missing:
         raise continual.SummaryError(f"{matrices}: no {metric} scores for methods {missing}")
     runs = frame.drop_duplicates(["method", "order", "seed"]).groupby("method").size().max()
-    figures.heatmaps({method: mean[method] for method in methods}, metric, f"{domain}: {label}, mean over {runs} run(s)", heatmap_stem)
+    figures.heatmaps(
+        {method: mean[method] for method in methods},
+        metric,
+        f"{domain}: {label}, mean over {runs} run(s)",
+        heatmap_stem,
+    )
     curves, base_line = continual.first_task_curves(frame, base, metric)
-    figures.first_task_curves({method: curves[method] for method in methods}, base_line, metric, f"{domain}: first task's {label}", curve_stem)
+    figures.first_task_curves(
+        {method: curves[method] for method in methods}, base_line, metric, f"{domain}: first task's {label}", curve_stem
+    )
 
 
-def image_grid_job(*, domain: str, samples: dict[str, str], methods: list[str], base_samples, grid: dict, run: dict, output):
+def image_grid_job(
+    *, domain: str, samples: dict[str, str], methods: list[str], base_samples, grid: dict, run: dict, output
+):
     """The image_grid job: the first task's image for one prompt and noise (``report.grid``), per
     method (rows, in the order of `methods`) after each task (columns). `samples` maps
     "<method>|<after task>" to a sample directory."""
@@ -81,7 +118,9 @@ def image_grid_job(*, domain: str, samples: dict[str, str], methods: list[str], 
     def pick(frame, source):
         chosen = frame[(frame["task"] == 1) & (frame["prompt_index"] == prompt_index) & (frame["sample"] == sample)]
         if len(chosen) != 1:
-            raise SamplingError(f"{source}: no image for task 1, prompt {prompt_index}, sample {sample} (config report.grid)")
+            raise SamplingError(
+                f"{source}: no image for task 1, prompt {prompt_index}, sample {sample} (config report.grid)"
+            )
         return chosen.iloc[0]
 
     rows: dict[str, dict[int, str]] = {}
@@ -92,8 +131,12 @@ def image_grid_job(*, domain: str, samples: dict[str, str], methods: list[str], 
         rows.setdefault(method, {})[int(after)] = chosen["path"]
         first = chosen
     base = read_index(base_samples)
-    base_image = base[(base["concept"] == first["concept"]) & (base["prompt_index"] == prompt_index) & (base["sample"] == sample)]
+    base_image = base[
+        (base["concept"] == first["concept"]) & (base["prompt_index"] == prompt_index) & (base["sample"] == sample)
+    ]
     if len(base_image) != 1:
-        raise SamplingError(f"{base_samples}: no base image of {first['concept']}, prompt {prompt_index}, sample {sample}")
-    title = f"{domain}, order {run['order']}, seed {run['seed']}: \"{first['prompt']}\" (noise {sample})"
+        raise SamplingError(
+            f"{base_samples}: no base image of {first['concept']}, prompt {prompt_index}, sample {sample}"
+        )
+    title = f'{domain}, order {run["order"]}, seed {run["seed"]}: "{first["prompt"]}" (noise {sample})'
     return figures.image_grid(rows, base_image.iloc[0]["path"], title, output)

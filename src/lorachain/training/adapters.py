@@ -12,9 +12,15 @@ from lorachain.training.config import TrainingConfig, TrainingError
 def lora_layers(unet, target_modules) -> dict[str, torch.nn.Linear]:
     """The targeted linear layers, by module name, in a fixed order."""
     suffixes = tuple("." + name for name in target_modules)
-    layers = {name: module for name, module in unet.named_modules() if name.endswith(suffixes) and isinstance(module, torch.nn.Linear)}
+    layers = {
+        name: module
+        for name, module in unet.named_modules()
+        if name.endswith(suffixes) and isinstance(module, torch.nn.Linear)
+    }
     if not layers:
-        raise TrainingError(f"config key training.target_modules: {list(target_modules)} match no linear layer of the U-Net")
+        raise TrainingError(
+            f"config key training.target_modules: {list(target_modules)} match no linear layer of the U-Net"
+        )
     return dict(sorted(layers.items()))
 
 
@@ -22,7 +28,9 @@ def check_rank(layers: dict[str, torch.nn.Linear], rank: int) -> None:
     smallest = min(min(module.in_features, module.out_features) for module in layers.values())
     if rank > smallest:
         name = min(layers, key=lambda n: min(layers[n].in_features, layers[n].out_features))
-        raise TrainingError(f"config key training.rank: {rank} exceeds the smallest targeted layer ({name}: {smallest} features); use at most {smallest}")
+        raise TrainingError(
+            f"config key training.rank: {rank} exceeds the smallest targeted layer ({name}: {smallest} features); use at most {smallest}"
+        )
 
 
 def initial_adapters(
@@ -33,14 +41,22 @@ def initial_adapters(
     adapters, row_masks = {}, {}
     for name, module in layers.items():
         context = InitContext(
-            layer=name, out_features=module.out_features, in_features=module.in_features, rank=config.rank,
-            scale=config.scale, tasks_done=state.tasks_done,
+            layer=name,
+            out_features=module.out_features,
+            in_features=module.in_features,
+            rank=config.rank,
+            scale=config.scale,
+            tasks_done=state.tasks_done,
             merged=None if state.merged.get(name) is None else state.merged[name].cpu(),
             previous=None if state.adapter is None else state.adapter.get(name),
-            generator=generator, slot=slot,
+            generator=generator,
+            slot=slot,
         )
         adapter = method.init_adapter(context)
-        if adapter.A.shape != (config.rank, module.in_features) or adapter.B.shape != (module.out_features, config.rank):
+        if adapter.A.shape != (config.rank, module.in_features) or adapter.B.shape != (
+            module.out_features,
+            config.rank,
+        ):
             raise RuntimeError(f"{method.name}.init_adapter returned wrong shapes for {name}")
         mask = method.row_mask(context)
         if mask is not None:
@@ -61,7 +77,9 @@ class OutputErasure:
         self.sizes = {name: modules[name].out_features for name in names}
         self.masks: dict[str, torch.Tensor] = {}
         self.handles = [
-            modules[name].lora_B["default"].register_forward_hook(lambda module, args, output, name=name: output * self.masks[name].to(output.dtype))
+            modules[name]
+            .lora_B["default"]
+            .register_forward_hook(lambda module, args, output, name=name: output * self.masks[name].to(output.dtype))
             for name in names
         ]
 
@@ -80,7 +98,12 @@ def inject_lora(unet, adapters: dict[str, LayerAdapter], config: TrainingConfig)
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
-    lora_config = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules), init_lora_weights="gaussian")
+    lora_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.target_modules),
+        init_lora_weights="gaussian",
+    )
     unet.add_adapter(lora_config)
     modules = dict(unet.named_modules())
     with torch.no_grad():

@@ -39,7 +39,9 @@ def is_sdxl(pipe) -> bool:
 def encode_condition(pipe, prompt: str, device) -> dict:
     """U-Net conditioning for one prompt: encoder states, plus SDXL's pooled embedding."""
     if is_sdxl(pipe):
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}
     embeds, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     return {"encoder_hidden_states": embeds}
@@ -50,7 +52,9 @@ def sdxl_time_ids(condition: dict, images, resolution: int, device) -> torch.Ten
     when the condition has no pooled embedding (SD 1.x)."""
     if "text_embeds" not in condition:
         return None
-    return torch.tensor([[*original, *crop, resolution, resolution] for _, original, crop in images], dtype=torch.float32, device=device)
+    return torch.tensor(
+        [[*original, *crop, resolution, resolution] for _, original, crop in images], dtype=torch.float32, device=device
+    )
 
 
 def unet_kwargs(condition: dict, batch: int, time_ids: torch.Tensor | None, dtype) -> dict:

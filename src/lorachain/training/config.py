@@ -65,9 +65,17 @@ class TrainingConfig:
                     fields[key] = tuple(optimizer[key]) if key == "betas" else optimizer[key]
         config = cls(**fields)
         if config.seed_policy not in SEED_POLICIES:
-            raise TrainingError(f"config key training.seed_policy: {config.seed_policy!r} is not one of {SEED_POLICIES}")
-        if isinstance(config.checkpoint_every, bool) or not isinstance(config.checkpoint_every, int) or config.checkpoint_every < 0:
-            raise TrainingError(f"config key training.checkpoint_every: {config.checkpoint_every!r} is not an integer >= 0 (0 disables in-task checkpoints)")
+            raise TrainingError(
+                f"config key training.seed_policy: {config.seed_policy!r} is not one of {SEED_POLICIES}"
+            )
+        if (
+            isinstance(config.checkpoint_every, bool)
+            or not isinstance(config.checkpoint_every, int)
+            or config.checkpoint_every < 0
+        ):
+            raise TrainingError(
+                f"config key training.checkpoint_every: {config.checkpoint_every!r} is not an integer >= 0 (0 disables in-task checkpoints)"
+            )
         return config
 
     @property

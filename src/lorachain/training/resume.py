@@ -40,8 +40,20 @@ log = logging.getLogger(__name__)
 
 
 def run_fingerprint(
-    *, config: TrainingConfig, method: ContinualMethod, task_index: int, seed: int, this_seed: int, model_source, vae,
-    train_images, train_prompt: str, previous_state, run: dict | None, concept: str | None, slot: int = 0,
+    *,
+    config: TrainingConfig,
+    method: ContinualMethod,
+    task_index: int,
+    seed: int,
+    this_seed: int,
+    model_source,
+    vae,
+    train_images,
+    train_prompt: str,
+    previous_state,
+    run: dict | None,
+    concept: str | None,
+    slot: int = 0,
 ) -> dict:
     """What a task's training computes, as JSON: an in-task checkpoint is used only by the same run.
     The previous state enters through the bytes of every manifest of its chain and of its LoRA
@@ -50,7 +62,10 @@ def run_fingerprint(
     previous = None
     if previous_state is not None:
         previous = {
-            "chain": [hashlib.sha256((directory / STATE_FILE).read_bytes()).hexdigest() for directory, _ in read_chain(previous_state)],
+            "chain": [
+                hashlib.sha256((directory / STATE_FILE).read_bytes()).hexdigest()
+                for directory, _ in read_chain(previous_state)
+            ],
             "lora": sha256_file(Path(previous_state) / LORA_FILE),
         }
     fingerprint = {
@@ -152,7 +167,9 @@ def read_checkpoint(path: str | Path) -> dict:
     }
 
 
-def _checkpoint_problem(checkpoint: dict, fingerprint: dict, named_parameters, optimizer, generator_state, steps: int) -> str | None:
+def _checkpoint_problem(
+    checkpoint: dict, fingerprint: dict, named_parameters, optimizer, generator_state, steps: int
+) -> str | None:
     """Why `checkpoint` cannot continue this run (None: it can). Checked in full before anything
     is loaded, so a refused checkpoint leaves the fresh run untouched."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -173,7 +190,11 @@ def _checkpoint_problem(checkpoint: dict, fingerprint: dict, named_parameters, o
     if not isinstance(lora, dict) or sorted(lora) != sorted(name for name, _ in named_parameters):
         return "its LoRA parameters are not this U-Net's"
     for name, parameter in named_parameters:
-        if not isinstance(lora[name], torch.Tensor) or lora[name].shape != parameter.shape or lora[name].dtype != parameter.dtype:
+        if (
+            not isinstance(lora[name], torch.Tensor)
+            or lora[name].shape != parameter.shape
+            or lora[name].dtype != parameter.dtype
+        ):
             return f"parameter {name} has another shape or dtype"
     state = checkpoint.get("optimizer")
     if not isinstance(state, dict) or len(state.get("param_groups", ())) != len(optimizer.param_groups):
@@ -187,15 +208,26 @@ def _checkpoint_problem(checkpoint: dict, fingerprint: dict, named_parameters, o
             return "optimizer state of other parameters"
         parameter = flat[ids.index(index)]
         for key, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and key.startswith("exp_avg") and value.shape != parameter.shape:
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() > 0
+                and key.startswith("exp_avg")
+                and value.shape != parameter.shape
+            ):
                 return f"optimizer state {key} of another shape"
     generator = checkpoint.get("generator")
-    if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8 or generator.shape != generator_state.shape:
+    if (
+        not isinstance(generator, torch.Tensor)
+        or generator.dtype != torch.uint8
+        or generator.shape != generator_state.shape
+    ):
         return "no step-generator state"
     return None
 
 
-def load_checkpoint(resume_dir: Path, fingerprint: dict, named_parameters, optimizer, generator: torch.Generator, steps: int) -> dict | None:
+def load_checkpoint(
+    resume_dir: Path, fingerprint: dict, named_parameters, optimizer, generator: torch.Generator, steps: int
+) -> dict | None:
     """The checkpoint in `resume_dir` if it continues this run; any other one is logged and deleted."""
     path = resume_dir / CHECKPOINT_FILE
     if not path.is_file():
@@ -205,7 +237,9 @@ def load_checkpoint(resume_dir: Path, fingerprint: dict, named_parameters, optim
     except Exception as error:  # a truncated or foreign file: start afresh rather than fail the job
         problem = f"unreadable ({type(error).__name__}: {error})"
     else:
-        problem = _checkpoint_problem(checkpoint, fingerprint, named_parameters, optimizer, generator.get_state(), steps)
+        problem = _checkpoint_problem(
+            checkpoint, fingerprint, named_parameters, optimizer, generator.get_state(), steps
+        )
     if problem is not None:
         log.warning("%s: ignoring the in-task checkpoint: %s; deleting it and training from step 0", path, problem)
         shutil.rmtree(resume_dir, ignore_errors=True)
@@ -244,24 +278,31 @@ class CheckpointWriter:
         self.resume_dir, self.fingerprint = resume_dir, fingerprint
         self.seconds, self.written = 0.0, 0
 
-    def write(self, *, step: int, losses: list[float], named_parameters, optimizer, scaler, generator: torch.Generator) -> Path:
+    def write(
+        self, *, step: int, losses: list[float], named_parameters, optimizer, scaler, generator: torch.Generator
+    ) -> Path:
         begun = time.perf_counter()
-        path = save_checkpoint(self.resume_dir, {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-            "step": step,
-            "losses": torch.tensor(losses, dtype=torch.float64),
-            "lora": {name: parameter.detach().cpu() for name, parameter in named_parameters},
-            "optimizer": optimizer.state_dict(),
-            "scaler": None if scaler is None else scaler.state_dict(),
-            "generator": generator.get_state(),
-        })
+        path = save_checkpoint(
+            self.resume_dir,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "step": step,
+                "losses": torch.tensor(losses, dtype=torch.float64),
+                "lora": {name: parameter.detach().cpu() for name, parameter in named_parameters},
+                "optimizer": optimizer.state_dict(),
+                "scaler": None if scaler is None else scaler.state_dict(),
+                "generator": generator.get_state(),
+            },
+        )
         self.seconds += time.perf_counter() - begun
         self.written += 1
         return path
 
 
-def restore_checkpoint(checkpoint: dict, named_parameters, optimizer, scaler, generator: torch.Generator) -> tuple[int, list[float]]:
+def restore_checkpoint(
+    checkpoint: dict, named_parameters, optimizer, scaler, generator: torch.Generator
+) -> tuple[int, list[float]]:
     """Load a checkpoint that :func:`load_checkpoint` accepted into the prepared training objects
     in place (factors, optimizer, grad scaler, step generator); returns (step, losses so far)."""
     with torch.no_grad():
