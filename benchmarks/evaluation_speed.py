@@ -76,11 +76,13 @@ def main() -> None:
     print(f"{'scoring job':<60}{'images':>7}{'load s':>8}{'total s':>9}{'load share':>11}")
     for log, t in scoring:
         print(
-            f"{str(log.relative_to(workdir / 'logs')):<60}{t['images']:>7}{t['load_models_s']:>8.2f}{t['total_s']:>9.2f}{t['load_share']:>11.0%}"
+            f"{str(log.relative_to(workdir / 'logs')):<60}{t['images']:>7}"
+            f"{t['load_models_s']:>8.2f}{t['total_s']:>9.2f}{t['load_share']:>11.0%}"
         )
     shares = [t["load_share"] for _, t in scoring]
     print(
-        f"model loading share of scoring jobs: mean {sum(shares) / len(shares):.0%}, min {min(shares):.0%}, max {max(shares):.0%}"
+        f"model loading share of scoring jobs: mean {sum(shares) / len(shares):.0%}, "
+        f"min {min(shares):.0%}, max {max(shares):.0%}"
     )
 
 

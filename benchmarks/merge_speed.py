@@ -275,7 +275,8 @@ def main() -> int:
     dense = sum(o * i for _, o, i in shapes)
     factors = sum(args.rank * (o + i) for _, o, i in shapes)
     print(
-        f"measured on {len(shapes)} layers: {args.concepts} concepts x rank {args.rank} = {args.concepts * factors / 1e6:.0f} M factor "
+        f"measured on {len(shapes)} layers: {args.concepts} concepts x rank {args.rank} = "
+        f"{args.concepts * factors / 1e6:.0f} M factor "
         f"parameters ({args.concepts * factors * 4 / 1e9:.2f} GB); {dense / 1e6:.0f} M dense weights per merged model"
     )
     begin = time.perf_counter()
@@ -321,7 +322,8 @@ def main() -> int:
         print(
             f"\n  gram recording, per concept: {recording['products']} distinct X^T X products per U-Net forward "
             f"({recording['gflop']:.0f} GFLOP float64) take {recording['seconds']:.1f} s on this CPU per forward "
-            f"(1024 px, CFG batch 2); e.g. 50 denoising steps x 4 prompts = {200 * recording['seconds'] / 60:.0f} min per concept "
+            "(1024 px, CFG batch 2); e.g. 50 denoising steps x 4 prompts = "
+            f"{200 * recording['seconds'] / 60:.0f} min per concept "
             f"(a GPU at 50 TFLOP/s float64: {200 * recording['gflop'] / 5e4:.0f} s)\n"
         )
 
@@ -330,7 +332,8 @@ def main() -> int:
         begin = time.perf_counter()
         model = build_peft_model(concepts, shapes, args.rank)
         print(
-            f"  (peft LoraModel with {args.concepts} adapters on {len(shapes)} layers built in {time.perf_counter() - begin:.1f} s)"
+            f"  (peft LoraModel with {args.concepts} adapters on {len(shapes)} layers "
+            f"built in {time.perf_counter() - begin:.1f} s)"
         )
         for _, combination_type in peft_types:
             kwargs = {"density": PEFT_DENSITY[combination_type]} if combination_type in PEFT_DENSITY else {}
@@ -366,7 +369,8 @@ def main() -> int:
         print(
             f"\ngradient fusion closed form: {fusion_full / 60:.1f} min for all 560 layers on this CPU vs "
             f"{MIX_OF_SHOW_MINUTES[0]}-{MIX_OF_SHOW_MINUTES[1]} min of L-BFGS reported for Mix-of-Show "
-            f"({MIX_OF_SHOW_MINUTES[0] * 60 / fusion_full:.0f}-{MIX_OF_SHOW_MINUTES[1] * 60 / fusion_full:.0f}x less; recording the Grams comes on top)"
+            f"({MIX_OF_SHOW_MINUTES[0] * 60 / fusion_full:.0f}-{MIX_OF_SHOW_MINUTES[1] * 60 / fusion_full:.0f}x less; "
+            "recording the Grams comes on top)"
         )
     return 0
 

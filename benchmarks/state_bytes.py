@@ -170,20 +170,26 @@ def main() -> int:
     print(
         f"SDXL U-Net (meta device): {real['unet_params'] / 1e9:.3f} B parameters; "
         f"{real['layers']} targeted attention projections ({', '.join(TARGET_MODULES)}) "
-        f"with {real['targeted_weights'] / 1e6:.1f} M weights; rank-{SDXL_LORA_RANK} LoRA: {real['lora_params'] / 1e6:.1f} M parameters"
+        f"with {real['targeted_weights'] / 1e6:.1f} M weights; "
+        f"rank-{SDXL_LORA_RANK} LoRA: {real['lora_params'] / 1e6:.1f} M parameters"
     )
     print(
-        f"full pipeline: U-Net + text encoders ({SDXL_TEXT_ENCODER_PARAMS / 1e6:.0f} M + {SDXL_TEXT_ENCODER_2_PARAMS / 1e6:.0f} M) "
+        f"full pipeline: U-Net + text encoders ({SDXL_TEXT_ENCODER_PARAMS / 1e6:.0f} M + "
+        f"{SDXL_TEXT_ENCODER_2_PARAMS / 1e6:.0f} M) "
         f"+ VAE ({SDXL_VAE_PARAMS / 1e6:.0f} M) = {real['full_params'] / 1e9:.3f} B parameters"
     )
     print()
-    header = f"{'model':34} {'full save (fp32)':>17} {'dense delta/task':>17} {'LoRA state/task':>16} {'state/full':>11} {'<= 1/10':>8}"
+    header = (
+        f"{'model':34} {'full save (fp32)':>17} {'dense delta/task':>17} "
+        f"{'LoRA state/task':>16} {'state/full':>11} {'<= 1/10':>8}"
+    )
     print(header)
     print("-" * len(header))
     for name, full, dense, task in rows:
         ratio = task / full
         print(
-            f"{name:34} {human(full):>17} {human(dense):>17} {human(task):>16} {f'1/{full / task:.0f}':>11} {('yes' if ratio <= 0.1 else 'no'):>8}"
+            f"{name:34} {human(full):>17} {human(dense):>17} {human(task):>16} "
+            f"{f'1/{full / task:.0f}':>11} {('yes' if ratio <= 0.1 else 'no'):>8}"
         )
     return 0
 

@@ -55,7 +55,8 @@ def test_a_missing_csd_checkpoint_is_named_with_the_fix(tmp_path, monkeypatch):
         check_model_sources(paper_config(), ALL_ENCODERS)
     message = str(error.value)
     assert message == (
-        "config key metrics.csd.checkpoint: 'data/csd/checkpoint.pth' does not exist; give the path of the downloaded file "
+        "config key metrics.csd.checkpoint: 'data/csd/checkpoint.pth' does not exist; "
+        "give the path of the downloaded file "
         f"(relative paths are read from {tmp_path})"
     )
 
@@ -69,7 +70,8 @@ def test_a_file_where_a_directory_belongs_and_unused_or_tiny_encoders(tmp_path, 
     config["metrics"]["clip"]["pretrained"] = "nowhere/at/all"  # not used by the domains below
     problems = model_source_problems(config, ["csd", "dino"])
     assert problems == [
-        "config key model.vae: 'vae.safetensors' is a file; give the directory written by save_pretrained (or a hub id owner/name)"
+        "config key model.vae: 'vae.safetensors' is a file; "
+        "give the directory written by save_pretrained (or a hub id owner/name)"
     ]
 
 
@@ -78,10 +80,10 @@ def test_unquoted_exponents_get_the_yaml_spelling():
         {"training": {"learning_rate": "1e-4", "optimizer": {"eps": "1.0e8"}}, "tokens": ["sks"], "n": "5"}
     )
     assert hints == [
-        "config key training.learning_rate: '1e-4' was read as text, not a number (YAML reads exponent notation as a number "
-        "only with a decimal point and a signed exponent); write 1.0e-4",
-        "config key training.optimizer.eps: '1.0e8' was read as text, not a number (YAML reads exponent notation as a number "
-        "only with a decimal point and a signed exponent); write 1.0e+8",
+        "config key training.learning_rate: '1e-4' was read as text, not a number "
+        "(YAML reads exponent notation as a number only with a decimal point and a signed exponent); write 1.0e-4",
+        "config key training.optimizer.eps: '1.0e8' was read as text, not a number "
+        "(YAML reads exponent notation as a number only with a decimal point and a signed exponent); write 1.0e+8",
     ]
     assert (
         yaml.safe_load("x: 1.0e-4\ny: 1.0e+8")["x"] == 1e-4 and yaml.safe_load("y: 1.0e+8")["y"] == 1e8

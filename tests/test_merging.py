@@ -84,7 +84,10 @@ def test_unknown_method_and_parameter_name_the_key():
     )
     with pytest.raises(
         MergeError,
-        match=r"merges\.t: merge 'ties' has no parameter\(s\) \['lambda'\]; it accepts \['density', 'majority_sign_method', 'weights'\]",
+        match=(
+            r"merges\.t: merge 'ties' has no parameter\(s\) \['lambda'\]; "
+            r"it accepts \['density', 'majority_sign_method', 'weights'\]"
+        ),
     ):
         make_merge("ties", {"lambda": 1}, key="merges.t")
     for name, params, word in [
@@ -128,7 +131,10 @@ def test_wrong_weight_count_names_the_parameter():
     for name, weights in [("weighted_average", [0.5, 0.5]), ("ties", [1.0, 1.0]), ("orthogonal_adaptation", [0.6] * 4)]:
         with pytest.raises(
             MergeError,
-            match=rf"config key merges\.w: merge '{name}': parameter 'weights' has {len(weights)} value\(s\) but 3 concept\(s\)",
+            match=(
+                rf"config key merges\.w: merge '{name}': parameter 'weights' has {len(weights)} value\(s\) "
+                r"but 3 concept\(s\)"
+            ),
         ):
             make_merge(name, {"weights": weights}, key="merges.w").merge(concepts)
 
@@ -146,7 +152,10 @@ def test_different_layer_sets_and_shapes_name_both_concepts():
     wider = random_concept("loras/c.safetensors", 3, layers={**LAYERS, "down.attn2.to_k": (12, 20)})
     with pytest.raises(
         LoraFileError,
-        match=r"loras/a\.safetensors and loras/c\.safetensors differ at layer 'down\.attn2\.to_k'.*\(12, 16\) vs \(12, 20\)",
+        match=(
+            r"loras/a\.safetensors and loras/c\.safetensors differ at layer 'down\.attn2\.to_k'"
+            r".*\(12, 16\) vs \(12, 20\)"
+        ),
     ):
         make_merge("ties").merge([a, wider])
 
@@ -344,7 +353,10 @@ def test_blocklora_refuses_overlapping_rows_naming_concepts_and_layer():
     ]
     with pytest.raises(
         MergeError,
-        match=r"merge 'blocklora': concepts 'objects/cat' and 'styles/ink' both change rows .* of layer 'down\.attn1\.to_q'",
+        match=(
+            r"merge 'blocklora': concepts 'objects/cat' and 'styles/ink' "
+            r"both change rows .* of layer 'down\.attn1\.to_q'"
+        ),
     ):
         make_merge("blocklora").merge(concepts)
     plain = random_concept("plain_lora", 4)  # an unmasked LoRA overlaps every block
@@ -634,14 +646,20 @@ def test_read_lora_errors_name_the_file_and_key(tmp_path):
     save_file({"unet.x.to_q.lora_A.weight": adapter.A}, str(path))
     with pytest.raises(
         LoraFileError,
-        match=r"missing_b\.safetensors: key 'unet\.x\.to_q\.lora_A\.weight' has no matching lora_B \(expected 'unet\.x\.to_q\.lora_B\.weight'\)",
+        match=(
+            r"missing_b\.safetensors: key 'unet\.x\.to_q\.lora_A\.weight' has no matching lora_B "
+            r"\(expected 'unet\.x\.to_q\.lora_B\.weight'\)"
+        ),
     ):
         read_lora(path)
     path = tmp_path / "mismatch.safetensors"
     save_file({"unet.x.to_q.lora_A.weight": adapter.A, "unet.x.to_q.lora_B.weight": torch.zeros(6, 3)}, str(path))
     with pytest.raises(
         LoraFileError,
-        match=r"mismatch\.safetensors: key 'unet\.x\.to_q\.lora_B\.weight' has shape \(6, 3\) but 'unet\.x\.to_q\.lora_A\.weight' has shape \(2, 5\)",
+        match=(
+            r"mismatch\.safetensors: key 'unet\.x\.to_q\.lora_B\.weight' has shape \(6, 3\) "
+            r"but 'unet\.x\.to_q\.lora_A\.weight' has shape \(2, 5\)"
+        ),
     ):
         read_lora(path)
     path = tmp_path / "empty.safetensors"

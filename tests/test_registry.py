@@ -181,7 +181,9 @@ class Damped(ContinualMethod):
     """Merge & init, each delta scaled by `factor` before it is added."""
 
     name = "damped_plugin"
-    param_specs = (Param("factor", 0.5, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "share of each delta kept"),)
+    param_specs = (
+        Param("factor", 0.5, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "share of each delta kept"),
+    )
 
     def fold(self, merged, delta):
         delta = self.params["factor"] * delta

@@ -245,7 +245,10 @@ def test_sigterm_mid_step_stops_after_the_step_and_resumes_bit_identically(
     sigterm_during_step(monkeypatch, 5)
     with pytest.raises(
         TrainingInterrupted,
-        match=rf"interrupted by SIGTERM after step 6 of {STEPS}; no state was written; checkpoint written to .*resume from step 6",
+        match=(
+            rf"interrupted by SIGTERM after step 6 of {STEPS}; no state was written; "
+            r"checkpoint written to .*resume from step 6"
+        ),
     ) as info:
         run(tiny_sd1_dir, synthetic_tasks, out)
     assert isinstance(info.value, TrainingError)

@@ -153,10 +153,14 @@ CHAIN_SCRIPT = textwrap.dedent(
     previous = None
     for index, (prompt, images) in enumerate(tasks, start=1):
         task_dir = out / f"task{index:02d}"
-        train_task(model_source=base, train_images=images, train_prompt=prompt, task_index=index, previous_state=previous,
-                   method_name="merge_init", method_params={}, seed=0, output_dir=task_dir, concept=f"c{index}",
-                   training=dict(rank=4, lora_alpha=4, steps=4, learning_rate=1e-3, resolution=64, batch_size=2, checkpoint_every=2),
-                   run={"method": "merge_init", "seed": 0}, loss_log=task_dir / "loss.csv", progress=False)
+        train_task(
+            model_source=base, train_images=images, train_prompt=prompt, task_index=index, previous_state=previous,
+            method_name="merge_init", method_params={}, seed=0, output_dir=task_dir, concept=f"c{index}",
+            training=dict(
+                rank=4, lora_alpha=4, steps=4, learning_rate=1e-3, resolution=64, batch_size=2, checkpoint_every=2
+            ),
+            run={"method": "merge_init", "seed": 0}, loss_log=task_dir / "loss.csv", progress=False,
+        )
         previous = task_dir
     """
 )

@@ -534,7 +534,9 @@ from lorachain.params import Param
 @register_method
 class Damped(ContinualMethod):
     name = "damped"
-    param_specs = (Param("factor", 0.5, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "share of each delta kept"),)
+    param_specs = (
+        Param("factor", 0.5, {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "share of each delta kept"),
+    )
 
     def fold(self, merged, delta):
         delta = self.params["factor"] * delta

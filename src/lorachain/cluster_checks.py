@@ -55,12 +55,14 @@ def partition_problems(request: RuleRequest, cluster: Cluster) -> list[str]:
         if cluster.has_default_partition or request.partition_set:
             return []
         return [
-            f"{request.rule}: no slurm_partition and the cluster has no default partition; set one in the profile's set-resources"
+            f"{request.rule}: no slurm_partition and the cluster has no default partition; "
+            "set one in the profile's set-resources"
         ]
     if request.partition not in cluster.partitions:
         listed = ", ".join(sorted(cluster.partitions))
         return [
-            f"{request.rule}: slurm_partition {request.partition!r} does not exist on this cluster (sinfo lists {listed})"
+            f"{request.rule}: slurm_partition {request.partition!r} does not exist on this cluster "
+            f"(sinfo lists {listed})"
         ]
     return []
 

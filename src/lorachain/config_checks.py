@@ -1,9 +1,10 @@
 """Checks of the workflow config, run while the Snakefile is parsed (so the dry-run makes them too).
 
 The JSON schema (``workflow/schemas/config.schema.yaml``) checks keys, types and ranges; this module
-adds what a schema cannot see: counts that must agree across blocks, labels that must exist, whether the models a config names by local path exist (so a missing
-CSD checkpoint fails before hours of training, not in the first scoring job), and why a number was
-refused when YAML read it as text. Every message names the config key and the fix. Torch-free.
+adds what a schema cannot see: counts that must agree across blocks, labels that must exist, whether
+the models a config names by local path exist (so a missing CSD checkpoint fails before hours of
+training, not in the first scoring job), and why a number was refused when YAML read it as text.
+Every message names the config key and the fix. Torch-free.
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ def directory_or_hub_problem(value, key: str) -> str | None:
     if path.is_dir() or is_hub_id(text):
         return None
     if path.exists():
-        return f"config key {key}: {text!r} is a file; give the directory written by save_pretrained (or a hub id owner/name)"
+        return (
+            f"config key {key}: {text!r} is a file; "
+            "give the directory written by save_pretrained (or a hub id owner/name)"
+        )
     return (
         f"config key {key}: {text!r} does not exist and is not a hub id (owner/name); give the path of the "
         f"downloaded directory (relative paths are read from {Path.cwd()})"
@@ -55,7 +59,10 @@ def file_problem(value, key: str) -> str | None:
     if path.is_file():
         return None
     what = "is a directory, not a file" if path.exists() else "does not exist"
-    return f"config key {key}: {text!r} {what}; give the path of the downloaded file (relative paths are read from {Path.cwd()})"
+    return (
+        f"config key {key}: {text!r} {what}; give the path of the downloaded file "
+        f"(relative paths are read from {Path.cwd()})"
+    )
 
 
 def model_source_problems(config: dict, encoders: list[str]) -> list[str]:
@@ -240,7 +247,8 @@ def modular_problems(config: dict) -> list[str]:
     ]
     adapters = list(block["adapters"])
     problems += [
-        f"{where}.merges.{label}.adapters: {merge['adapters']!r} is not a label under modular.adapters ({', '.join(adapters)})"
+        f"{where}.merges.{label}.adapters: {merge['adapters']!r} is not a label under modular.adapters "
+        f"({', '.join(adapters)})"
         for label, merge in block["merges"].items()
         if merge["adapters"] not in adapters
     ]

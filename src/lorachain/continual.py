@@ -46,7 +46,8 @@ def check_matrix(a: np.ndarray, source: str = "score matrix") -> np.ndarray:
     if not np.isfinite(a[learned]).all():
         bad = np.argwhere(learned & ~np.isfinite(a))[0]
         raise SummaryError(
-            f"{source}: a[{bad[0] + 1}, {bad[1] + 1}] (task {bad[0] + 1} after task {bad[1] + 1}) is missing or not finite"
+            f"{source}: a[{bad[0] + 1}, {bad[1] + 1}] (task {bad[0] + 1} after task {bad[1] + 1}) "
+            "is missing or not finite"
         )
     return a
 
@@ -128,7 +129,8 @@ def summary_table(
                 ]
                 if part.empty:
                     raise SummaryError(
-                        f"no scores for method {method}, order {order}, seed {seed}, metric {metric}: that run is missing"
+                        f"no scores for method {method}, order {order}, seed {seed}, metric {metric}: "
+                        "that run is missing"
                     )
                 a = run_matrix(part, metric, num_tasks, f"method {method} order {order} seed {seed}")
                 per_run.append(summarize_matrix(a))

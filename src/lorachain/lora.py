@@ -239,7 +239,8 @@ def _group_factors(path: Path, tensors: dict) -> tuple[dict, list[str]]:
         else:
             raise LoraFileError(
                 f"{path}: key {key!r} is not a LoRA factor (expected <layer>{_A_SUFFIX}, <layer>{_B_SUFFIX} or "
-                f"<layer>{_ALPHA_SUFFIX}); DoRA magnitudes, LoRA biases and other extras are not supported by the merges"
+                f"<layer>{_ALPHA_SUFFIX}); DoRA magnitudes, LoRA biases and other extras "
+                "are not supported by the merges"
             )
     if ignored:
         components = sorted({key.split(".", 1)[0] for key in ignored})
@@ -263,7 +264,8 @@ def _checked_pair(path: Path, parts: dict) -> tuple[str, torch.Tensor, str, torc
     (a_key, A), (b_key, B) = parts["A"], parts["B"]
     if A.dim() != 2 or B.dim() != 2:
         raise LoraFileError(
-            f"{path}: key {a_key if A.dim() != 2 else b_key!r} has shape {tuple(A.shape if A.dim() != 2 else B.shape)}; "
+            f"{path}: key {a_key if A.dim() != 2 else b_key!r} "
+            f"has shape {tuple(A.shape if A.dim() != 2 else B.shape)}; "
             "only linear-layer LoRA factors (2-D) can be merged"
         )
     if A.shape[0] != B.shape[1]:
@@ -275,7 +277,8 @@ def _checked_pair(path: Path, parts: dict) -> tuple[str, torch.Tensor, str, torc
         if not torch.isfinite(tensor).all():
             bad = int((~torch.isfinite(tensor)).sum())
             raise LoraFileError(
-                f"{path}: key {key!r} holds {bad} non-finite value(s) (NaN or inf); the LoRA is damaged or diverged in training"
+                f"{path}: key {key!r} holds {bad} non-finite value(s) (NaN or inf); "
+                "the LoRA is damaged or diverged in training"
             )
     return a_key, A, b_key, B
 

@@ -48,7 +48,8 @@ def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None)
     manifest = read_manifest(state_dir)
     if manifest["task_index"] != 1 or manifest.get("parent"):
         raise ModularError(
-            f"{Path(state_dir) / 'state.json'}: not an independently trained concept (task {manifest['task_index']} of a chain)"
+            f"{Path(state_dir) / 'state.json'}: not an independently trained concept "
+            f"(task {manifest['task_index']} of a chain)"
         )
     return Concept(
         name=str(state_dir),
@@ -110,7 +111,8 @@ def record_layer_inputs(
             pipe.unet(noisy.to(pipe.unet.dtype), t, **unet_kwargs(condition, len(latents), time_ids, pipe.unet.dtype))
     if recorder.unseen:
         raise ModularError(
-            f"{state_dir}: layers {recorder.unseen[:3]} received no input while recording; check training.target_modules"
+            f"{state_dir}: layers {recorder.unseen[:3]} received no input while recording; "
+            "check training.target_modules"
         )
     save_grams(output, recorder.grams, dtype=getattr(torch, gram_dtype))
     return {
@@ -159,7 +161,8 @@ def merge_and_sample(
     for position, (concept, manifest) in enumerate(loaded):
         if manifest.get("concept") != tasks[position].concept:
             raise ModularError(
-                f"{concept.name}: trained on concept {manifest.get('concept')!r}, but task {position + 1} of {tasks_file} is {tasks[position].concept!r}"
+                f"{concept.name}: trained on concept {manifest.get('concept')!r}, "
+                f"but task {position + 1} of {tasks_file} is {tasks[position].concept!r}"
             )
     concepts = [concept for concept, _ in loaded]
     read_s = time.perf_counter() - started

@@ -86,7 +86,8 @@ def set_scheduler(pipe, name: str) -> None:
     scheduler_class = getattr(diffusers, name, None)
     if scheduler_class is None or not name.endswith("Scheduler"):
         raise SamplingError(
-            f"config key sampling.scheduler: {name!r} is not a diffusers scheduler class (e.g. EulerDiscreteScheduler, DDIMScheduler) or 'default'"
+            f"config key sampling.scheduler: {name!r} is not a diffusers scheduler class "
+            "(e.g. EulerDiscreteScheduler, DDIMScheduler) or 'default'"
         )
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
 
@@ -115,11 +116,13 @@ def load_model_for_sampling(
         manifest_file = Path(state_dir) / STATE_FILE
         if manifest.get("architecture") != type(pipe).__name__:
             raise StateError(
-                f"{manifest_file}: written for a {manifest.get('architecture')}, but model {model_source!r} is a {type(pipe).__name__}"
+                f"{manifest_file}: written for a {manifest.get('architecture')}, "
+                f"but model {model_source!r} is a {type(pipe).__name__}"
             )
         if manifest.get("base_model") != str(model_source):
             raise StateError(
-                f"{manifest_file}: trained on base model {manifest.get('base_model')!r}, not {str(model_source)!r}; sample it with its own base model"
+                f"{manifest_file}: trained on base model {manifest.get('base_model')!r}, not {str(model_source)!r}; "
+                "sample it with its own base model"
             )
         state = fold_state(state_dir, make_method(method_name, method_params or {}))
         apply_to_unet(pipe.unet, state)

@@ -153,13 +153,15 @@ def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapte
         if A.shape[0] != rank or B.shape[1] != rank:
             key, other = f"{_UNET_PREFIX}{layer}{_A_SUFFIX}", f"{_UNET_PREFIX}{layer}{_B_SUFFIX}"
             raise StateError(
-                f"{lora}: {key!r} has shape {tuple(A.shape)} and {other!r} {tuple(B.shape)}, but {task_dir / STATE_FILE} "
+                f"{lora}: {key!r} has shape {tuple(A.shape)} and {other!r} {tuple(B.shape)}, "
+                f"but {task_dir / STATE_FILE} "
                 f"records rank {rank} (factors (r, in) and (out, r)); {_rerun_hint(task_dir)}"
             )
         adapters[layer] = LayerAdapter(A=A, B=B, scale=manifest["lora_alpha"] / rank)
     if not adapters or (layers_recorded is not None and len(adapters) != layers_recorded):
         raise StateError(
-            f"{lora}: {len(adapters)} LoRA layers, but {task_dir / STATE_FILE} records {layers_recorded}; {_rerun_hint(task_dir)}"
+            f"{lora}: {len(adapters)} LoRA layers, but {task_dir / STATE_FILE} records {layers_recorded}; "
+            f"{_rerun_hint(task_dir)}"
         )
     return adapters
 
@@ -172,7 +174,8 @@ def fold_state(task_dir: str | Path | None, method: ContinualMethod, device="cpu
     written_by = chain[-1][1]["method"]
     if written_by != {"name": method.name, "params": method.params}:
         raise StateError(
-            f"{Path(task_dir) / STATE_FILE}: written by method {written_by}, not {{'name': {method.name!r}, 'params': {method.params}}}; "
+            f"{Path(task_dir) / STATE_FILE}: written by method {written_by}, "
+            f"not {{'name': {method.name!r}, 'params': {method.params}}}; "
             "a chain continues only with the method and parameters that started it"
         )
     merged: dict[str, torch.Tensor] = {}

@@ -14,10 +14,10 @@ and at the end of the step during which SIGTERM arrives, the trainer writes an i
 ``<task dir>/.resume/checkpoint.safetensors`` (not a declared output, so a retry keeps it): the LoRA
 factors, the optimizer (and grad-scaler) state, the losses so far and the state of the step
 generator as tensors, with the step, the optimizer's hyperparameters and a fingerprint of the run as
-JSON in the file's metadata (no pickle anywhere). A rerun of the same call continues from it and ends bit-identical to an
-uninterrupted run (the crops, posteriors and prompt embedding are recomputed deterministically); a
-checkpoint of another configuration is logged and deleted. ``.resume/`` goes once the state is written
-(:mod:`lorachain.training.resume`).
+JSON in the file's metadata (no pickle anywhere). A rerun of the same call continues from it and
+ends bit-identical to an uninterrupted run (the crops, posteriors and prompt embedding are
+recomputed deterministically); a checkpoint of another configuration is logged and deleted.
+``.resume/`` goes once the state is written (:mod:`lorachain.training.resume`).
 
 :func:`train_task` runs one task as named phases: load the model and images, set up the adapter on
 the folded state, encode the training data, prepare the U-Net, restore a checkpoint, loop, collect
@@ -182,7 +182,8 @@ def _optimizer(params, config: TrainingConfig):
             import bitsandbytes
         except ImportError:
             raise TrainingError(
-                "config key training.optimizer.name: adamw8bit needs the bitsandbytes package (GPU); install it or use adamw"
+                "config key training.optimizer.name: adamw8bit needs the bitsandbytes package (GPU); "
+                "install it or use adamw"
             ) from None
         return bitsandbytes.optim.AdamW8bit(
             params, lr=config.learning_rate, betas=config.betas, weight_decay=config.weight_decay, eps=config.eps
@@ -412,7 +413,8 @@ def _interrupted(
         else ("no checkpoint (training.checkpoint_every is 0): a rerun starts from step 0")
     )
     return TrainingInterrupted(
-        f"task {task.task_index} ({task.concept}): interrupted by {signal.Signals(signum).name} after step {done} of {config.steps}; "
+        f"task {task.task_index} ({task.concept}): interrupted by {signal.Signals(signum).name} "
+        f"after step {done} of {config.steps}; "
         f"no state was written; {where}",
         step=done,
         checkpoint=path,
@@ -446,7 +448,8 @@ def _train_loop(
             loss = _step_loss(step, data, model, progress.generator, config)
             if not torch.isfinite(loss):
                 raise TrainingError(
-                    f"task {task.task_index} ({task.concept}): loss is {loss.item()} at step {step}; nothing was written. Lower training.learning_rate or check the data"
+                    f"task {task.task_index} ({task.concept}): loss is {loss.item()} at step {step}; "
+                    "nothing was written. Lower training.learning_rate or check the data"
                 )
             _optimizer_step(model, loss, config)
             progress.losses.append(loss.item())

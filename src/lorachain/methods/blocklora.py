@@ -43,7 +43,8 @@ def block_rows(out_features: int, num_blocks: int, slot: int) -> slice:
         )
     if not 0 <= slot < num_blocks:
         raise ValueError(
-            f"block_rows: slot {slot} is outside 0..{num_blocks - 1}: the layers have num_blocks={num_blocks} row blocks, "
+            f"block_rows: slot {slot} is outside 0..{num_blocks - 1}: "
+            f"the layers have num_blocks={num_blocks} row blocks, "
             f"so asking for slot {slot} is asking for more concepts than blocks"
         )
     base, remainder = divmod(out_features, num_blocks)
@@ -105,7 +106,8 @@ class BlockLoRA(ContinualMethod):
     def check_slots(self, slots, key="num_blocks"):
         if self.params["blockwise"] and slots > self.params["num_blocks"]:
             raise MethodError(
-                f"method 'blocklora': {slots} concepts need {slots} row blocks but num_blocks is {self.params['num_blocks']}; "
+                f"method 'blocklora': {slots} concepts need {slots} row blocks "
+                f"but num_blocks is {self.params['num_blocks']}; "
                 f"raise {key} to at least {slots} (each concept owns one block of rows)"
             )
 
@@ -136,7 +138,8 @@ class BlockLoRAMerge(MergeMethod):
                 rows = torch.nonzero(overlap).flatten().tolist()
                 shown = ", ".join(map(str, rows[:5])) + (", ..." if len(rows) > 5 else "")
                 raise self.error(
-                    f"concepts {concepts[i].name!r} and {concepts[j].name!r} both change rows {shown} ({len(rows)} row(s)) of "
+                    f"concepts {concepts[i].name!r} and {concepts[j].name!r} "
+                    f"both change rows {shown} ({len(rows)} row(s)) of "
                     f"layer {layer!r}; BlockLoRA merges only deltas of disjoint row blocks (different concept slots)"
                 )
         return supports

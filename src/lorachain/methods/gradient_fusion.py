@@ -50,7 +50,8 @@ class GradientFusion(MergeMethod):
         for concept in concepts:
             if concept.grams is None:
                 raise self.error(
-                    f"concept {concept.name!r} has no recorded layer inputs (grams); gradient fusion needs them for every layer"
+                    f"concept {concept.name!r} has no recorded layer inputs (grams); "
+                    "gradient fusion needs them for every layer"
                 )
             for layer in sorted(concept.adapters):
                 if layer not in concept.grams:

@@ -107,7 +107,8 @@ class MergeMethod(ABC):
         if isinstance(spec, Real) and not isinstance(spec, bool):
             if self.weights_sum_to_one:
                 raise self.error(
-                    f"parameter 'weights' is the constant {spec}, but {self.requirement or 'this method requires weights that sum to 1'}; "
+                    f"parameter 'weights' is the constant {spec}, "
+                    f"but {self.requirement or 'this method requires weights that sum to 1'}; "
                     "use 'mean' or a list of one weight per concept that sums to 1"
                 )
             if not math.isfinite(spec) or spec < 0:
@@ -120,7 +121,8 @@ class MergeMethod(ABC):
                 raise self.error(f"parameter 'weights' must be non-negative, got {list(spec)}")
             if self.weights_sum_to_one and abs(sum(spec) - 1.0) > WEIGHT_SUM_TOLERANCE:
                 raise self.error(
-                    f"parameter 'weights' sums to {sum(spec):.6g}, but {self.requirement or 'this method requires weights that sum to 1'}"
+                    f"parameter 'weights' sums to {sum(spec):.6g}, "
+                    f"but {self.requirement or 'this method requires weights that sum to 1'}"
                 )
             return
         raise self.error(f"parameter 'weights' must be 'mean', a number or a list of numbers, not {spec!r}")
@@ -134,7 +136,8 @@ class MergeMethod(ABC):
             return [float(spec)] * count
         if len(spec) != count:
             raise self.error(
-                f"parameter 'weights' has {len(spec)} value(s) but {count} concept(s) are merged; give one weight per concept"
+                f"parameter 'weights' has {len(spec)} value(s) but {count} concept(s) are merged; "
+                "give one weight per concept"
             )
         return [float(w) for w in spec]
 

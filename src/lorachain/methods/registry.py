@@ -87,7 +87,8 @@ def shared_defs() -> dict:
                 continue
             if shared.setdefault(param.shared, param.schema) != param.schema:
                 raise RuntimeError(
-                    f"{cls.__name__}: parameter {param.name!r} declares $defs/{param.shared} differently from another class"
+                    f"{cls.__name__}: parameter {param.name!r} declares $defs/{param.shared} "
+                    "differently from another class"
                 )
     return shared
 
@@ -124,7 +125,8 @@ def load_plugin(name: str, key: str = "plugins") -> ModuleType:
         path = Path(name).expanduser().resolve()
         if not path.is_file():
             raise PluginError(
-                f"config key {key}: {name!r} is not a file; give the path of a .py file (relative paths are read from {Path.cwd()}) or a module name"
+                f"config key {key}: {name!r} is not a file; give the path of a .py file "
+                f"(relative paths are read from {Path.cwd()}) or a module name"
             )
         return _import_file(path, key)
     try:

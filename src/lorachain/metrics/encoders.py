@@ -321,7 +321,8 @@ def _load_csd(source: str, key: str):
         raise EncoderError(f"config key {key}: {path} does not fit the CSD layout: {error}") from error
     if missing or unexpected:
         raise EncoderError(
-            f"config key {key}: {path} does not match the CSD layout; missing keys {_keys(missing)}, unexpected keys {_keys(unexpected)}"
+            f"config key {key}: {path} does not match the CSD layout; "
+            f"missing keys {_keys(missing)}, unexpected keys {_keys(unexpected)}"
         )
     return model, grid * patch_size
 

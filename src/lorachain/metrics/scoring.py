@@ -127,13 +127,15 @@ def score_sample_sets(
                     key = f"{METRIC_ENCODER[metric]}/{concept}"
                     if key not in references:
                         raise ScoreError(
-                            f"{source}: no reference embeddings {key!r}; the references were embedded for other tasks or metrics, rerun embed_references"
+                            f"{source}: no reference embeddings {key!r}; "
+                            "the references were embedded for other tasks or metrics, rerun embed_references"
                         )
                     value = mean_pairwise_cosine(generated, references[key])
                     n_references = len(references[key])
                 if not math.isfinite(value):
                     raise ScoreError(
-                        f"{source}: {metric} on task {task} after task {after} is {value}; check the images and the metric model"
+                        f"{source}: {metric} on task {task} after task {after} is {value}; "
+                        "check the images and the metric model"
                     )
                 rows.append(
                     {

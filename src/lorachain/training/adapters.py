@@ -29,7 +29,8 @@ def check_rank(layers: dict[str, torch.nn.Linear], rank: int) -> None:
     if rank > smallest:
         name = min(layers, key=lambda n: min(layers[n].in_features, layers[n].out_features))
         raise TrainingError(
-            f"config key training.rank: {rank} exceeds the smallest targeted layer ({name}: {smallest} features); use at most {smallest}"
+            f"config key training.rank: {rank} exceeds the smallest targeted layer ({name}: {smallest} features); "
+            f"use at most {smallest}"
         )
 
 

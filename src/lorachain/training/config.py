@@ -74,7 +74,8 @@ class TrainingConfig:
             or config.checkpoint_every < 0
         ):
             raise TrainingError(
-                f"config key training.checkpoint_every: {config.checkpoint_every!r} is not an integer >= 0 (0 disables in-task checkpoints)"
+                f"config key training.checkpoint_every: {config.checkpoint_every!r} is not an integer >= 0 "
+                "(0 disables in-task checkpoints)"
             )
         return config
 

@@ -173,7 +173,10 @@ def _checkpoint_problem(
     """Why `checkpoint` cannot continue this run (None: it can). Checked in full before anything
     is loaded, so a refused checkpoint leaves the fresh run untouched."""
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        return f"checkpoint format {checkpoint.get('format') if isinstance(checkpoint, dict) else None!r}, this lorachain writes {CHECKPOINT_FORMAT}"
+        return (
+            f"checkpoint format {checkpoint.get('format') if isinstance(checkpoint, dict) else None!r}, "
+            f"this lorachain writes {CHECKPOINT_FORMAT}"
+        )
     try:
         theirs = json.loads(checkpoint["fingerprint"])
     except (KeyError, TypeError, json.JSONDecodeError):
