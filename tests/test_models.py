@@ -130,7 +130,9 @@ def test_tiny_sdxl_has_two_text_encoders_and_text_time_conditioning(tiny_sdxl_di
         first = pipe.unet(**inputs).sample
         inputs["added_cond_kwargs"]["time_ids"] = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 64.0, 64.0]])
         second = pipe.unet(**inputs).sample
-        with pytest.raises(Exception):  # text_time conditioning is required
+        # text_time conditioning is required: without added_cond_kwargs, diffusers' get_aug_embed tests
+        # `"text_embeds" in added_cond_kwargs` on None, a TypeError
+        with pytest.raises(TypeError):
             pipe.unet(inputs["sample"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"])
     assert not torch.allclose(first, second)
 

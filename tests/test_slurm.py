@@ -225,10 +225,12 @@ def _digests(workdir: Path) -> dict[str, str]:
     import hashlib
 
     results = workdir / "results"
-    keep = lambda path: (
-        path.suffix in (".safetensors", ".json", ".png", ".csv", ".md")
-        and not {"benchmarks", "figures"} & set(path.parts)
-    )  # noqa: E731
+
+    def keep(path: Path) -> bool:
+        if {"benchmarks", "figures"} & set(path.parts):
+            return False
+        return path.suffix in (".safetensors", ".json", ".png", ".csv", ".md")
+
     return {
         str(path.relative_to(results)): hashlib.sha256(_comparable(path)).hexdigest()
         for path in sorted(results.rglob("*"))

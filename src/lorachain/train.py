@@ -278,6 +278,15 @@ def _encode_training_data(pipe, images, task: TaskSpec, config: TrainingConfig, 
     )
 
 
+def _masked_gradient(mask: torch.Tensor):
+    """A gradient hook that zeroes the rows outside ``mask`` (bound now, not when the hook runs)."""
+
+    def hook(grad):
+        return grad * mask.to(grad.dtype)
+
+    return hook
+
+
 def _prepare_unet(
     unet, adapters, row_masks, layers, method: ContinualMethod, task: TaskSpec, config: TrainingConfig, accelerator
 ) -> PreparedUNet:
@@ -300,9 +309,7 @@ def _prepare_unet(
     ]
     modules = dict(unet.named_modules())
     for name, mask in row_masks.items():  # rows of B outside the mask get no gradient: they stay 0
-        modules[name].lora_B["default"].weight.register_hook(
-            lambda grad, mask=mask.to(device): grad * mask.to(grad.dtype)
-        )
+        modules[name].lora_B["default"].weight.register_hook(_masked_gradient(mask.to(device)))
     erasure = (
         OutputErasure(unet, list(layers), method.erasure_rate(), task.this_seed + 2, device)
         if method.erasure_rate() > 0
