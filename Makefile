@@ -3,7 +3,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup demo test dry-run-paper clean-results
+.PHONY: setup demo lint format test dry-run-paper clean-results
 
 setup: $(VENV)/.installed
 
@@ -21,7 +21,18 @@ demo: setup
 	$(VENV)/bin/snakemake --profile profiles/local --resources gpu=2
 	$(VENV)/bin/snakemake --report results/report.html
 
-test: setup
+# Style is mechanical: ruff (lint + format) for Python, snakefmt for the Snakefile and rules.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/snakefmt Snakefile workflow/rules
+
+test: lint
 	$(VENV)/bin/pytest -q
 
 dry-run-paper: setup

@@ -78,9 +78,10 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_the_registries_and_the_config_checks_import_no_torch():
+def test_what_the_snakefile_and_the_job_runner_import_needs_no_torch():
     code = (
-        "import sys, lorachain.config_checks, lorachain.methods as m; m.schema_defs(); "
+        "import sys, lorachain.config_checks, lorachain.plan, lorachain.cluster_checks, lorachain.workflow_io; "
+        "import lorachain.methods as m; m.schema_defs(); "
         "m.make_method('blocklora', {'num_blocks': 4}); m.make_merge('ties'); "
         "assert m.merge_class('gradient_fusion').needs_layer_inputs; "
         "assert 'torch' not in sys.modules, 'torch imported'"
