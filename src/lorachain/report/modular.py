@@ -1,9 +1,10 @@
 """Results of the modular regime: BlockLoRA's Table 1 and Figure 5, and the LoRA diagnostics
 (its Figure 4) as workflow jobs.
 
-* Image alignment is CLIP-I when the domain is scored with it, otherwise its first image metric
-  (CSD for styles); text alignment is CLIP-T. Both are the mean over the k merged concepts of each
-  concept's mean score (so every concept weighs the same), "average" is their mean.
+* Image alignment is the first of CLIP-I, DINO, CSD that the domain is scored with (so DINO for
+  the default style metrics; the table's ``image_metric`` column names it); text alignment is
+  CLIP-T. Both are the mean over the k merged concepts of each concept's mean score (so every
+  concept weighs the same), "average" is their mean.
 * The table reports the largest k merged (the paper: all 15 concepts); the curve shows image
   alignment for every k of the config.
 """
