@@ -241,8 +241,10 @@ def _sample_dirs(samples) -> list:
     return [samples] if isinstance(samples, (str, Path)) else list(samples)
 
 
-def score_run_job(*, samples: list, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
-    """The score_run job: every sample set of one run (after task 1..T), one scores CSV."""
+def score_job(*, samples, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
+    """The score_run, score_base and score_merges jobs (one scores CSV of the sample sets
+    `samples`): every sample set of one run (after task 1..T), the base model's sample set of a
+    domain, or the sample sets of one merge label (one per merge size k)."""
     return score_samples(
         sample_dirs=_sample_dirs(samples),
         references=references,
@@ -253,25 +255,5 @@ def score_run_job(*, samples: list, references, metrics: list[str], encoders: di
     )
 
 
-def score_base_job(*, samples, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
-    """The score_base job: the base model's sample set of a domain."""
-    return score_samples(
-        sample_dirs=_sample_dirs(samples),
-        references=references,
-        metrics=metrics,
-        encoder_blocks=encoders,
-        batch_size=batch_size,
-        output=scores,
-    )
-
-
-def score_merges_job(*, samples: list, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
-    """The score_merges job: the sample sets of one merge label, one per merge size k."""
-    return score_samples(
-        sample_dirs=_sample_dirs(samples),
-        references=references,
-        metrics=metrics,
-        encoder_blocks=encoders,
-        batch_size=batch_size,
-        output=scores,
-    )
+# The three scoring rules differ only in which sample sets they read.
+score_run_job = score_base_job = score_merges_job = score_job
