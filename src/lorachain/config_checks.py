@@ -178,7 +178,7 @@ def registered_block_problems(config: dict) -> list[str]:
     (``max(domains.*.num_tasks)``) needs that many; a modular adapter needs ``modular.concepts``."""
     problems = []
     longest = max((block["num_tasks"] for block in config.get("domains", {}).values()), default=0)
-    modular = config.get("modular") or {}
+    modular = plan.modular(config)
     blocks = [(f"methods.{label}", block, longest) for label, block in config.get("methods", {}).items()]
     blocks += [
         (f"modular.adapters.{label}", block, modular.get("concepts", 0))
@@ -186,7 +186,7 @@ def registered_block_problems(config: dict) -> list[str]:
     ]
     for key, block, slots in blocks:
         try:
-            method = make_method(block["method"], {k: v for k, v in block.items() if k != "method"}, key=key)
+            method = make_method(block["method"], plan.parameters_of(block), key=key)
         except MethodError as error:
             problems.append(str(error))
             continue
@@ -194,9 +194,7 @@ def registered_block_problems(config: dict) -> list[str]:
     for label, block in modular.get("merges", {}).items():
         try:
             make_merge(
-                block["method"],
-                {k: v for k, v in block.items() if k not in ("method", "adapters")},
-                key=f"modular.merges.{label}",
+                block["method"], plan.parameters_of(block, ("method", "adapters")), key=f"modular.merges.{label}"
             )
         except MergeError as error:
             problems.append(str(error))

@@ -43,12 +43,12 @@ def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None)
     """A trained concept state as a :class:`lorachain.merging.Concept` (slot from its manifest)."""
     from lorachain.lora import Concept
     from lorachain.merging.fusion import load_grams
-    from lorachain.state import load_adapters, read_manifest
+    from lorachain.state import STATE_FILE, load_adapters, read_manifest
 
     manifest = read_manifest(state_dir)
     if manifest["task_index"] != 1 or manifest.get("parent"):
         raise ModularError(
-            f"{Path(state_dir) / 'state.json'}: not an independently trained concept "
+            f"{Path(state_dir) / STATE_FILE}: not an independently trained concept "
             f"(task {manifest['task_index']} of a chain)"
         )
     return Concept(

@@ -20,10 +20,9 @@ from pathlib import Path
 from lorachain.files import canonical_safetensors, sha256_file
 from lorachain.lora import LayerAdapter, LoraFileError, parse_lora
 from lorachain.methods.base import ContinualMethod
+from lorachain.paths import LORA_FILE, STATE_FILE
 from lorachain.torch_env import torch
 
-STATE_FILE = "state.json"
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights(dir) looks for
 STATE_FORMAT = 2  # 2: the manifest records the LoRA file's sha256 (format 1 only its byte count)
 READABLE_FORMATS = (1, 2)
 _UNET_PREFIX = "unet."
