@@ -70,7 +70,7 @@ def model_source_problems(config: dict, encoders: list[str]) -> list[str]:
     Hub ids cannot be checked without the network and are left to the jobs."""
     problems = []
     model = config["model"]
-    if "pretrained" in model:
+    if "pretrained" in model and not plan.built_by_rule(config, model["pretrained"]):
         problems.append(directory_or_hub_problem(model["pretrained"], "model.pretrained"))
     if model.get("vae"):
         problems.append(directory_or_hub_problem(model["vae"], "model.vae"))
@@ -83,6 +83,8 @@ def model_source_problems(config: dict, encoders: list[str]) -> list[str]:
             problems.append(
                 f"config key metrics.{name}.{key} is not set; name the model (or set metrics.{name}.tiny: true)"
             )
+        elif plan.built_by_rule(config, block[key]):
+            continue  # the world's rules build it
         elif name == "csd":
             problems.append(file_problem(block[key], f"metrics.{name}.{key}"))
         else:
@@ -257,5 +259,9 @@ def check_config(config: dict) -> None:
     """Everything the schema cannot check, all problems at once; run while the Snakefile parses."""
     problems = domain_problems(config) + modular_problems(config) + registered_block_problems(config)
     problems += model_source_problems(config, plan.encoders_in_use(config))
+    if "world" in config:
+        from lorachain.world.spec import check_world_block
+
+        problems += check_world_block(config["world"])
     if problems:
         raise ConfigError("\n".join(problems))

@@ -20,6 +20,14 @@ GRAMS_FILE = "grams.safetensors"
 TINY_MODEL = f"{RESOURCES}/models/tiny-{{architecture}}"
 TINY_ENCODER = f"{RESOURCES}/metrics/tiny-{{encoder}}"
 SYNTHETIC_DATA = f"{RESOURCES}/data/synthetic-{{domain}}"
+# The miniature world (config key `world`): fixed paths, which a config names as it names real models.
+WORLD = f"{RESOURCES}/world"
+WORLD_PIPELINE = f"{WORLD}/pipeline"
+WORLD_ENCODER = f"{WORLD}/{{encoder}}"  # dino and clip: save_pretrained directories
+WORLD_CSD = f"{WORLD}/csd/checkpoint.pth"  # the published CSD checkpoint layout
+WORLD_OBJECTS = f"{WORLD}/data/objects"  # DreamBooth layout
+WORLD_STYLES = f"{WORLD}/data/styles"  # UnlearnCanvas layout
+WORLD_EVALUATION = f"{WORLD}/evaluation.json"  # and .md
 
 # The continual regime: one run = (domain, method, order, seed), tasks 01..T.
 TASKS = f"{RESULTS}/{{domain}}/tasks/order{{order}}.json"

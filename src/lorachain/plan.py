@@ -18,7 +18,7 @@ from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, TINY_ENCODER_
 from lorachain.paths import task_label
 
 # Keys of a domain block that the task selection reads; other changes do not re-select.
-SELECTION_KEYS = ("selection_seed", "concepts", "tokens", "train_images_per_style")
+SELECTION_KEYS = ("selection_seed", "concepts", "tokens", "train_images_per_style", "eval_prompts")
 
 
 def canonical(value):
@@ -62,9 +62,25 @@ def model_source(config: dict) -> str:
     return model["pretrained"]
 
 
+def world_outputs(config: dict) -> set[str]:
+    """The paths the world's rules write, when the config has a `world` block."""
+    if "world" not in config:
+        return set()
+    encoders = {paths.WORLD_ENCODER.format(encoder=name) for name in ("dino", "clip")}
+    return {paths.WORLD_PIPELINE, paths.WORLD_CSD, paths.WORLD_OBJECTS, paths.WORLD_STYLES, *encoders}
+
+
+def built_by_rule(config: dict, path: str) -> list[str]:
+    """[path] when a rule of this workflow writes it (a world model or dataset), else []: a real
+    model or dataset is read by the job itself, so the full grid dry-runs without it."""
+    return [path] if os.path.normpath(str(path)) in world_outputs(config) else []
+
+
 def model_inputs(config: dict) -> list[str]:
-    """The tiny model is built by a rule; a real model is read from its hub id or path by the job."""
-    return [model_source(config)] if "tiny" in config["model"] else []
+    """The tiny and world models are built by rules; a real model is read from its hub id or path by the job."""
+    if "tiny" in config["model"]:
+        return [model_source(config)]
+    return built_by_rule(config, model_source(config))
 
 
 def dataset_root(config: dict, domain: str) -> str:
@@ -77,7 +93,9 @@ def dataset_root(config: dict, domain: str) -> str:
 def dataset_inputs(config: dict, domain: str) -> list[str]:
     """A generated dataset is a rule's output; a local copy is validated by prepare_tasks itself, so
     that the full grid can be dry-run on a machine without the data."""
-    return [dataset_root(config, domain)] if "synthetic" in config["domains"][domain]["dataset"] else []
+    if "synthetic" in config["domains"][domain]["dataset"]:
+        return [dataset_root(config, domain)]
+    return built_by_rule(config, dataset_root(config, domain))
 
 
 def task_pool(block: dict) -> int:
@@ -125,15 +143,22 @@ def encoder_blocks(config: dict, domain: str) -> dict:
             blocks[name] = {key: os.path.join(paths.TINY_ENCODER.format(encoder=name), entry)}
         else:
             blocks[name] = {MODEL_KEYS[name]: block[MODEL_KEYS[name]]}
+            if built_by_rule(config, block[MODEL_KEYS[name]]):  # the loader checks it is this world's
+                from lorachain.world.ids import world_id
+
+                blocks[name]["world"] = world_id(config["world"])
     return canonical(blocks)
 
 
 def encoder_inputs(config: dict, domain: str) -> list[str]:
-    return [
-        paths.TINY_ENCODER.format(encoder=name)
-        for name in domain_encoders(config, domain)
-        if config["metrics"][name].get("tiny")
-    ]
+    inputs = []
+    for name in domain_encoders(config, domain):
+        block = config["metrics"][name]
+        if block.get("tiny"):
+            inputs.append(paths.TINY_ENCODER.format(encoder=name))
+        else:
+            inputs += built_by_rule(config, block[MODEL_KEYS[name]])
+    return inputs
 
 
 # ------------------------------------------------------------------------------ continual runs
@@ -255,5 +280,23 @@ def modular_outputs(config: dict, domain: str) -> list[str]:
 
 def all_outputs(config: dict) -> list[str]:
     """What `rule all` asks for: every domain's results, then the modular regime's."""
+    world = [paths.WORLD_EVALUATION] if "world" in config else []
     continual = [path for name in config["domains"] for path in domain_outputs(config, name)]
-    return continual + [path for name in modular_domains(config) for path in modular_outputs(config, name)]
+    return world + continual + [path for name in modular_domains(config) for path in modular_outputs(config, name)]
+
+
+def world_block(config: dict) -> dict:
+    """The world's contents block, canonical (its training settings are separate rule params)."""
+    if "world" not in config:
+        return {}
+    from lorachain.world.ids import SPEC_KEYS
+    from lorachain.world.spec import world_block as with_defaults
+
+    full = with_defaults(config["world"])
+    return canonical({key: full[key] for key in SPEC_KEYS})
+
+
+def world_training(config: dict, part: str, encoder: str | None = None) -> dict:
+    """world.pretrain or world.encoders.<encoder>: how long a world model trains."""
+    block = (config.get("world") or {}).get(part) or {}
+    return canonical(block.get(encoder) or {} if encoder else block)

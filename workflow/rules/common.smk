@@ -30,6 +30,12 @@ from lorachain.paths import (
     TASK_DIR,
     TINY_ENCODER,
     TINY_MODEL,
+    WORLD_CSD,
+    WORLD_ENCODER,
+    WORLD_EVALUATION,
+    WORLD_OBJECTS,
+    WORLD_PIPELINE,
+    WORLD_STYLES,
     state_files,
     task_dir,
 )
@@ -45,6 +51,7 @@ from lorachain.plan import (
 )
 
 MODULAR = plan.modular(config)
+WORLD = plan.world_block(config)
 
 
 wildcard_constraints:

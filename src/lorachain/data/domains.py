@@ -32,6 +32,13 @@ def _select(layout: str, root: str | os.PathLike[str], block: dict[str, Any], do
             f"domains.{domain}.concepts lists {len(concepts)} concepts but the selection needs {block['num_tasks']} "
             "(num_tasks, or task_pool when it is set); make them agree"
         )
+    if block.get("eval_prompts"):
+        for template in block["eval_prompts"]:
+            if template.count("{}") != 1:
+                raise DatasetError(
+                    f"domains.{domain}.eval_prompts: {template!r} must hold the concept placeholder {{}} exactly once"
+                )
+    templates = {"eval_templates": tuple(block["eval_prompts"])} if block.get("eval_prompts") else {}
     if layout == "dreambooth":
         tokens = {"tokens": tuple(block["tokens"])} if block.get("tokens") else {}
         return select_object_tasks(
@@ -41,6 +48,7 @@ def _select(layout: str, root: str | os.PathLike[str], block: dict[str, Any], do
             subjects=block.get("concepts"),
             config_key=key,
             **tokens,
+            **templates,
         )
     if layout == "unlearncanvas":
         return select_style_tasks(
@@ -50,6 +58,7 @@ def _select(layout: str, root: str | os.PathLike[str], block: dict[str, Any], do
             train_images_per_style=block.get("train_images_per_style", 5),
             styles=block.get("concepts"),
             config_key=key,
+            **templates,
         )
     raise ValueError(f"unknown dataset layout {layout!r}; expected one of {LAYOUTS}")
 

@@ -180,6 +180,7 @@ def select_object_tasks(
     seed: int = 42,
     subjects: Sequence[str] | None = None,
     config_key: str = "the dataset root",
+    eval_templates: Sequence[str] = OBJECT_EVAL_TEMPLATES,
 ) -> list[Task]:
     """Select DreamBooth object tasks the reference's way (see the module docstring)."""
     dataset = read_dreambooth(root, config_key)
@@ -225,7 +226,7 @@ def select_object_tasks(
                 class_name=class_name,
                 train_images=images,
                 train_prompt=OBJECT_TRAIN_TEMPLATE.format(identifier),
-                eval_prompts=tuple(template.format(identifier) for template in OBJECT_EVAL_TEMPLATES),
+                eval_prompts=tuple(template.format(identifier) for template in eval_templates),
                 reference_images=images,
             )
         )
@@ -260,6 +261,7 @@ def select_style_tasks(
     train_images_per_style: int = 5,
     styles: Sequence[str] | None = None,
     config_key: str = "the dataset root",
+    eval_templates: Sequence[str] = STYLE_EVAL_TEMPLATES,
 ) -> list[Task]:
     """Select UnlearnCanvas style tasks the reference's way (see the module docstring)."""
     dataset = read_unlearncanvas(root, config_key)
@@ -315,7 +317,7 @@ def select_style_tasks(
                 class_name=train_object,
                 train_images=train_images,
                 train_prompt=STYLE_TRAIN_TEMPLATE.format(phrase, concept_phrase(train_object)),
-                eval_prompts=tuple(template.format(phrase) for template in STYLE_EVAL_TEMPLATES),
+                eval_prompts=tuple(template.format(phrase) for template in eval_templates),
                 reference_images=reference_images,
             )
         )

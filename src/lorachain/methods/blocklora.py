@@ -118,8 +118,16 @@ class BlockLoRAMerge(MergeMethod):
 
     name = "blocklora"
     weights_sum_to_one = True
-    param_specs = (weights_param("mean", "alpha_i; they must sum to 1"),)
-    requirement = "BlockLoRA's merge (paper Eq. 5) requires weights that sum to 1"
+    # Eq. 5 writes sum_i alpha_i = 1 ('mean', or a list summing to 1). A constant (e.g. 1.0) is also
+    # accepted: the row blocks are disjoint (checked per layer), so with alpha = 1 each concept's
+    # rows are exactly its own model, as the paper's Figure 5 describes; with 'mean' they shrink by 1/k.
+    constant_weights = True
+    param_specs = (
+        weights_param(
+            "mean", "alpha_i: 'mean' or a list summing to 1 (Eq. 5), or a constant such as 1.0 (disjoint blocks)"
+        ),
+    )
+    requirement = "BlockLoRA's merge (paper Eq. 5) requires weights that sum to 1 (a list; or one constant)"
 
     def check_disjoint(self, layer: str, concepts: Sequence[Concept]) -> list[torch.Tensor]:
         """Raise unless the concepts' deltas change disjoint rows; return each concept's candidate

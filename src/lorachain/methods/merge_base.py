@@ -66,6 +66,7 @@ class MergeMethod(ABC):
     needs_equal_rank: ClassVar[bool] = False
     weights_sum_to_one: ClassVar[bool] = False  # the paper requires sum alpha_i = 1
     requirement: ClassVar[str] = ""  # what the paper requires of the weights, for error messages
+    constant_weights: ClassVar[bool] = False  # a constant alpha is accepted even where lists must sum to 1
 
     param_specs: ClassVar[tuple[Param, ...]] = (weights_param(),)  # the accepted parameters, each declared once
 
@@ -105,7 +106,7 @@ class MergeMethod(ABC):
                 raise self.error(f"parameter 'weights' must be 'mean', a number or a list of numbers, not {spec!r}")
             return
         if isinstance(spec, Real) and not isinstance(spec, bool):
-            if self.weights_sum_to_one:
+            if self.weights_sum_to_one and not self.constant_weights:
                 raise self.error(
                     f"parameter 'weights' is the constant {spec}, "
                     f"but {self.requirement or 'this method requires weights that sum to 1'}; "

@@ -191,6 +191,8 @@ def load_encoder(name: str, block: dict, device="cpu") -> Encoder:
     if not source:
         raise EncoderError(f"config key {key} is not set")
     source = str(source)
+    if block.get("world"):
+        check_world(source, block["world"], name, key)
     if name == "dino":
         from transformers import ViTModel
 
@@ -203,6 +205,34 @@ def load_encoder(name: str, block: dict, device="cpu") -> Encoder:
         return ClipEncoder(model, _from_pretrained(CLIPProcessor, source, key), source, device)
     model, image_size = _load_csd(source, key)
     return CsdEncoder(model, source, device, image_size)
+
+
+def trained_world(source: str | Path, name: str) -> str | None:
+    """The world id an encoder was trained on (None: not trained on a world)."""
+    import json
+
+    from lorachain.files import BUILT_MARKER
+
+    path = Path(source).expanduser()
+    if name == "csd":
+        if not path.is_file():
+            return None
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            args = torch.load(path, map_location="cpu", weights_only=True).get("args")
+        return getattr(args, "world", None)
+    marker = path / BUILT_MARKER
+    return json.loads(marker.read_text()).get("world") if marker.is_file() else None
+
+
+def check_world(source: str, expected: str, name: str, key: str) -> None:
+    """Refuse an encoder trained on another world: its similarities mean nothing on this one."""
+    found = trained_world(source, name)
+    if found != expected:
+        what = f"was trained on world {found}" if found else "was not trained on a world"
+        raise EncoderError(
+            f"config key {key}: {source} {what}, but config key world describes world {expected}; "
+            f"delete {source} and rerun: the workflow trains it on this world"
+        )
 
 
 def _from_pretrained(cls, source: str, key: str, **kwargs):
@@ -363,15 +393,16 @@ def save_tiny_encoder(name: str, output_dir: str | Path, seed: int = 0, config_k
             return output_dir
         width, dim = 64, 32
         model = _CsdModel(_csd_backbone(224, 16, width, layers=2, mlp_width=4 * width), width, dim)
-    checkpoint = output_dir / "checkpoint.pth"
-    torch.save(
-        {  # the release's layout: DataParallel keys under model_state_dict, plus run metadata
-            "model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
-            "iter": 0,
-            "args": argparse.Namespace(arch="tiny", seed=seed),
-        },
-        checkpoint,
-    )
+    return save_csd_checkpoint(model, output_dir / "checkpoint.pth", argparse.Namespace(arch="tiny", seed=seed))
+
+
+def save_csd_checkpoint(model, checkpoint: str | Path, args: argparse.Namespace) -> Path:
+    """Write a CSD model in the release's layout: DataParallel keys under model_state_dict, plus
+    the run's argparse Namespace."""
+    checkpoint = Path(checkpoint)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    state = {f"module.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+    torch.save({"model_state_dict": state, "iter": 0, "args": args}, checkpoint)
     return checkpoint
 
 

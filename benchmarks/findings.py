@@ -1,0 +1,100 @@
+"""The papers' findings on the miniature world, with 95 % bootstrap intervals.
+
+    .venv/bin/snakemake --profile profiles/local --resources gpu=2 --configfile=config/world.yaml
+    .venv/bin/python benchmarks/findings.py            # reads results/ (or --results DIR)
+
+Prints, from the workflow's own result files:
+1. forgetting F (usual convention) of every continual method, and naive minus each other method,
+   per domain and image metric; intervals resample runs (orders x seeds), paired by run;
+2. plasticity P of ortho_init minus merge_init (paired by run);
+3. the modular regime's identity (image metric) of every merge as k grows; there is one modular
+   run per config, so these intervals resample the merged concepts, not runs;
+4. the world LoRAs' mean pairwise cosine similarity and sign-conflict share (modular adapters).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lorachain import continual
+
+RESAMPLES = 2000
+
+
+def interval(values, statistic=np.mean, seed: int = 0) -> tuple[float, float, float]:
+    """(statistic, 2.5 %, 97.5 %) of a percentile bootstrap over the values."""
+    values = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    draws = [statistic(values[rng.integers(len(values), size=len(values))]) for _ in range(RESAMPLES)]
+    return float(statistic(values)), float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def text(estimate: tuple[float, float, float]) -> str:
+    return f"{estimate[0]:+.4f} [{estimate[1]:+.4f}, {estimate[2]:+.4f}]"
+
+
+def per_run(matrices: pd.DataFrame, metric: str, statistic) -> pd.DataFrame:
+    """method x run table of one summary statistic of each run's matrix."""
+    part = matrices[matrices["metric"] == metric]
+    num_tasks = int(part["task"].max())
+    rows = []
+    for (method, order, seed), run in part.groupby(["method", "order", "seed"]):
+        a = continual.run_matrix(run, metric, num_tasks, f"{method} order{order}-seed{seed}")
+        rows.append({"method": method, "run": f"order{order}-seed{seed}", "value": statistic(a)})
+    return pd.DataFrame(rows).pivot(index="run", columns="method", values="value")
+
+
+def continual_findings(results: Path, domain: str, metric: str) -> None:
+    matrices = pd.read_csv(results / domain / "matrices.csv")
+    forgetting = per_run(matrices, metric, lambda a: continual.forgetting(a, "usual"))
+    plasticity = per_run(matrices, metric, continual.plasticity)
+    base = pd.read_csv(results / domain / "base" / "scores.csv")
+    base_score = base[base["metric"] == metric]["score"].mean()
+    print(f"\n## {domain}, {metric}: {len(forgetting)} runs; base model score {base_score:.4f}")
+    for method in forgetting.columns:
+        print(f"  F {method:<12} {text(interval(forgetting[method]))}   P {text(interval(plasticity[method]))}")
+    if "naive" in forgetting.columns:
+        for method in forgetting.columns.drop("naive"):
+            print(f"  F naive - {method:<12} {text(interval(forgetting['naive'] - forgetting[method]))}")
+    if {"ortho_init", "merge_init"} <= set(plasticity.columns):
+        print(f"  P ortho_init - merge_init {text(interval(plasticity['ortho_init'] - plasticity['merge_init']))}")
+
+
+def modular_findings(results: Path, domain: str, metric: str) -> None:
+    merges = sorted(path.parent.name for path in (results / domain / "modular" / "merges").glob("*/scores.csv"))
+    if not merges:
+        return
+    print(f"\n## {domain} modular, {metric} by k (intervals over the merged concepts)")
+    for merge in merges:
+        scores = pd.read_csv(results / domain / "modular" / "merges" / merge / "scores.csv")
+        scores = scores[scores["metric"] == metric]
+        cells = []
+        for k, group in scores.groupby("after_task"):
+            cells.append(f"k={k}: {text(interval(group.groupby('task')['score'].mean()))}")
+        print(f"  {merge:<22} " + "  ".join(cells))
+    for adapter_dir in sorted((results / domain / "modular" / "diagnostics").glob("*")):
+        cosine = pd.read_csv(adapter_dir / "cosine.csv")
+        conflicts = pd.read_csv(adapter_dir / "sign_conflicts.csv")
+        numeric = conflicts.select_dtypes("number")
+        print(
+            f"  diagnostics {adapter_dir.name:<22} mean cosine {cosine['mean_cosine'].mean():+.4f}, "
+            f"sign conflicts {numeric.mean().mean():.4f} (mean of {list(numeric.columns)})"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    args = parser.parse_args()
+    for domain, metric in (("objects", "dino"), ("styles", "csd")):
+        if (args.results / domain / "matrices.csv").is_file():
+            continual_findings(args.results, domain, metric)
+            modular_findings(args.results, domain, metric)
+
+
+if __name__ == "__main__":
+    main()

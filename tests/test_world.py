@@ -1,0 +1,112 @@
+"""The miniature world: what it holds, its bad input, its atomic builds, and its encoders' identity."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lorachain.world import scene
+from lorachain.world.corpus import build_corpus
+from lorachain.world.ids import world_id
+from lorachain.world.spec import WorldError, build_spec, check_world_block
+
+
+def test_concepts_are_new_identities_and_names_the_base_never_saw():
+    spec = build_spec({})
+    pretraining = {(i.shape, i.colour, i.marking, i.marking_colour) for i in spec.instances}
+    concepts = {(c.shape, c.colour, c.marking, c.marking_colour) for c in spec.object_concepts}
+    assert not pretraining & concepts
+    assert len({c.shape for c in spec.object_concepts}) == len(spec.object_concepts)  # different prior classes
+    style_looks = {(s.palette, s.texture) for s in spec.styles}
+    assert not style_looks & {(s.palette, s.texture) for s in spec.style_concepts}
+    corpus = build_corpus(spec, 400)
+    words = {word for caption in corpus.captions for word in caption.split()}
+    assert not words & {"sks", "zwz", "sbu", "uwu", "byzantine", "dapple", "pastel", "winter"}
+    assert {"class", "instance", "styled"} == set(corpus.kinds)
+
+
+def test_the_corpus_is_a_pure_function_of_the_spec():
+    spec = build_spec({"seed": 3})
+    first, second = build_corpus(spec, 64), build_corpus(spec, 64)
+    assert hashlib.sha256(first.images.tobytes()).digest() == hashlib.sha256(second.images.tobytes()).digest()
+    assert first.captions == second.captions
+    assert build_corpus(build_spec({"seed": 4}), 64).captions != first.captions
+
+
+@pytest.mark.parametrize(
+    ("block", "key"),
+    [
+        ({"resolution": 36}, "world.resolution"),
+        ({"concepts": {"styles": 12}}, "world.concepts.styles"),
+        ({"concepts": {"objects": 40}}, "world.concepts.objects"),
+        ({"instances": 5000}, "world.instances"),
+    ],
+)
+def test_a_world_that_cannot_be_built_names_the_key(block, key):
+    problems = check_world_block(block)
+    assert problems and key in problems[0]
+    with pytest.raises(WorldError, match=key.replace(".", r"\.")):
+        build_spec(block)
+
+
+def test_the_world_id_ignores_how_long_models_train():
+    assert world_id({"seed": 0}) == world_id({"seed": 0, "pretrain": {"unet_steps": 5}})
+    assert world_id({"seed": 0}) != world_id({"seed": 1})
+
+
+def test_a_build_that_dies_leaves_no_complete_looking_model(tmp_path, monkeypatch):
+    from lorachain.world import jobs, pretrain
+
+    def dies(spec, settings, output_dir):
+        Path(output_dir, "model_index.json").parent.mkdir(parents=True, exist_ok=True)
+        Path(output_dir, "model_index.json").write_text("{}")
+        raise RuntimeError("killed half-way")
+
+    monkeypatch.setattr(pretrain, "pretrain_pipeline", dies)
+    target = tmp_path / "world" / "pipeline"
+    with pytest.raises(RuntimeError, match="half-way"):
+        jobs.pretrain_world_job(world={}, pretrain={}, output_dir=target)
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_concept_datasets_read_as_the_real_layouts(tmp_path):
+    from lorachain.data.selection import select_object_tasks, select_style_tasks
+    from lorachain.world.jobs import world_data_job
+
+    world_data_job(world={"concepts": {"objects": 4, "styles": 3}}, objects=tmp_path / "o", styles=tmp_path / "s")
+    objects = select_object_tasks(tmp_path / "o", num_tasks=3)
+    assert objects[0].train_prompt == f"a photo of sks {objects[0].class_name}"
+    assert objects[0].class_name in scene.CLASSES and len(objects[0].train_images) == 5
+    styles = select_style_tasks(tmp_path / "s", num_tasks=3)
+    assert styles[0].train_prompt.split(" image of ")[1] in {scene.PLURALS[s] for s in scene.CLASSES}
+
+
+def test_an_encoder_from_another_world_is_refused_naming_the_file(tmp_path):
+    import argparse
+
+    from lorachain.files import write_built_marker
+    from lorachain.metrics.encoders import EncoderError, load_encoder, save_csd_checkpoint, save_tiny_encoder
+
+    dino = save_tiny_encoder("dino", tmp_path / "dino")
+    write_built_marker(dino, "world", world=world_id({"seed": 1}))
+    with pytest.raises(EncoderError, match=rf"{dino}.*trained on world {world_id({'seed': 1})}.*delete"):
+        load_encoder("dino", {"pretrained": str(dino), "world": world_id({"seed": 0})})
+    assert load_encoder("dino", {"pretrained": str(dino), "world": world_id({"seed": 1})}).dim == 32
+
+    checkpoint = save_tiny_encoder("csd", tmp_path / "csd")
+    with pytest.raises(EncoderError, match=rf"{checkpoint} was not trained on a world"):
+        load_encoder("csd", {"checkpoint": str(checkpoint), "world": world_id({})})
+    model = load_encoder("csd", {"checkpoint": str(checkpoint)}).model
+    save_csd_checkpoint(model, checkpoint, argparse.Namespace(world=world_id({})))
+    assert load_encoder("csd", {"checkpoint": str(checkpoint), "world": world_id({})}).dim == 32
+
+
+def test_renders_differ_by_marking():
+    rng = np.random.default_rng(0)
+    plain = scene.render_object("star", "red", "grey", 64, np.random.default_rng(0))
+    marked = scene.render_object("star", "red", "grey", 64, rng, "dot", "blue")
+    assert np.abs(plain - marked).max() > 100
