@@ -20,6 +20,7 @@ import yaml
 from lorachain import plan
 from lorachain.methods import MergeError, MethodError, PluginError, load_plugins, make_merge, make_method, schema_defs
 from lorachain.metrics.catalog import MODEL_KEYS
+from lorachain.world.spec import check_world_block
 
 # What PyYAML (YAML 1.1) reads as text although it looks like a number: an exponent without a
 # decimal point (1e-4) or without a sign (1.0e4), or digits with underscores in odd places.
@@ -260,8 +261,6 @@ def check_config(config: dict) -> None:
     problems = domain_problems(config) + modular_problems(config) + registered_block_problems(config)
     problems += model_source_problems(config, plan.encoders_in_use(config))
     if "world" in config:
-        from lorachain.world.spec import check_world_block
-
         problems += check_world_block(config["world"])
     if problems:
         raise ConfigError("\n".join(problems))

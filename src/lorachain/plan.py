@@ -16,6 +16,8 @@ import os
 from lorachain import paths
 from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, TINY_ENCODER_ENTRY, encoders_for
 from lorachain.paths import task_label
+from lorachain.world.ids import SPEC_KEYS, world_id
+from lorachain.world.spec import world_block as with_world_defaults
 
 # Keys of a domain block that the task selection reads; other changes do not re-select.
 SELECTION_KEYS = ("selection_seed", "concepts", "tokens", "train_images_per_style", "eval_prompts")
@@ -144,8 +146,6 @@ def encoder_blocks(config: dict, domain: str) -> dict:
         else:
             blocks[name] = {MODEL_KEYS[name]: block[MODEL_KEYS[name]]}
             if built_by_rule(config, block[MODEL_KEYS[name]]):  # the loader checks it is this world's
-                from lorachain.world.ids import world_id
-
                 blocks[name]["world"] = world_id(config["world"])
     return canonical(blocks)
 
@@ -289,10 +289,7 @@ def world_block(config: dict) -> dict:
     """The world's contents block, canonical (its training settings are separate rule params)."""
     if "world" not in config:
         return {}
-    from lorachain.world.ids import SPEC_KEYS
-    from lorachain.world.spec import world_block as with_defaults
-
-    full = with_defaults(config["world"])
+    full = with_world_defaults(config["world"])
     return canonical({key: full[key] for key in SPEC_KEYS})
 
 

@@ -26,7 +26,7 @@ from lorachain.world import scene
 from lorachain.world.corpus import build_corpus
 from lorachain.world.spec import WorldSpec
 
-ENCODER_DEFAULTS = {"steps": 200, "batch_size": 32, "learning_rate": 1.0e-3, "temperature": 0.1}
+ENCODER_DEFAULTS = {"steps": 400, "batch_size": 32, "learning_rate": 1.0e-3, "temperature": 0.1}
 _INPUT = 224
 _DINO_STREAM, _CSD_STREAM, _CLIP_STREAM = 20, 21, 22
 

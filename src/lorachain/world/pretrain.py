@@ -22,10 +22,11 @@ PRETRAIN_DEFAULTS = {
     "corpus": 16000,
     "vae_steps": 1000,
     "vae_batch_size": 32,
-    "unet_steps": 1200,
+    "unet_steps": 1600,
     "unet_batch_size": 64,
-    "learning_rate": 1.0e-3,
+    "learning_rate": 2.0e-3,
     "caption_dropout": 0.1,
+    "min_snr_gamma": 5.0,
 }
 _SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -158,7 +159,10 @@ def train_denoiser(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: to
         timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=generator)
         noisy = noise_schedule.add_noise(clean, noise, timesteps)
         prediction = unet(noisy, timesteps, text(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        # Min-SNR weighting (Hang et al. 2023, gamma 5): the same optimum, several times fewer steps.
+        snr = noise_schedule.alphas_cumprod[timesteps] / (1 - noise_schedule.alphas_cumprod[timesteps])
+        weights = torch.clamp(snr, max=settings["min_snr_gamma"]) / snr
+        loss = (weights * ((prediction - noise) ** 2).mean(dim=(1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
