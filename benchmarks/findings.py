@@ -79,10 +79,9 @@ def modular_findings(results: Path, domain: str, metric: str) -> None:
     for adapter_dir in sorted((results / domain / "modular" / "diagnostics").glob("*")):
         cosine = pd.read_csv(adapter_dir / "cosine.csv")
         conflicts = pd.read_csv(adapter_dir / "sign_conflicts.csv")
-        numeric = conflicts.select_dtypes("number")
         print(
-            f"  diagnostics {adapter_dir.name:<22} mean cosine {cosine['mean_cosine'].mean():+.4f}, "
-            f"sign conflicts {numeric.mean().mean():.4f} (mean of {list(numeric.columns)})"
+            f"  diagnostics {adapter_dir.name:<22} mean pairwise cosine {cosine['mean_cosine'].mean():+.4f}, "
+            f"sign-conflict fraction {conflicts['fraction'].mean():.4f}"
         )
 
 

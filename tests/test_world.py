@@ -110,3 +110,68 @@ def test_renders_differ_by_marking():
     plain = scene.render_object("star", "red", "grey", 64, np.random.default_rng(0))
     marked = scene.render_object("star", "red", "grey", 64, rng, "dot", "blue")
     assert np.abs(plain - marked).max() > 100
+
+
+# ------------------------------------------------------------------------- built by its rules
+
+ROOT = Path(__file__).resolve().parents[1]
+REDUCED_WORLD = {
+    "seed": 0,
+    "instances": 16,
+    "styles": 4,
+    "concepts": {"objects": 4, "styles": 4},
+    "images_per_concept": 4,
+    "pretrain": {"corpus": 128, "vae_steps": 3, "vae_batch_size": 4, "unet_steps": 3, "unet_batch_size": 4},
+    "encoders": {name: {"steps": 2, "batch_size": 4} for name in ("dino", "clip", "csd")},
+}
+
+
+def _snakemake(*args, workdir: Path):
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(ROOT / "Snakefile"), "--directory", str(workdir)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.mark.slow
+def test_the_world_rules_build_a_reduced_world_that_loads_through_the_real_path(tmp_path):
+    """The rules are the source of truth: a reduced world (a few steps each) is built by them, its
+    models load as a config names them (directories, a CSD checkpoint), carry the world's id, and
+    the experiments of config/world.yaml are planned on them."""
+    import json
+
+    import yaml
+
+    from lorachain.files import BUILT_MARKER
+    from lorachain.metrics.encoders import load_encoder
+    from lorachain.models.loading import load_pipeline
+
+    config = yaml.safe_load((ROOT / "config" / "world.yaml").read_text())
+    config["world"] = REDUCED_WORLD
+    config["domains"]["objects"].update(num_tasks=2, task_pool=3)
+    config["domains"]["styles"]["num_tasks"] = 2
+    config["modular"].update(concepts=2, merge_sizes=[1, 2])
+    path = tmp_path / "world.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _snakemake("resources/world/evaluation.json", "--cores", "2", f"--configfile={path}", workdir=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    world = tmp_path / "resources" / "world"
+    evaluation = json.loads((world / "evaluation.json").read_text())
+    assert evaluation["world"] == world_id(REDUCED_WORLD)
+    assert set(evaluation) == {"world", "base", "dino", "clip", "csd"}
+    assert "chance" in (world / "evaluation.md").read_text()
+    assert not list(world.rglob("*.partial"))
+    pipe = load_pipeline(str(world / "pipeline"))
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert json.loads((world / "pipeline" / BUILT_MARKER).read_text())["world"] == world_id(REDUCED_WORLD)
+    assert load_encoder("csd", {"checkpoint": str(world / "csd" / "checkpoint.pth"), "world": world_id(REDUCED_WORLD)})
+    with pytest.raises(Exception, match="trained on world"):
+        load_encoder("dino", {"pretrained": str(world / "dino"), "world": world_id({"seed": 9})})
+
+    plan = _snakemake("-n", "--cores", "2", f"--configfile={path}", workdir=tmp_path)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "train_task" in plan.stdout and "pretrain_world" not in plan.stdout  # the world is cached
