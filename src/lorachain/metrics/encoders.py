@@ -407,12 +407,22 @@ def save_csd_checkpoint(model, checkpoint: str | Path, args: argparse.Namespace)
 
 
 def _tiny_clip(output_dir: Path) -> None:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    save_clip(small_clip(width=32), output_dir)
 
-    from lorachain.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+
+def small_clip(width: int):
+    """A CLIPModel of the real class and layout (ViT-B/32-like patching at 224 px), `width` wide,
+    with the real CLIP vocabulary; seeded by the caller."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from lorachain.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
 
     common = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, hidden_act="quick_gelu"
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act="quick_gelu",
     )
     config = CLIPConfig(
         text_config=dict(
@@ -424,10 +434,19 @@ def _tiny_clip(output_dir: Path) -> None:
             **common,
         ),
         vision_config=dict(image_size=224, patch_size=32, **common),
-        projection_dim=32,
+        projection_dim=width,
     )
-    CLIPModel(config).save_pretrained(output_dir)
-    image_processor = CLIPImageProcessor(  # openai/clip-vit-base-patch32's settings
+    return CLIPModel(config)
+
+
+def save_clip(model, output_dir: str | Path) -> None:
+    """The model plus a CLIPProcessor with openai/clip-vit-base-patch32's settings and the real BPE."""
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    from lorachain.models.tokenizer import build_clip_tokenizer
+
+    model.save_pretrained(output_dir)
+    image_processor = CLIPImageProcessor(
         size={"shortest_edge": 224},
         resample=3,
         crop_size={"height": 224, "width": 224},

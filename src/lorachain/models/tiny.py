@@ -18,7 +18,7 @@ TINY_ARCHITECTURES = ("sd1", "sdxl")
 # Sizes: 32/64 U-Net channels allow LoRA ranks up to 32; 64 px images make 8x8 latents.
 _TEXT_HIDDEN = 32
 _ADDITION_TIME_EMBED_DIM = 8
-_SCHEDULER = dict(  # Stable Diffusion's training schedule
+SD_SCHEDULER = dict(  # Stable Diffusion's training schedule
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -29,7 +29,8 @@ _SCHEDULER = dict(  # Stable Diffusion's training schedule
 )
 
 
-def _text_config(**overrides):
+def text_config(**overrides):
+    """The tiny CLIP text encoder's config (the real vocabulary, 32 wide, 2 layers)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -65,11 +66,12 @@ def _vae():
     )
 
 
-def _unet(cross_attention_dim: int, **sdxl_conditioning):
+def unet(cross_attention_dim: int, sample_size: int = 8, **sdxl_conditioning):
+    """The tiny cross-attention U-Net (32/64 channels); `sample_size` is the latent size."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
@@ -99,14 +101,14 @@ def build_tiny_pipeline(architecture: str, seed: int = 0):
     if architecture not in TINY_ARCHITECTURES:
         raise ValueError(f"unknown tiny architecture {architecture!r}; choose one of {TINY_ARCHITECTURES}")
     torch.manual_seed(seed)
-    scheduler = EulerDiscreteScheduler(**_SCHEDULER)
+    scheduler = EulerDiscreteScheduler(**SD_SCHEDULER)
     tokenizer = build_clip_tokenizer()
     if architecture == "sd1":
         return StableDiffusionPipeline(
             vae=_vae(),
-            text_encoder=CLIPTextModel(_text_config()),
+            text_encoder=CLIPTextModel(text_config()),
             tokenizer=tokenizer,
-            unet=_unet(cross_attention_dim=_TEXT_HIDDEN),
+            unet=unet(cross_attention_dim=_TEXT_HIDDEN),
             scheduler=scheduler,
             safety_checker=None,
             feature_extractor=None,
@@ -114,7 +116,7 @@ def build_tiny_pipeline(architecture: str, seed: int = 0):
         )
     # SDXL: the U-Net attends to both encoders' penultimate states concatenated, and is conditioned
     # on the second encoder's pooled projection plus six size/crop numbers (text_time).
-    unet = _unet(
+    sdxl_unet = unet(
         cross_attention_dim=2 * _TEXT_HIDDEN,
         addition_embed_type="text_time",
         addition_time_embed_dim=_ADDITION_TIME_EMBED_DIM,
@@ -124,11 +126,11 @@ def build_tiny_pipeline(architecture: str, seed: int = 0):
     )
     return StableDiffusionXLPipeline(
         vae=_vae(),
-        text_encoder=CLIPTextModel(_text_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config()),
+        text_encoder=CLIPTextModel(text_config()),
+        text_encoder_2=CLIPTextModelWithProjection(text_config()),
         tokenizer=tokenizer,
         tokenizer_2=build_clip_tokenizer(pad_token="!"),
-        unet=unet,
+        unet=sdxl_unet,
         scheduler=scheduler,
     )
 

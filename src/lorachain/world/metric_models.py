@@ -138,30 +138,13 @@ def train_dino(spec: WorldSpec, settings: dict, output_dir: Path) -> Path:
 
 
 def train_clip(spec: WorldSpec, settings: dict, output_dir: Path) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from lorachain.metrics.encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    from lorachain.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, build_clip_tokenizer
+    from lorachain.metrics.encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, save_clip, small_clip
+    from lorachain.models.tokenizer import build_clip_tokenizer
     from lorachain.world.pretrain import tokenize
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_act="quick_gelu",
-            **common,
-        ),
-        vision_config=dict(image_size=_INPUT, patch_size=32, hidden_act="quick_gelu", **common),
-        projection_dim=64,
-    )
-    model = CLIPModel(config)
-    tokenizer = build_clip_tokenizer()
+    model = small_clip(width=64)
     corpus = build_corpus(spec, settings["steps"] * settings["batch_size"], stream=_CLIP_STREAM)
-    token_ids = tokenize(tokenizer, corpus.captions)
+    token_ids = tokenize(build_clip_tokenizer(), corpus.captions)
     batch = settings["batch_size"]
 
     def loss_of_step(step):
@@ -173,16 +156,7 @@ def train_clip(spec: WorldSpec, settings: dict, output_dir: Path) -> Path:
         return _caption_aware_nce(image, text, corpus.captions[window], settings["temperature"])
 
     _train(list(model.parameters()), loss_of_step, settings, "clip")
-    model.eval().save_pretrained(output_dir)
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": _INPUT},
-        resample=3,
-        crop_size={"height": _INPUT, "width": _INPUT},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-        do_convert_rgb=True,
-    )
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(output_dir)
+    save_clip(model.eval(), output_dir)
     return output_dir
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lorachain.models.tiny import SD_SCHEDULER
 from lorachain.torch_env import torch
 from lorachain.world.corpus import Corpus, build_corpus
 from lorachain.world.spec import WorldSpec
@@ -28,15 +29,6 @@ PRETRAIN_DEFAULTS = {
     "caption_dropout": 0.1,
     "min_snr_gamma": 5.0,
 }
-_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    prediction_type="epsilon",
-    timestep_spacing="leading",
-    steps_offset=1,
-)
 
 
 def _log(message: str) -> None:
@@ -62,39 +54,13 @@ def build_vae(resolution: int):
 
 
 def build_denoiser(latent_size: int):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    """The tiny SD-1.x text encoder and U-Net (lorachain.models.tiny's layout), for `latent_size` latents."""
+    from transformers import CLIPTextModel
 
-    from lorachain.models.tokenizer import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE
+    from lorachain.models.tiny import text_config, unet
 
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=CLIP_MAX_LENGTH,
-            projection_dim=32,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            hidden_act="quick_gelu",
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        norm_num_groups=16,
-        attention_head_dim=(2, 4),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-    )
-    return text, unet
+    text = CLIPTextModel(text_config())
+    return text, unet(cross_attention_dim=text.config.hidden_size, sample_size=latent_size)
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:
@@ -142,7 +108,7 @@ def train_denoiser(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: to
     from diffusers import DDPMScheduler
 
     text, unet = build_denoiser(latents.shape[-1])
-    noise_schedule = DDPMScheduler(**_SCHEDULER)
+    noise_schedule = DDPMScheduler(**SD_SCHEDULER)
     parameters = list(unet.parameters()) + list(text.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=settings["learning_rate"], weight_decay=1e-4)
     steps, batch = settings["unet_steps"], settings["unet_batch_size"]
@@ -195,7 +161,7 @@ def pretrain_pipeline(spec: WorldSpec, settings: dict, output_dir: str | Path):
         text_encoder=text,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**_SCHEDULER),
+        scheduler=EulerDiscreteScheduler(**SD_SCHEDULER),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

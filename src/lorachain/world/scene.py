@@ -25,7 +25,7 @@ from itertools import product
 import numpy as np
 from PIL import Image
 
-from lorachain.data.synthetic import SHAPES, _background, _shape_mask, _texture
+from lorachain.data.synthetic import SHAPES, STYLE_PALETTES, _background, _shape_mask, _texture
 
 CLASSES = SHAPES  # circle square triangle star diamond cross hexagon ring: single CLIP words
 PLURALS = {shape: shape + ("es" if shape.endswith("s") else "s") for shape in CLASSES}
@@ -42,13 +42,7 @@ COLOURS = {
 BACKGROUNDS = {"grey": (128, 128, 128), "white": (232, 232, 228), "black": (28, 28, 32), "beige": (214, 196, 160)}
 MARKINGS = ("dot", "band", "outline", "split")
 TEXTURE_KINDS = ("stripes", "dots", "checker", "waves", "noise")
-PALETTES = (  # (background, foreground, cast) of a style
-    ((200, 160, 60), (120, 30, 30), (255, 200, 80)),
-    ((60, 110, 70), (230, 220, 150), (90, 160, 90)),
-    ((235, 235, 230), (20, 20, 30), (200, 200, 220)),
-    ((250, 205, 215), (140, 190, 235), (255, 220, 240)),
-    ((175, 205, 235), (245, 250, 255), (150, 190, 255)),
-    ((40, 30, 70), (250, 120, 40), (120, 60, 160)),
+PALETTES = STYLE_PALETTES + (  # (background, foreground, cast) of a style
     ((20, 60, 90), (240, 230, 90), (60, 200, 220)),
     ((120, 40, 60), (250, 240, 230), (230, 120, 120)),
 )
