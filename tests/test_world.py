@@ -175,3 +175,29 @@ def test_the_world_rules_build_a_reduced_world_that_loads_through_the_real_path(
     plan = _snakemake("-n", "--cores", "2", f"--configfile={path}", workdir=tmp_path)
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "train_task" in plan.stdout and "pretrain_world" not in plan.stdout  # the world is cached
+
+
+def test_eval_prompts_come_from_the_config_and_need_the_placeholder(tmp_path):
+    from lorachain.data.datasets import DatasetError
+    from lorachain.data.domains import select_domain_tasks
+    from lorachain.world.jobs import world_data_job
+
+    world_data_job(world={"concepts": {"objects": 3, "styles": 2}}, objects=tmp_path / "o", styles=tmp_path / "s")
+    block = {"num_tasks": 2, "eval_prompts": ["a {} on a grey background"]}
+    tasks = select_domain_tasks("dreambooth", tmp_path / "o", block, domain="objects")
+    assert tasks[0].eval_prompts == (f"a sks {tasks[0].class_name} on a grey background",)
+    with pytest.raises(DatasetError, match=r"domains\.objects\.eval_prompts: 'a photo' must hold"):
+        select_domain_tasks("dreambooth", tmp_path / "o", {"num_tasks": 2, "eval_prompts": ["a photo"]}, "objects")
+
+
+def test_an_eval_prompt_without_the_placeholder_fails_the_config_check():
+    import yaml
+
+    from lorachain.config_checks import domain_problems
+
+    config = yaml.safe_load((ROOT / "config" / "world.yaml").read_text())
+    assert domain_problems(config) == []
+    config["domains"]["styles"]["eval_prompts"] = ["{} image of a star", "an image of a ring"]
+    assert domain_problems(config) == [
+        "config key domains.styles.eval_prompts: 'an image of a ring' must hold the concept placeholder {} exactly once"
+    ]

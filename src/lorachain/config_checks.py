@@ -214,13 +214,20 @@ def check_registered_blocks(config: dict) -> None:
 
 
 def domain_problems(config: dict) -> list[str]:
-    """A task pool smaller than the tasks drawn from it."""
-    return [
+    """A task pool smaller than the tasks drawn from it; an evaluation prompt without its concept."""
+    problems = [
         f"config key domains.{name}.task_pool: {block['task_pool']} is smaller than num_tasks {block['num_tasks']}; "
         "the pool is what every order is drawn from (raise task_pool or remove it)"
         for name, block in config["domains"].items()
         if block.get("task_pool") is not None and block["task_pool"] < block["num_tasks"]
     ]
+    problems += [
+        f"config key domains.{name}.eval_prompts: {template!r} must hold the concept placeholder {{}} exactly once"
+        for name, block in config["domains"].items()
+        for template in block.get("eval_prompts") or []
+        if template.count("{}") != 1
+    ]
+    return problems
 
 
 def modular_problems(config: dict) -> list[str]:
