@@ -23,7 +23,7 @@ rule pretrain_world:
         f"{RESULTS}/benchmarks/world/pipeline.tsv"
     conda:
         "../../envs/lorachain.yaml"
-    threads: workflow.cores
+    threads: 2
     resources:
         gpu=1,
     params:
