@@ -296,4 +296,4 @@ def world_block(config: dict) -> dict:
 def world_training(config: dict, part: str, encoder: str | None = None) -> dict:
     """world.pretrain or world.encoders.<encoder>: how long a world model trains."""
     block = (config.get("world") or {}).get(part) or {}
-    return canonical(block.get(encoder) or {} if encoder else block)
+    return canonical((block.get(encoder) or {}) if encoder else block)

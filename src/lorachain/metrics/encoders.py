@@ -191,8 +191,9 @@ def load_encoder(name: str, block: dict, device="cpu") -> Encoder:
     if not source:
         raise EncoderError(f"config key {key} is not set")
     source = str(source)
-    if block.get("world"):
-        check_world(source, block["world"], name, key)
+    world = block.get("world")  # set when the workflow built this encoder on a world: it must be that one
+    if world and name != "csd":
+        check_world(marker_world(source), world, source, key)
     if name == "dino":
         from transformers import ViTModel
 
@@ -203,30 +204,22 @@ def load_encoder(name: str, block: dict, device="cpu") -> Encoder:
 
         model = _from_pretrained(CLIPModel, source, key)
         return ClipEncoder(model, _from_pretrained(CLIPProcessor, source, key), source, device)
-    model, image_size = _load_csd(source, key)
+    model, image_size = _load_csd(source, key, world)
     return CsdEncoder(model, source, device, image_size)
 
 
-def trained_world(source: str | Path, name: str) -> str | None:
-    """The world id an encoder was trained on (None: not trained on a world)."""
+def marker_world(directory: str | Path) -> str | None:
+    """The world id in a directory's built marker (None: not built on a world)."""
     import json
 
     from lorachain.files import BUILT_MARKER
 
-    path = Path(source).expanduser()
-    if name == "csd":
-        if not path.is_file():
-            return None
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            args = torch.load(path, map_location="cpu", weights_only=True).get("args")
-        return getattr(args, "world", None)
-    marker = path / BUILT_MARKER
+    marker = Path(directory).expanduser() / BUILT_MARKER
     return json.loads(marker.read_text()).get("world") if marker.is_file() else None
 
 
-def check_world(source: str, expected: str, name: str, key: str) -> None:
+def check_world(found: str | None, expected: str, source: str, key: str) -> None:
     """Refuse an encoder trained on another world: its similarities mean nothing on this one."""
-    found = trained_world(source, name)
     if found != expected:
         what = f"was trained on world {found}" if found else "was not trained on a world"
         raise EncoderError(
@@ -293,7 +286,8 @@ def _csd_backbone(image_size: int, patch_size: int, width: int, layers: int, mlp
     return backbone
 
 
-def _read_csd_state(path: Path, key: str) -> dict:
+def _read_csd_state(path: Path, key: str) -> tuple[dict, object]:
+    """(the state dict without DataParallel prefixes, the run's argparse Namespace or None)."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -307,18 +301,22 @@ def _read_csd_state(path: Path, key: str) -> dict:
     except Exception as error:  # corrupt file, foreign pickle, ...: say which file and key
         prefix, fix = loading_error_prefix(path, key)
         raise EncoderError(f"{prefix}: cannot read CSD checkpoint {path}: {error}{fix}") from error
+    args = None
     if isinstance(state, dict) and "model_state_dict" in state:
+        args = state.get("args")
         state = state["model_state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EncoderError(f"config key {key}: {path} holds no state dict (expected a dict with 'model_state_dict')")
-    return {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    return {k.removeprefix("module."): v for k, v in state.items()}, args  # saved from DataParallel
 
 
-def _load_csd(source: str, key: str):
+def _load_csd(source: str, key: str, world: str | None = None):
     path = Path(source).expanduser()
     if not path.is_file():
         raise EncoderError(f"config key {key}: CSD checkpoint {source!r} does not exist (or is not a file)")
-    state = _read_csd_state(path, key)
+    state, args = _read_csd_state(path, key)
+    if world:  # the world id travels in the checkpoint's run arguments (the release's layout)
+        check_world(getattr(args, "world", None), world, source, key)
 
     # Architecture from the shapes, so the ViT-L/14 release and a tiny checkpoint load alike.
     needed = [
@@ -375,18 +373,7 @@ def save_tiny_encoder(name: str, output_dir: str | Path, seed: int = 0, config_k
     with torch.random.fork_rng(devices=[]):  # seeded without disturbing the caller's RNG
         torch.manual_seed(seed)
         if name == "dino":
-            from transformers import ViTConfig, ViTModel
-
-            config = ViTConfig(
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                intermediate_size=64,
-                patch_size=16,
-                image_size=224,
-                layer_norm_eps=1e-6,
-            )
-            ViTModel(config, add_pooling_layer=False).save_pretrained(output_dir)
+            small_dino(width=32, layers=2, heads=2, patch_size=16).save_pretrained(output_dir)
             return output_dir
         if name == "clip":
             _tiny_clip(output_dir)
@@ -404,6 +391,22 @@ def save_csd_checkpoint(model, checkpoint: str | Path, args: argparse.Namespace)
     state = {f"module.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
     torch.save({"model_state_dict": state, "iter": 0, "args": args}, checkpoint)
     return checkpoint
+
+
+def small_dino(width: int, layers: int, heads: int, patch_size: int):
+    """A ViTModel of DINO's class and layout (no pooler, 224 px input), `width` wide; seeded by the caller."""
+    from transformers import ViTConfig, ViTModel
+
+    config = ViTConfig(
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * width,
+        patch_size=patch_size,
+        image_size=224,
+        layer_norm_eps=1e-6,
+    )
+    return ViTModel(config, add_pooling_layer=False)
 
 
 def _tiny_clip(output_dir: Path) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lorachain.data.selection import concept_phrase
 from lorachain.world import scene
 from lorachain.world.spec import WorldSpec
 
@@ -48,7 +49,7 @@ def instance_caption(name: str, shape: str, background: str, rng: np.random.Gene
 
 
 def style_caption(style: str, shape: str, rng: np.random.Generator) -> str:
-    phrase = scene.concept_phrase(style)
+    phrase = concept_phrase(style)
     if rng.random() < 0.5:
         return f"{phrase} image of {scene.PLURALS[shape]}"
     return f"{phrase} image of a {shape}"

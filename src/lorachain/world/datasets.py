@@ -24,10 +24,7 @@ OBJECT_DIRS = {shape: scene.PLURALS[shape].capitalize() for shape in scene.CLASS
 
 def render_concept_object(spec: WorldSpec, concept: scene.Instance, stream: int, index: int) -> np.ndarray:
     rng = np.random.default_rng([spec.seed, stream, 0, spec.object_concepts.index(concept), index])
-    background = list(scene.BACKGROUNDS)[int(rng.integers(len(scene.BACKGROUNDS)))]
-    return scene.render_object(
-        concept.shape, concept.colour, background, spec.resolution, rng, concept.marking, concept.marking_colour
-    )
+    return scene.render_instance(concept, spec.resolution, rng)
 
 
 def render_concept_style(spec: WorldSpec, style: scene.Style, shape: str, stream: int, index: int) -> np.ndarray:

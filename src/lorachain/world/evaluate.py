@@ -19,7 +19,7 @@ import numpy as np
 
 from lorachain.torch_env import torch
 from lorachain.world import scene
-from lorachain.world.corpus import HELD_OUT_STREAM, build_corpus
+from lorachain.world.corpus import CONCEPT_STREAM, HELD_OUT_STREAM, build_corpus
 from lorachain.world.datasets import render_concept_object, render_concept_style
 from lorachain.world.spec import WorldSpec
 
@@ -67,12 +67,7 @@ def instance_images(spec: WorldSpec, instances, per_instance: int, stream: int):
     for which, item in enumerate(instances):
         for index in range(per_instance):
             rng = np.random.default_rng([spec.seed, stream, which, index])
-            background = list(scene.BACKGROUNDS)[int(rng.integers(len(scene.BACKGROUNDS)))]
-            pixels.append(
-                scene.render_object(
-                    item.shape, item.colour, background, spec.resolution, rng, item.marking, item.marking_colour
-                )
-            )
+            pixels.append(scene.render_instance(item, spec.resolution, rng))
             labels.append(item.name)
     return _images(pixels), labels
 
@@ -103,7 +98,7 @@ def evaluate_base(spec: WorldSpec, pipe, dino, samples: int = 8) -> dict:
 
 def evaluate_dino(spec: WorldSpec, dino, queries_per_concept: int = 6) -> dict:
     references = [
-        render_concept_object(spec, c, stream_of_dataset(), i)
+        render_concept_object(spec, c, CONCEPT_STREAM, i)
         for c in spec.object_concepts
         for i in range(spec.images_per_concept)
     ]
@@ -116,12 +111,6 @@ def evaluate_dino(spec: WorldSpec, dino, queries_per_concept: int = 6) -> dict:
     truth = [c.name for c in spec.object_concepts for _ in range(queries_per_concept)]
     predicted = _nearest(dino.embed_images(_images(queries)), dino.embed_images(_images(references)), reference_labels)
     return {"concept_identification": _accuracy(predicted, truth), "chance": 1 / max(len(spec.object_concepts), 1)}
-
-
-def stream_of_dataset() -> int:
-    from lorachain.world.corpus import CONCEPT_STREAM
-
-    return CONCEPT_STREAM
 
 
 def evaluate_clip(spec: WorldSpec, clip, count: int = 256) -> dict:
@@ -139,7 +128,7 @@ def evaluate_csd(spec: WorldSpec, csd, queries_per_style: int = 6) -> dict:
     references, labels = [], []
     for style in spec.style_concepts:
         for shape in reference_shapes:
-            references.append(render_concept_style(spec, style, shape, stream_of_dataset(), 0))
+            references.append(render_concept_style(spec, style, shape, CONCEPT_STREAM, 0))
             labels.append(style.name)
     queries, truth = [], []
     for style in spec.style_concepts:

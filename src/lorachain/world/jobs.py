@@ -80,13 +80,14 @@ def evaluate_world_job(*, world: dict, pipeline, dino, clip, csd, evaluation, ma
     spec = build_spec(world)
     pipe = load_pipeline(pipeline, key="model.pretrained")
     pipe.set_progress_bar_config(disable=True)
+    this_world = world_id(world)  # each encoder must have been trained on this world
     encoders = {
-        "dino": load_encoder("dino", {"pretrained": dino}),
-        "clip": load_encoder("clip", {"pretrained": clip}),
-        "csd": load_encoder("csd", {"checkpoint": csd}),
+        "dino": load_encoder("dino", {"pretrained": dino, "world": this_world}),
+        "clip": load_encoder("clip", {"pretrained": clip, "world": this_world}),
+        "csd": load_encoder("csd", {"checkpoint": csd, "world": this_world}),
     }
     result = {
-        "world": world_id(world),
+        "world": this_world,
         "base": evaluate.evaluate_base(spec, pipe, encoders["dino"]),
         "dino": evaluate.evaluate_dino(spec, encoders["dino"]),
         "clip": evaluate.evaluate_clip(spec, encoders["clip"]),

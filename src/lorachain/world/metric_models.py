@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +23,12 @@ import numpy as np
 from lorachain.torch_env import torch
 from lorachain.world import scene
 from lorachain.world.corpus import build_corpus
+from lorachain.world.pretrain import log_progress, tokenize
 from lorachain.world.spec import WorldSpec
 
 ENCODER_DEFAULTS = {"steps": 400, "batch_size": 32, "learning_rate": 1.0e-3, "temperature": 0.1}
 _INPUT = 224
 _DINO_STREAM, _CSD_STREAM, _CLIP_STREAM = 20, 21, 22
-
-
-def _log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def model_input(images: np.ndarray, mean, std) -> torch.Tensor:
@@ -54,13 +50,18 @@ def _resize_matrix(size: int) -> torch.Tensor:
     return columns.view(size, 256).T[margin : margin + _INPUT].contiguous()
 
 
-def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+def _info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float, keys: list | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between rows of a and b; rows with equal `keys` (identical captions) are
+    positives of each other, not negatives (soft targets over them)."""
     a, b = torch.nn.functional.normalize(a, dim=-1), torch.nn.functional.normalize(b, dim=-1)
     logits = a @ b.T / temperature
-    labels = torch.arange(len(a))
-    return 0.5 * (
-        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)
-    )
+    if keys is None:
+        targets = torch.arange(len(a))
+    else:
+        same = torch.tensor([[x == y for y in keys] for x in keys], dtype=torch.float32)
+        targets = same / same.sum(dim=1, keepdim=True)
+    cross_entropy = torch.nn.functional.cross_entropy
+    return 0.5 * (cross_entropy(logits, targets) + cross_entropy(logits.T, targets))
 
 
 def _to_uint8(pixels) -> np.ndarray:
@@ -106,24 +107,13 @@ def _train(parameters, loss_of_step, settings: dict, name: str) -> None:
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == steps - 1:
-            _log(f"{name} step {step}: loss {loss.item():.4f}")
+            log_progress(f"{name} step {step}: loss {loss.item():.4f}")
 
 
 def train_dino(spec: WorldSpec, settings: dict, output_dir: Path) -> Path:
-    from transformers import ViTConfig, ViTModel
+    from lorachain.metrics.encoders import IMAGENET_MEAN, IMAGENET_STD, small_dino
 
-    from lorachain.metrics.encoders import IMAGENET_MEAN, IMAGENET_STD
-
-    config = ViTConfig(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=128,
-        patch_size=32,
-        image_size=_INPUT,
-        layer_norm_eps=1e-6,
-    )
-    model = ViTModel(config, add_pooling_layer=False)
+    model = small_dino(width=64, layers=3, heads=4, patch_size=32)
     excluded = {(c.shape, c.colour, c.marking, c.marking_colour) for c in spec.object_concepts}
 
     def loss_of_step(step):
@@ -138,9 +128,8 @@ def train_dino(spec: WorldSpec, settings: dict, output_dir: Path) -> Path:
 
 
 def train_clip(spec: WorldSpec, settings: dict, output_dir: Path) -> Path:
-    from lorachain.metrics.encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, save_clip, small_clip
+    from lorachain.metrics.encoders import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _features, save_clip, small_clip
     from lorachain.models.tokenizer import build_clip_tokenizer
-    from lorachain.world.pretrain import tokenize
 
     model = small_clip(width=64)
     corpus = build_corpus(spec, settings["steps"] * settings["batch_size"], stream=_CLIP_STREAM)
@@ -150,28 +139,14 @@ def train_clip(spec: WorldSpec, settings: dict, output_dir: Path) -> Path:
     def loss_of_step(step):
         window = slice(step * batch, (step + 1) * batch)
         pixels = model_input(corpus.images[window], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        image = _pooled(model.get_image_features(pixel_values=pixels))
-        text = _pooled(model.get_text_features(input_ids=token_ids[window]))
+        image = _features(model.get_image_features(pixel_values=pixels))
+        text = _features(model.get_text_features(input_ids=token_ids[window]))
         # Identical captions in one batch are not negatives of each other: soft targets over them.
-        return _caption_aware_nce(image, text, corpus.captions[window], settings["temperature"])
+        return _info_nce(image, text, settings["temperature"], keys=corpus.captions[window])
 
     _train(list(model.parameters()), loss_of_step, settings, "clip")
     save_clip(model.eval(), output_dir)
     return output_dir
-
-
-def _pooled(output):
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def _caption_aware_nce(image, text, captions, temperature):
-    image, text = torch.nn.functional.normalize(image, dim=-1), torch.nn.functional.normalize(text, dim=-1)
-    logits = image @ text.T / temperature
-    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
-    targets = same / same.sum(dim=1, keepdim=True)
-    return 0.5 * (
-        torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)
-    )
 
 
 def train_csd(spec: WorldSpec, settings: dict, checkpoint: Path, world_id: str) -> Path:

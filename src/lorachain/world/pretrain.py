@@ -31,7 +31,7 @@ PRETRAIN_DEFAULTS = {
 }
 
 
-def _log(message: str) -> None:
+def log_progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
@@ -81,7 +81,7 @@ def train_vae(corpus: Corpus, settings: dict, generator: torch.Generator):
         loss.backward()
         optimizer.step()
         if step % 50 == 0 or step == settings["vae_steps"] - 1:
-            _log(f"vae step {step}: loss {loss.item():.4f}")
+            log_progress(f"vae step {step}: loss {loss.item():.4f}")
     return vae.eval()
 
 
@@ -135,7 +135,7 @@ def train_denoiser(latents: torch.Tensor, token_ids: torch.Tensor, empty_ids: to
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == steps - 1:
-            _log(f"denoiser step {step}: loss {loss.item():.4f}")
+            log_progress(f"denoiser step {step}: loss {loss.item():.4f}")
     return text.eval(), unet.eval()
 
 
@@ -148,7 +148,7 @@ def pretrain_pipeline(spec: WorldSpec, settings: dict, output_dir: str | Path):
     settings = {**PRETRAIN_DEFAULTS, **(settings or {})}
     generator = torch.Generator().manual_seed(spec.seed)
     torch.manual_seed(spec.seed)
-    _log(f"rendering {settings['corpus']} captioned images")
+    log_progress(f"rendering {settings['corpus']} captioned images")
     corpus = build_corpus(spec, settings["corpus"])
     vae = train_vae(corpus, settings, generator)
     latents = encode_corpus(vae, corpus)

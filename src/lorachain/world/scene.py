@@ -144,6 +144,12 @@ def render_object(
     return pixels
 
 
+def render_instance(item: Instance, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A named individual (or concept) on a background drawn from `rng`."""
+    background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
+    return render_object(item.shape, item.colour, background, size, rng, item.marking, item.marking_colour)
+
+
 def render_styled(style: Style, shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     """A class object in a style: the palette replaces the object's colours, the texture covers it all."""
     background, foreground, cast = (np.asarray(c, np.float32) for c in PALETTES[style.palette])
@@ -163,8 +169,3 @@ def render_plain(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def to_image(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
-
-
-def concept_phrase(name: str) -> str:
-    """The selection's rule for a directory name in a prompt: lower case, spaces for underscores."""
-    return name.replace("_", " ").lower()

@@ -8,7 +8,7 @@ sequence belong to different prior classes, as in the papers' datasets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +37,6 @@ class WorldSpec:
     object_concepts: tuple[scene.Instance, ...]
     style_concepts: tuple[scene.Style, ...]
     images_per_concept: int
-    extra: dict = field(default_factory=dict, compare=False)
 
 
 def world_block(block: dict | None) -> dict:
