@@ -163,6 +163,8 @@ def test_the_world_rules_build_a_reduced_world_that_loads_through_the_real_path(
     evaluation = json.loads((world / "evaluation.json").read_text())
     assert evaluation["world"] == world_id(REDUCED_WORLD)
     assert set(evaluation) == {"world", "base", "dino", "clip", "csd"}
+    # Class recognition on samples comes with its ceiling: the classifier's accuracy on renders.
+    assert 0.0 <= evaluation["base"]["classifier_on_renders"] <= 1.0
     assert "chance" in (world / "evaluation.md").read_text()
     assert not list(world.rglob("*.partial"))
     pipe = load_pipeline(str(world / "pipeline"))
