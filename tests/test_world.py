@@ -105,6 +105,31 @@ def test_an_encoder_from_another_world_is_refused_naming_the_file(tmp_path):
     assert load_encoder("csd", {"checkpoint": str(checkpoint), "world": world_id({})}).dim == 32
 
 
+def test_world_objects_are_large_and_centred_unlike_the_synthetic_datasets():
+    """At 32 px the datasets' small, freely placed shapes stayed blobs after 600 pretraining steps;
+    the world draws its objects large and near the centre (docs/world.md#status)."""
+    from lorachain.data.synthetic import _shape_mask as synthetic_mask
+
+    def area_and_offset(mask_of):
+        masks = [mask_of("square", 32, np.random.default_rng(seed))[..., 0] for seed in range(20)]
+        areas = [mask.mean() for mask in masks]
+        offsets = [np.abs(np.array(np.nonzero(mask > 0.5)).mean(axis=1) - 15.5).max() for mask in masks]
+        return min(areas), max(offsets)
+
+    world_area, world_offset = area_and_offset(scene._shape_mask)
+    synthetic_area, _ = area_and_offset(synthetic_mask)
+    assert world_area > 0.15 and world_offset < 2.5  # a square of circumradius >= 0.3 of the side, centred
+    assert synthetic_area < 0.1  # the datasets keep their own geometry
+
+
+def test_a_change_of_the_worlds_contents_version_changes_its_id(monkeypatch):
+    from lorachain.world import ids
+
+    before = world_id({"seed": 0})
+    monkeypatch.setattr(ids, "CONTENTS_VERSION", ids.CONTENTS_VERSION + 1)
+    assert ids.world_id({"seed": 0}) != before
+
+
 def test_renders_differ_by_marking():
     rng = np.random.default_rng(0)
     plain = scene.render_object("star", "red", "grey", 64, np.random.default_rng(0))

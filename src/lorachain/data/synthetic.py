@@ -95,12 +95,20 @@ def _shape_polygon(shape: str, centre: tuple[float, float], radius: float, angle
     ]
 
 
-def _shape_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A float mask in [0, 1] of ``shape`` at a random position, size and angle."""
+def _shape_mask(
+    shape: str,
+    size: int,
+    rng: np.random.Generator,
+    centres: tuple[float, float] = (0.32, 0.68),
+    radii: tuple[float, float] = (0.17, 0.27),
+    angles: tuple[float, float] = (-0.35, 0.35),
+) -> np.ndarray:
+    """A float mask in [0, 1] of ``shape`` at a random position, size and angle, drawn uniformly
+    from the given ranges (fractions of the image side; radians)."""
     canvas = size * _SUPERSAMPLE
-    centre = tuple(float(c) for c in rng.uniform(0.32, 0.68, size=2) * canvas)
-    radius = float(rng.uniform(0.17, 0.27)) * canvas
-    angle = float(rng.uniform(-0.35, 0.35))
+    centre = tuple(float(c) for c in rng.uniform(*centres, size=2) * canvas)
+    radius = float(rng.uniform(*radii)) * canvas
+    angle = float(rng.uniform(*angles))
     mask = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(mask)
     box = (centre[0] - radius, centre[1] - radius, centre[0] + radius, centre[1] + radius)
