@@ -16,7 +16,7 @@ import os
 from lorachain import paths
 from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, TINY_ENCODER_ENTRY, encoders_for
 from lorachain.paths import task_label
-from lorachain.world.ids import SPEC_KEYS, world_id
+from lorachain.world.ids import CONTENTS_VERSION, SPEC_KEYS, world_id
 from lorachain.world.spec import world_block as with_world_defaults
 
 # Keys of a domain block that the task selection reads; other changes do not re-select.
@@ -291,6 +291,12 @@ def world_block(config: dict) -> dict:
         return {}
     full = with_world_defaults(config["world"])
     return canonical({key: full[key] for key in SPEC_KEYS})
+
+
+def world_revision() -> int:
+    """The world rules' `revision` param: the world's contents version (lorachain.world.ids), so a
+    code change that alters what a world contains rebuilds a cached world and what depends on it."""
+    return CONTENTS_VERSION
 
 
 def world_training(config: dict, part: str, encoder: str | None = None) -> dict:

@@ -9,6 +9,7 @@ rule world_data:
         "../../envs/lorachain.yaml"
     params:
         world=WORLD,
+        revision=plan.world_revision(),
     script:
         "../scripts/world_data.py"
 
@@ -28,6 +29,7 @@ rule pretrain_world:
         gpu=1,
     params:
         world=WORLD,
+        revision=plan.world_revision(),
         pretrain=plan.world_training(config, "pretrain"),
     script:
         "../scripts/pretrain_world.py"
@@ -50,6 +52,7 @@ rule train_world_encoder:
         gpu=1,
     params:
         world=WORLD,
+        revision=plan.world_revision(),
         encoder="{encoder}",
         training=lambda wildcards: plan.world_training(config, "encoders", wildcards.encoder),
     script:
@@ -65,6 +68,7 @@ use rule train_world_encoder as train_world_csd with:
         f"{RESULTS}/benchmarks/world/csd.tsv"
     params:
         world=WORLD,
+        revision=plan.world_revision(),
         encoder="csd",
         training=plan.world_training(config, "encoders", "csd"),
 

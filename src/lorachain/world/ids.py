@@ -8,7 +8,9 @@ import json
 from lorachain.world.spec import world_block
 
 SPEC_KEYS = ("seed", "resolution", "instances", "styles", "concepts", "images_per_concept")
-# Bumped when a code change alters what a world contains (so a cached world is rebuilt):
+# Bumped when a code change alters what a world contains: it is in the world id (encoders of
+# another version are refused) and the world rules' `revision` param (plan.world_revision), so a
+# cached world is rebuilt:
 # 2 = large, centred objects (lorachain.world.scene._shape_mask).
 CONTENTS_VERSION = 2
 
