@@ -307,3 +307,47 @@ def slurm_targets(config: dict) -> list[str]:
 def rehearsal_run(rehearsal_runs) -> dict:
     """The rehearsal through profiles/local (see rehearsal_runs)."""
     return rehearsal_runs["local"]
+
+
+# ------------------------------------------------------------------------- the miniature world
+# The world of config/demo.yaml, built by the workflow's own rules (pipeline, DINO, CLIP: about 6
+# minutes on 2 cores), once per session. LORACHAIN_WORLD names a directory those rules built
+# (resources/world of a demo run) to reuse instead; it must belong to the same world.
+WORLD_PARTS = ("pipeline", "dino", "clip")
+
+
+@pytest.fixture(scope="session")
+def pretrained_world(tmp_path_factory) -> Path:
+    import json
+    import subprocess
+
+    import yaml
+
+    from lorachain.files import BUILT_MARKER
+    from lorachain.plan import world_block
+    from lorachain.world.ids import world_id
+
+    config_file = ROOT / "config" / "world.yaml"
+    expected = world_id(world_block(yaml.safe_load(config_file.read_text())))
+    if os.environ.get("LORACHAIN_WORLD"):
+        world = Path(os.environ["LORACHAIN_WORLD"])
+    else:
+        workdir = tmp_path_factory.mktemp("world")
+        targets = [f"resources/world/{part}" for part in WORLD_PARTS]
+        command = snakemake_command(
+            *targets,
+            "--profile",
+            str(ROOT / "profiles" / "local"),
+            "--resources",
+            "gpu=2",
+            f"--configfile={config_file}",
+            workdir=workdir,
+        )
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        world = workdir / "resources" / "world"
+    for part in WORLD_PARTS:
+        found = json.loads((world / part / BUILT_MARKER).read_text())["world"]
+        assert found == expected, f"{world / part}: built for world {found}, config/world.yaml is {expected}"
+    return world
