@@ -52,7 +52,7 @@ def main() -> None:
             "--profile",
             str(ROOT / "profiles" / "local"),
             "--configfile",
-            str(ROOT / "config" / "demo.yaml"),
+            str(ROOT / "config" / "tiny.yaml"),
         ]
         subprocess.run(command, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 

@@ -1,6 +1,6 @@
 """The papers' findings on the miniature world, with 95 % bootstrap intervals.
 
-    .venv/bin/snakemake --profile profiles/local --resources gpu=2 --configfile=config/world.yaml
+    .venv/bin/snakemake --profile profiles/local --resources gpu=2 --configfile config/demo.yaml config/world.yaml
     .venv/bin/python benchmarks/findings.py            # reads results/ (or --results DIR)
 
 Prints, from the workflow's own result files:

@@ -327,7 +327,7 @@ def pretrained_world(tmp_path_factory) -> Path:
     from lorachain.plan import world_block
     from lorachain.world.ids import world_id
 
-    config_file = ROOT / "config" / "world.yaml"
+    config_file = ROOT / "config" / "demo.yaml"
     expected = world_id(world_block(yaml.safe_load(config_file.read_text())))
     if os.environ.get("LORACHAIN_WORLD"):
         world = Path(os.environ["LORACHAIN_WORLD"])
@@ -349,5 +349,5 @@ def pretrained_world(tmp_path_factory) -> Path:
         world = workdir / "resources" / "world"
     for part in WORLD_PARTS:
         found = json.loads((world / part / BUILT_MARKER).read_text())["world"]
-        assert found == expected, f"{world / part}: built for world {found}, config/world.yaml is {expected}"
+        assert found == expected, f"{world / part}: built for world {found}, config/demo.yaml is {expected}"
     return world

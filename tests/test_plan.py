@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def demo() -> dict:
-    return yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    return yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
 
 
 def test_canonical_sorts_every_dict_and_keeps_list_order():

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = yaml.safe_load((ROOT / "config" / "world.yaml").read_text())
+DEMO = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
 METRICS = ["dino", "clip_i"]
 MARGIN = 0.02  # cosine; every effect below is asserted to exceed it on every concept and metric
 
@@ -74,7 +74,9 @@ def scores(lab, name, samples) -> dict[tuple[int, str], float]:
     from lorachain.sample import read_index
 
     rows = score_sample_sets([read_index(samples)], lab["references"], lab["encoders"], METRICS, [name])
-    return {(row["task"], row["metric"]): row["score"] for row in rows}
+    result = {(row["task"], row["metric"]): row["score"] for row in rows}
+    print(name, " ".join(f"task {t} {m} {v:+.3f}" for (t, m), v in sorted(result.items())))  # pytest -s: the figures
+    return result
 
 
 def trained(lab, name, task_index, method, params=None, previous=None, slot=None):

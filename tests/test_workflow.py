@@ -46,7 +46,7 @@ def paper_workdir(path: Path) -> Path:
 
 
 def write_config(tmp_path: Path, edit) -> Path:
-    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
     edit(config)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -197,12 +197,12 @@ def demo_run(tmp_path_factory):
         "--resources",
         "gpu=2",
         "--configfile",
-        str(ROOT / "config" / "demo.yaml"),
+        str(ROOT / "config" / "tiny.yaml"),
         workdir=workdir,
         timeout=1500,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return workdir, yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    return workdir, yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
 
 
 @pytest.mark.slow
@@ -280,7 +280,7 @@ def test_demo_figures_and_report(demo_run):
             for name in (f"heatmap-{metric}", f"curve-{metric}"):
                 assert (figures / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
                 assert (figures / f"{name}.pdf").read_bytes()[:5] == b"%PDF-"
-    result = snakemake("--report", "report.html", "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=workdir)
+    result = snakemake("--report", "report.html", "--configfile", str(ROOT / "config" / "tiny.yaml"), workdir=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     html = (workdir / "report.html").read_text()
     for name in ("objects.csv", "styles.csv", "heatmap-csd.png", "curve-dino.png", "grid.png", "sequence position"):
@@ -393,7 +393,7 @@ def test_adding_a_task_within_the_pool_adds_only_its_jobs(demo_run, tmp_path):
     rules = Counter(rule for rule, _ in jobs)
     assert "prepare_tasks" not in rules and "sample_base" not in rules and "embed_references" not in rules
     assert {w["domain"] for _, w in jobs if w} == {"objects"}
-    methods = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())["methods"]
+    methods = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())["methods"]
     assert sorted((w["method"], w["task"]) for rule, w in jobs if rule == "train_task") == sorted(
         (m, "04") for m in methods
     )
@@ -421,7 +421,7 @@ def test_a_revision_bump_reruns_its_stage_and_downstream_only(demo_run, tmp_path
 @pytest.mark.slow
 def test_demo_rerun_has_nothing_to_do(demo_run):
     workdir, _ = demo_run
-    result = snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=workdir)
+    result = snakemake("-n", "--configfile", str(ROOT / "config" / "tiny.yaml"), workdir=workdir)
     assert result.returncode == 0, result.stderr
     assert "Nothing to be done" in result.stdout + result.stderr
 
@@ -458,7 +458,7 @@ def test_paper_config_without_the_csd_checkpoint_fails_the_dry_run_naming_the_ke
 
 def test_an_unquoted_exponent_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "config.yaml"
-    path.write_text((ROOT / "config" / "demo.yaml").read_text().replace("learning_rate: 5.0e-4", "learning_rate: 5e-4"))
+    path.write_text((ROOT / "config" / "tiny.yaml").read_text().replace("learning_rate: 5.0e-4", "learning_rate: 5e-4"))
     result = snakemake("-n", "--configfile", str(path), workdir=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode != 0
@@ -496,7 +496,7 @@ def test_a_run_killed_hard_leaves_a_lock_that_names_the_fix(tmp_path):
         str(workdir),
         "--cores",
         "1",
-        f"--configfile={ROOT / 'config' / 'demo.yaml'}",
+        f"--configfile={ROOT / 'config' / 'tiny.yaml'}",
         target,
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -562,7 +562,7 @@ def test_a_method_in_its_own_module_dry_runs_and_is_checked_by_its_declaration(t
     result = snakemake("-n", f"--configfile={plugin_config(tmp_path, factor=0.25)}", workdir=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     counts = job_counts(result.stdout)
-    demo = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
+    demo = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
     assert counts["train_task"] == sum(block["num_tasks"] for block in demo["domains"].values())
     bad = snakemake("-n", f"--configfile={plugin_config(tmp_path, factor=2)}", workdir=tmp_path)
     assert bad.returncode != 0 and "factor" in bad.stdout + bad.stderr

@@ -174,7 +174,7 @@ def test_the_world_rules_build_a_reduced_world_that_loads_through_the_real_path(
     from lorachain.metrics.encoders import load_encoder
     from lorachain.models.loading import load_pipeline
 
-    config = yaml.safe_load((ROOT / "config" / "world.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     config["world"] = REDUCED_WORLD
     config["domains"]["objects"].update(num_tasks=2, task_pool=3)
     config["domains"]["styles"]["num_tasks"] = 2
@@ -222,9 +222,30 @@ def test_an_eval_prompt_without_the_placeholder_fails_the_config_check():
 
     from lorachain.config_checks import domain_problems
 
-    config = yaml.safe_load((ROOT / "config" / "world.yaml").read_text())
+    config = yaml.safe_load((ROOT / "config" / "demo.yaml").read_text())
     assert domain_problems(config) == []
     config["domains"]["styles"]["eval_prompts"] = ["{} image of a star", "an image of a ring"]
     assert domain_problems(config) == [
         "config key domains.styles.eval_prompts: 'an image of a ring' must hold the concept placeholder {} exactly once"
     ]
+
+
+def test_the_findings_overlay_adds_runs_and_the_ablations_to_the_demo(tmp_path):
+    """config/world.yaml, read after config/demo.yaml, plans the demo's experiments over three task
+    orders with BlockLoRA's ablations; the world is the demo's, so it is built once for both."""
+    import re
+
+    demo = _snakemake("-n", "--configfile", str(ROOT / "config" / "demo.yaml"), workdir=tmp_path)
+    findings = _snakemake(
+        "-n", "--configfile", str(ROOT / "config" / "demo.yaml"), str(ROOT / "config" / "world.yaml"), workdir=tmp_path
+    )
+    assert demo.returncode == 0 and findings.returncode == 0, demo.stderr[-2000:] + findings.stderr[-2000:]
+
+    def counts(output: str) -> dict[str, int]:
+        table = output[output.index("Job stats") :]
+        return {rule: int(n) for rule, n in re.findall(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
+
+    demo, findings = counts(demo.stdout), counts(findings.stdout)
+    assert findings["train_task"] == 3 * demo["train_task"] == 3 * 2 * 4 * 3
+    assert findings["train_concept"] == demo["train_concept"] + 2 * 3  # two ablation adapters, 3 concepts
+    assert findings["pretrain_world"] == demo["pretrain_world"] == 1
