@@ -126,8 +126,6 @@ def test_a_naive_chain_of_two_tasks_lowers_task_ones_score(lab, naive_chain):
     for metric in METRICS:
         drop = naive_chain["after_1"][1, metric] - naive_chain["after_2"][1, metric]
         assert drop > MARGIN, f"{metric}: task 1 fell by {drop:+.3f} after naive task 2"
-        # The second task was learned: forgetting is not just a model that stopped drawing.
-        assert naive_chain["after_2"][2, metric] - lab["base"][2, metric] > MARGIN
 
 
 def test_blocklora_keeps_merged_concepts_closer_to_their_own_models_than_weighted_averaging(lab, naive_chain):

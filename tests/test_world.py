@@ -249,3 +249,18 @@ def test_the_findings_overlay_adds_runs_and_the_ablations_to_the_demo(tmp_path):
     assert findings["train_task"] == 3 * demo["train_task"] == 3 * 2 * 4 * 3
     assert findings["train_concept"] == demo["train_concept"] + 2 * 3  # two ablation adapters, 3 concepts
     assert findings["pretrain_world"] == demo["pretrain_world"] == 1
+
+
+@pytest.mark.parametrize("encoder", ["dino", "clip", "csd"])
+def test_an_encoder_built_twice_is_byte_identical(tmp_path, encoder):
+    """Same world block, same training: the same file (its initial weights are seeded)."""
+    from lorachain.world.jobs import train_world_encoder_job
+
+    training = {"steps": 2, "batch_size": 4}
+    digests = []
+    for attempt in ("a", "b"):
+        output = tmp_path / attempt / ("checkpoint.pth" if encoder == "csd" else encoder)
+        train_world_encoder_job(world=REDUCED_WORLD, encoder=encoder, training=training, output=output)
+        weights = output if encoder == "csd" else output / "model.safetensors"
+        digests.append(hashlib.sha256(weights.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

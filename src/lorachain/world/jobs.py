@@ -56,12 +56,21 @@ def pretrain_world_job(*, world: dict, pretrain: dict, output_dir) -> None:
         _mark(temporary, world, "pipeline")
 
 
+def seed_initial_weights(seed: int, encoder: str) -> None:
+    """Seed torch's global generator, which the encoders' layers draw their initial weights from:
+    unseeded, two builds of one world got different encoders (and different scores)."""
+    from lorachain.torch_env import torch
+
+    torch.manual_seed(seed * 100 + ("dino", "clip", "csd").index(encoder))
+
+
 def train_world_encoder_job(*, world: dict, encoder: str, training: dict, output) -> None:
     """One metric encoder trained on the world (config key world.encoders)."""
     from lorachain.world.metric_models import ENCODER_DEFAULTS, TRAINERS
 
     settings = {**ENCODER_DEFAULTS, **(training or {})}
     spec = build_spec(world)
+    seed_initial_weights(spec.seed, encoder)
     with atomic_path(output) as temporary:
         if encoder == "csd":
             TRAINERS["csd"](spec, settings, temporary, world_id(world))
