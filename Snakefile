@@ -1,5 +1,5 @@
 # lorachain: continual and modular LoRA personalisation of text-to-image diffusion models.
-#   snakemake --profile profiles/local                              # the embedded demo (config/demo.yaml)
+#   snakemake --profile profiles/local                              # the demo on the miniature world (config/demo.yaml)
 #   snakemake --profile profiles/local --configfile config/config.yaml   # the paper's grid
 from snakemake.utils import min_version
 
