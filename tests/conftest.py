@@ -324,11 +324,10 @@ def pretrained_world(tmp_path_factory) -> Path:
     import yaml
 
     from lorachain.files import BUILT_MARKER
-    from lorachain.plan import world_block
     from lorachain.world.ids import world_id
 
     config_file = ROOT / "config" / "demo.yaml"
-    expected = world_id(world_block(yaml.safe_load(config_file.read_text())))
+    expected = world_id(yaml.safe_load(config_file.read_text())["world"])
     if os.environ.get("LORACHAIN_WORLD"):
         world = Path(os.environ["LORACHAIN_WORLD"])
     else:
