@@ -195,12 +195,22 @@ def _scores(rows):
 
 
 def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
-    from lorachain.report.modular import ModularResultError, modular_results_job
+    from lorachain.report.modular import (
+        ModularResultError,
+        modular_ablation_job,
+        modular_prior_drift_job,
+        modular_results_job,
+    )
 
     rows = []
     for k in (1, 2):
         for task in range(1, k + 1):
-            for metric, value in (("clip_i", 0.5 + 0.1 * task - 0.05 * k), ("clip_t", 0.3)):
+            for metric, value in (
+                ("clip_i", 0.5 + 0.1 * task - 0.05 * k),
+                ("clip_t", 0.3),
+                ("clip_score", 0.75),
+                ("prior_drift_clip", 0.1 * k),
+            ):
                 rows.append(["m", "blocklora", "objects", 0, 0, k, task, f"c{task}", metric, value, 1, 1])
     _scores(rows).to_csv(tmp_path / "scores.csv", index=False)
     records = {}
@@ -208,36 +218,54 @@ def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
         path = tmp_path / f"merge{k}.json"
         path.write_text(json.dumps({"k": k, "merge_s": 0.01 * k, "merge_type": "instant"}))
         records[f"m|{k}"] = str(path)
-    table = modular_results_job(
+    merges = {
+        "m": {"method": "blocklora", "adapters": "b", "adapter_method": "blocklora", "adapter_params": {"erasure": 0}}
+    }
+    job = dict(
         domain="objects",
         scores={"m": str(tmp_path / "scores.csv")},
         records=records,
-        merges={"m": {"method": "blocklora", "adapters": "b"}},
+        merges=merges,
         merge_order=["m"],
-        metrics=["dino", "clip_i", "clip_t"],
+        metrics=["dino", "clip_i", "clip_t", "clip_score", "prior_drift_clip"],
         table=tmp_path / "t.csv",
         markdown=tmp_path / "t.md",
+        points=tmp_path / "points.csv",
         curve=tmp_path / "curve.png",
         curve_pdf=tmp_path / "curve.pdf",
     )
-    row = table[0]
+    row = modular_results_job(**job)[0]
     assert row["k"] == 2 and row["merge_s"] == pytest.approx(0.02) and row["image_metric"] == "clip_i"
     assert row["image_alignment"] == pytest.approx((0.5 + 0.1 - 0.1 + 0.5 + 0.2 - 0.1) / 2)
+    # both text conventions, each average labelled by what it averages
+    assert row["text_alignment"] == pytest.approx(0.3) and row["text_clipscore"] == pytest.approx(0.75)
     assert row["average"] == pytest.approx((row["image_alignment"] + 0.3) / 2)
-    assert (tmp_path / "curve.png").is_file() and "| m | instant | blocklora (b) | 2 |" in (
-        tmp_path / "t.md"
-    ).read_text()
+    assert row["average_clipscore"] == pytest.approx((row["image_alignment"] + 0.75) / 2)
+    assert row["prior_drift"] == pytest.approx(0.2) and row["prior_metric"] == "prior_drift_clip"
+    markdown = (tmp_path / "t.md").read_text()
+    assert (tmp_path / "curve.png").is_file() and "| m | instant | blocklora (b) | 2 |" in markdown
+    assert "text alignment (CLIPScore)" in markdown and "the paper's Avg" in markdown
+    modular_prior_drift_job(
+        domain="objects",
+        metric="prior_drift_clip",
+        points=tmp_path / "points.csv",
+        curve=tmp_path / "d.png",
+        curve_pdf=tmp_path / "d.pdf",
+    )
+    assert (tmp_path / "d.png").is_file() and (tmp_path / "d.pdf").is_file()
+    ablation = modular_ablation_job(
+        domain="objects", rows=["m"], table=tmp_path / "t.csv", ablation=tmp_path / "a.csv", markdown=tmp_path / "a.md"
+    )
+    assert ablation[0]["adapter_params"] == "blocklora(erasure=0)" and ablation[0]["prior_drift"] == pytest.approx(0.2)
+    assert "| m | blocklora(erasure=0) | 2 |" in (tmp_path / "a.md").read_text()
+    with pytest.raises(ModularResultError, match="no rows for the ablation's merges \\['x'\\]"):
+        modular_ablation_job(
+            domain="objects",
+            rows=["x"],
+            table=tmp_path / "t.csv",
+            ablation=tmp_path / "a.csv",
+            markdown=tmp_path / "a.md",
+        )
     del records["m|1"]
     with pytest.raises(ModularResultError, match="no merge record for merge 'm' at k = 1"):
-        modular_results_job(
-            domain="objects",
-            scores={"m": str(tmp_path / "scores.csv")},
-            records=records,
-            merges={"m": {"method": "blocklora", "adapters": "b"}},
-            merge_order=["m"],
-            metrics=["clip_i", "clip_t"],
-            table=tmp_path / "t.csv",
-            markdown=tmp_path / "t.md",
-            curve=tmp_path / "curve.png",
-            curve_pdf=tmp_path / "curve.pdf",
-        )
+        modular_results_job(**{**job, "metrics": ["clip_i", "clip_t"]})

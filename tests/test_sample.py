@@ -131,10 +131,14 @@ def test_sample_set_index_and_images(tiny_sd1_dir, tasks_file, tasks, states, tm
     timings = sample(tiny_sd1_dir, tasks_file, states["naive"][1], "naive", tmp_path / "after02")
     frame = read_index(tmp_path / "after02")
     assert tuple(frame.columns) == INDEX_COLUMNS
-    # after task 2: tasks 1 and 2, 2 prompts each, 2 noises each
-    assert len(frame) == timings["images"] == 2 * 2 * 2
+    # after task 2: tasks 1 and 2, 2 prompts plus the class prompt each, 2 noises each
+    assert len(frame) == timings["images"] == 2 * 3 * 2
     assert sorted(set(frame["task"])) == [1, 2] and set(frame["after_task"]) == {2}
-    assert list(frame[frame["task"] == 1]["prompt"].unique()) == list(tasks[0].eval_prompts)
+    concept_rows, prior_rows = frame[frame["role"] == "concept"], frame[frame["role"] == "prior"]
+    assert list(concept_rows[concept_rows["task"] == 1]["prompt"].unique()) == list(tasks[0].eval_prompts)
+    assert list(prior_rows[prior_rows["task"] == 1]["prompt"].unique()) == [tasks[0].prior_prompt]
+    assert set(prior_rows["prompt_index"]) == {-1} and len(prior_rows) == 2 * 2
+    assert tasks[0].token not in tasks[0].prior_prompt and tasks[0].class_name in tasks[0].prior_prompt
     assert set(frame["noise_seed"]) == {42} and sorted(set(frame["sample"])) == [0, 1]
     from PIL import Image
 
@@ -245,5 +249,5 @@ def test_base_model_sampling_on_sdxl(tiny_sdxl_dir, tasks_file, tmp_path):
         identity={"model": "base", "method": "base", "domain": "objects", "order": "", "seed": "", "after_task": 0},
     )
     frame = read_index(tmp_path / "base")
-    assert timings["images"] == len(frame) == 2 * 2  # both tasks, 2 prompts, 1 noise
+    assert timings["images"] == len(frame) == 2 * 3  # both tasks, 2 prompts and the class prompt, 1 noise
     assert set(frame["after_task"]) == {0} and list(frame["concept"].unique()) == ["concept1", "concept2"]

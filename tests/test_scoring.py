@@ -11,10 +11,13 @@ import pytest
 from lorachain.data import Task
 from lorachain.metrics.scoring import (
     ScoreError,
+    base_prior_embeddings,
+    clip_score,
     embed_references,
     load_references,
     mean_matched_cosine,
     mean_pairwise_cosine,
+    paired_drift,
     read_scores,
     score_sample_sets,
     write_scores,
@@ -40,6 +43,52 @@ def test_clip_t_is_the_matched_cosine_not_all_pairs():
     assert mean_matched_cosine(images, texts) == pytest.approx((1 + 1 / math.sqrt(2)) / 2)
     with pytest.raises(ScoreError, match="equal"):
         mean_matched_cosine(images, texts[:1])
+
+
+def test_clip_score_is_hessels_convention_not_the_raw_cosine():
+    images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    texts = torch.tensor([[2.0, 0.0], [0.0, -3.0], [1.0, 0.0]])
+    # cosines 1, -1, 1/sqrt2: CLIPScore clips the negative one at 0 and scales by 2.5
+    assert clip_score(images, texts) == pytest.approx(2.5 * (1 + 0 + 1 / math.sqrt(2)) / 3)
+    assert mean_matched_cosine(images, texts) == pytest.approx((1 - 1 + 1 / math.sqrt(2)) / 3)
+    with pytest.raises(ScoreError, match="equal"):
+        clip_score(images, texts[:2])
+
+
+def test_the_clipscore_text_and_the_prior_prompt_drop_the_rare_token():
+    thing = Task(
+        concept="c1",
+        kind="object",
+        token="sks",
+        class_name="sneaker",
+        train_images=["a.png"],
+        train_prompt="a photo of sks sneaker",
+        eval_prompts=["a sks sneaker in a jail"],
+        reference_images=["a.png"],
+    )
+    assert thing.plain_prompt("a sks sneaker in a jail") == "a sneaker in a jail"
+    assert thing.prior_prompt == "a photo of sneaker"
+    style = Task(
+        concept="Palette_Knife",
+        kind="style",
+        token=None,
+        class_name="Architectures",
+        train_images=["a.png"],
+        train_prompt="palette knife image of architectures",
+        eval_prompts=["palette knife image of a clock"],
+        reference_images=["a.png"],
+    )
+    assert style.plain_prompt("palette knife image of a clock") == "palette knife image of a clock"
+    assert style.prior_prompt == "image of architectures"
+
+
+def test_prior_drift_pairs_images_by_noise():
+    base = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert paired_drift(base * 3, base) == pytest.approx(0.0, abs=1e-7)
+    assert paired_drift(base.flip(0), base) == pytest.approx(1.0)  # the same images, other noises: not paired
+    assert paired_drift(torch.tensor([[1.0, 1.0], [0.0, 1.0]]), base) == pytest.approx(1 - (1 / math.sqrt(2) + 1) / 2)
+    with pytest.raises(ScoreError, match="pairs images by noise"):
+        paired_drift(base, base[:1])
 
 
 class FakeEncoder:
@@ -76,8 +125,10 @@ def sample_set(tmp_path):
             "after_task": 1,
             "task": 1,
             "concept": "c1",
+            "role": "concept",
             "prompt_index": 0,
             "prompt": "a red thing",
+            "plain_prompt": "a red thing",
             "sample": 0,
             "noise_seed": 42,
         },
@@ -91,8 +142,10 @@ def sample_set(tmp_path):
             "after_task": 1,
             "task": 1,
             "concept": "c1",
+            "role": "concept",
             "prompt_index": 1,
             "prompt": "a blue thing",
+            "plain_prompt": "a blue thing",
             "sample": 0,
             "noise_seed": 42,
         },
@@ -187,3 +240,37 @@ def test_tiny_encoders_score_a_sample_set_end_to_end(sample_set, tmp_path):
     rows = score_sample_sets([frame], load_references(tmp_path / "refs.safetensors"), encoders, metrics, ["index.csv"])
     assert [row["metric"] for row in rows] == metrics
     assert all(-1.0 <= row["score"] <= 1.0 for row in rows)
+
+
+def _with_prior(frame, tmp_path, colour, name):
+    prior = {**frame.iloc[0].to_dict(), "role": "prior", "prompt_index": -1, "prompt": "a photo of thing"}
+    prior.update(plain_prompt="a photo of thing", path=_solid(tmp_path / f"{name}.png", colour))
+    return pd.concat([frame, pd.DataFrame([prior])], ignore_index=True)
+
+
+def test_clip_score_and_prior_drift_rows_of_a_sample_set(sample_set, tmp_path):
+    frame, task = sample_set
+    encoders = {"dino": FakeEncoder("dino"), "clip": FakeEncoder("clip")}
+    embed_references([task], encoders, ["clip_i"], tmp_path / "refs.safetensors")
+    references = load_references(tmp_path / "refs.safetensors")
+    model = _with_prior(frame, tmp_path, (255, 0, 0), "model-prior")
+    base = _with_prior(frame, tmp_path, (0, 0, 255), "base-prior")
+    metrics = ["clip_i", "clip_t", "clip_score", "prior_drift_clip"]
+    priors = base_prior_embeddings(base, encoders, metrics)
+    rows = score_sample_sets([model], references, encoders, metrics, ["index.csv"], base_priors=priors)
+    scores = {row["metric"]: row for row in rows}
+    assert [row["metric"] for row in rows] == metrics
+    red, blue = np.array([256.0, 1, 1]), np.array([1.0, 1, 256])
+    # "A photo depicts a red thing" embeds as the red text vector: CLIPScore = 2.5 x the raw cosine here
+    assert scores["clip_score"]["score"] == pytest.approx(2.5 * scores["clip_t"]["score"], rel=1e-6)
+    cos = float(red @ blue / (np.linalg.norm(red) * np.linalg.norm(blue)))
+    assert scores["prior_drift_clip"]["score"] == pytest.approx(1 - cos, rel=1e-5)
+    assert scores["prior_drift_clip"]["n_images"] == 1
+    # the class-prompt image is not a concept image: CLIP-I is still over the two concept images
+    assert scores["clip_i"]["n_images"] == 2
+    own = score_sample_sets([base], references, encoders, ["prior_drift_clip"], ["index.csv"], base_priors=priors)
+    assert own[0]["score"] == pytest.approx(0.0, abs=1e-6)  # the base model against itself
+    with pytest.raises(ScoreError, match="sampling.prior_samples: true"):
+        score_sample_sets([frame], references, encoders, ["prior_drift_clip"], ["index.csv"], base_priors=priors)
+    with pytest.raises(ScoreError, match="needs the base model's class-prompt images"):
+        score_sample_sets([model], references, encoders, ["prior_drift_clip"], ["index.csv"])

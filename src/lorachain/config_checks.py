@@ -19,7 +19,7 @@ import yaml
 
 from lorachain import plan
 from lorachain.methods import MergeError, MethodError, PluginError, load_plugins, make_merge, make_method, schema_defs
-from lorachain.metrics.catalog import MODEL_KEYS
+from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
 from lorachain.world.spec import check_world_block
 
 # What PyYAML (YAML 1.1) reads as text although it looks like a number: an exponent without a
@@ -227,6 +227,14 @@ def domain_problems(config: dict) -> list[str]:
         for template in block.get("eval_prompts") or []
         if template.count("{}") != 1
     ]
+    if not config.get("sampling", {}).get("prior_samples", True):
+        problems += [
+            f"config key domains.{name}.metrics: {metric} compares class-prompt images with the base model's, "
+            "but sampling.prior_samples is false; set it to true or drop the metric"
+            for name in config["domains"]
+            for metric in plan.domain_metrics(config, name)
+            if metric in PRIOR_METRICS
+        ]
     return problems
 
 
@@ -259,6 +267,11 @@ def modular_problems(config: dict) -> list[str]:
         f"({', '.join(adapters)})"
         for label, merge in block["merges"].items()
         if merge["adapters"] not in adapters
+    ]
+    problems += [
+        f"{where}.ablation: {label!r} is not a label under modular.merges ({', '.join(block['merges'])})"
+        for label in block.get("ablation") or []
+        if label not in block["merges"]
     ]
     return problems
 

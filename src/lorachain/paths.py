@@ -49,6 +49,8 @@ GRAMS = f"{CONCEPT_DIR}/{GRAMS_FILE}"
 MERGE_DIR = f"{MODULAR_DIR}/merges/{{merge}}/k{{k}}"
 MERGE_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/scores.csv"
 MODULAR_TABLE = f"{RESULTS}/tables/{{domain}}-modular"  # .csv and .md
+MODULAR_POINTS = f"{MODULAR_TABLE}-by-k.csv"  # every merge's alignment and prior drift at every k
+ABLATION_TABLE = f"{RESULTS}/tables/{{domain}}-ablation"  # .csv and .md: BlockLoRA's Table 3 layout
 DIAGNOSTICS_DIR = f"{MODULAR_DIR}/diagnostics/{{adapter}}"
 
 BENCHMARKS = f"{RESULTS}/benchmarks"

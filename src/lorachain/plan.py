@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from lorachain import paths
-from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, TINY_ENCODER_ENTRY, encoders_for
+from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, PRIOR_METRICS, TINY_ENCODER_ENTRY, encoders_for
 from lorachain.paths import task_label
 from lorachain.world.ids import CONTENTS_VERSION, SPEC_KEYS, world_id
 from lorachain.world.spec import world_block as with_world_defaults
@@ -245,11 +245,26 @@ def merged_concept_dirs(config: dict, domain: str, merge: str, k: int) -> list[s
 
 
 def modular_merges(config: dict) -> dict:
-    """The table's rows: each merge label's method and the adapters it merges (sorted by label)."""
-    merges = modular(config).get("merges", {})
+    """The table's rows: each merge label's method, the adapters it merges and their method and
+    parameters (sorted by label)."""
+    block = modular(config)
+    adapters = block.get("adapters", {})
     return canonical(
-        {label: {"method": block["method"], "adapters": block["adapters"]} for label, block in merges.items()}
+        {
+            label: {
+                "method": merge["method"],
+                "adapters": merge["adapters"],
+                "adapter_method": adapters[merge["adapters"]]["method"],
+                "adapter_params": parameters_of(adapters[merge["adapters"]]),
+            }
+            for label, merge in block.get("merges", {}).items()
+        }
     )
+
+
+def prior_metric(config: dict, domain: str) -> str | None:
+    """The prior-drift metric the modular figure of a domain shows (the first one scored), if any."""
+    return next((metric for metric in domain_metrics(config, domain) if metric in PRIOR_METRICS), None)
 
 
 # ------------------------------------------------------------------------------ targets
@@ -269,6 +284,10 @@ def modular_outputs(config: dict, domain: str) -> list[str]:
     table, figures = paths.MODULAR_TABLE.format(domain=domain), paths.FIGURES.format(domain=domain)
     outputs = [f"{table}.{suffix}" for suffix in ("csv", "md")]
     outputs += [f"{figures}/modular-curve.{suffix}" for suffix in ("png", "pdf")]
+    if prior_metric(config, domain):
+        outputs += [f"{figures}/modular-prior-drift.{suffix}" for suffix in ("png", "pdf")]
+    if modular(config).get("ablation"):
+        outputs += [f"{paths.ABLATION_TABLE.format(domain=domain)}.{suffix}" for suffix in ("csv", "md")]
     if modular(config)["concepts"] >= 2:
         outputs += [
             f"{figures}/diagnostics-{adapter}-{kind}.png"

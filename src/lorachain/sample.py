@@ -4,7 +4,9 @@ Paired design, as in the reference: one fixed set of N initial noises (seeded on
 every prompt, task, method and run, so two models differ in their images only through their
 weights. Images are PNG files; an ``index.csv`` beside them says what each one is (model, run,
 after which task, on which task, prompt, noise). Paths in the index are relative to its directory,
-so a samples directory can be moved.
+so a samples directory can be moved. With ``prior_samples`` (the default) each task also gets its
+class prompt without the concept ("a photo of sneaker", role ``prior``, prompt index -1), sampled
+with the same noises, for the prior-drift metrics (docs/metrics.md#prior-drift).
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ INDEX_COLUMNS = (
     "after_task",
     "task",
     "concept",
+    "role",
     "prompt_index",
     "prompt",
+    "plain_prompt",
     "sample",
     "noise_seed",
 )
+# The role of an image: a concept prompt (scored by every concept metric) or the concept's class
+# prompt without the concept (scored only by the prior-drift metrics, against the base model's).
+CONCEPT, PRIOR = "concept", "prior"
+PRIOR_PROMPT_INDEX = -1
 _DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -52,6 +60,9 @@ class SamplingConfig:
     batch_size: int = 8
     scheduler: str = "default"  # a diffusers scheduler class name, or the pipeline's own
     precision: str = "no"
+    # also sample each task's class prompt without the concept (Task.prior_prompt) with the same
+    # noises: the prior-drift metrics compare those images with the base model's (BlockLoRA Fig. 3)
+    prior_samples: bool = True
 
     @classmethod
     def from_dict(cls, block: dict) -> "SamplingConfig":
@@ -131,7 +142,15 @@ def load_model_for_sampling(
 
 
 def _image_name(task_index: int, prompt_index: int, sample: int) -> str:
-    return f"task{task_index:02d}/p{prompt_index}-n{sample}.png"
+    prompt = "prior" if prompt_index == PRIOR_PROMPT_INDEX else f"p{prompt_index}"
+    return f"task{task_index:02d}/{prompt}-n{sample}.png"
+
+
+def prompts_of(task: Task, prior_samples: bool) -> list[tuple[int, str]]:
+    """(prompt index, prompt) of a task's sample set: its evaluation prompts, then its class
+    prompt without the concept (index PRIOR_PROMPT_INDEX) when prior samples are asked for."""
+    prompts = list(enumerate(task.eval_prompts))
+    return prompts + [(PRIOR_PROMPT_INDEX, task.prior_prompt)] if prior_samples else prompts
 
 
 @torch.no_grad()
@@ -155,7 +174,7 @@ def sample_tasks(
     jobs = [
         (index, task, prompt_index, prompt, sample)
         for index, task in tasks
-        for prompt_index, prompt in enumerate(task.eval_prompts)
+        for prompt_index, prompt in prompts_of(task, config.prior_samples)
         for sample in range(config.num_samples)
     ]
     staging = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
@@ -189,8 +208,10 @@ def sample_tasks(
                     "path": name,
                     "task": index,
                     "concept": task.concept,
+                    "role": PRIOR if prompt_index == PRIOR_PROMPT_INDEX else CONCEPT,
                     "prompt_index": prompt_index,
                     "prompt": prompt,
+                    "plain_prompt": task.plain_prompt(prompt),
                     "sample": sample,
                     "noise_seed": config.noise_seed,
                 }
@@ -235,8 +256,11 @@ def read_index(samples_dir: str | Path):
 
 
 __all__ = [
+    "CONCEPT",
     "INDEX_COLUMNS",
     "INDEX_FILE",
+    "PRIOR",
+    "PRIOR_PROMPT_INDEX",
     "SamplingConfig",
     "SamplingError",
     "initial_noises",

@@ -4,6 +4,7 @@ from lorachain import plan
 from lorachain.methods import merge_class
 from lorachain.metrics.catalog import ALL_METRICS, METRIC_ENCODER
 from lorachain.paths import (
+    ABLATION_TABLE,
     BASE_SAMPLES_DIR,
     BASE_SCORES,
     CONCEPT_DIR,
@@ -17,6 +18,7 @@ from lorachain.paths import (
     MATRICES,
     MERGE_DIR,
     MERGE_SCORES,
+    MODULAR_POINTS,
     MODULAR_TABLE,
     REFERENCE_EMBEDDINGS,
     RESULTS,

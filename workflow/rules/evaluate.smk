@@ -46,6 +46,7 @@ rule score_run:
         encoder_inputs,
         samples=run_sample_dirs,
         references=REFERENCE_EMBEDDINGS,
+        base_samples=BASE_SAMPLES_DIR,
     output:
         RUN_SCORES,
     log:
@@ -73,6 +74,7 @@ rule score_base:
         encoder_inputs,
         samples=BASE_SAMPLES_DIR,
         references=REFERENCE_EMBEDDINGS,
+        base_samples=BASE_SAMPLES_DIR,
     output:
         BASE_SCORES,
     log:

@@ -105,6 +105,7 @@ rule score_merges:
         encoder_inputs,
         samples=merge_sample_dirs,
         references=REFERENCE_EMBEDDINGS,
+        base_samples=BASE_SAMPLES_DIR,
     output:
         MERGE_SCORES,
     log:
@@ -136,6 +137,7 @@ rule modular_results:
             f"{MODULAR_TABLE}.csv", caption="../report/modular_table.rst", category="Modular", subcategory="{domain}"
         ),
         markdown=f"{MODULAR_TABLE}.md",
+        points=MODULAR_POINTS,
         curve=report(
             f"{FIGURES}/modular-curve.png",
             caption="../report/modular_curve.rst",
@@ -157,6 +159,51 @@ rule modular_results:
         domain="{domain}",
     script:
         "../scripts/modular_results.py"
+
+
+rule modular_prior_drift:
+    """BlockLoRA's Figure 3 hypothesis, measured: how far each merge moves the class prior from the
+    base model's (prior drift against the number of merged concepts k)."""
+    input:
+        points=MODULAR_POINTS,
+    output:
+        curve=report(
+            f"{FIGURES}/modular-prior-drift.png",
+            caption="../report/modular_prior_drift.rst",
+            category="Modular",
+            subcategory="{domain}",
+        ),
+        curve_pdf=f"{FIGURES}/modular-prior-drift.pdf",
+    log:
+        f"{LOGS}/tables/{{domain}}-modular-prior-drift.log",
+    conda:
+        "../../envs/lorachain.yaml"
+    params:
+        domain="{domain}",
+        metric=lambda wildcards: plan.prior_metric(config, wildcards.domain),
+    script:
+        "../scripts/modular_prior_drift.py"
+
+
+rule modular_ablation:
+    """BlockLoRA's Table 3 as written: the merges of modular.ablation, one row each, with their
+    adapters' parameters (no erasure, no blocks, neither, and BlockLoRA itself)."""
+    input:
+        table=f"{MODULAR_TABLE}.csv",
+    output:
+        ablation=report(
+            f"{ABLATION_TABLE}.csv", caption="../report/ablation_table.rst", category="Modular", subcategory="{domain}"
+        ),
+        markdown=f"{ABLATION_TABLE}.md",
+    log:
+        f"{LOGS}/tables/{{domain}}-ablation.log",
+    conda:
+        "../../envs/lorachain.yaml"
+    params:
+        rows=MODULAR.get("ablation", []),
+        domain="{domain}",
+    script:
+        "../scripts/modular_ablation.py"
 
 
 rule lora_diagnostics:

@@ -129,6 +129,22 @@ class Task:
             "reference_images": list(self.reference_images),
         }
 
+    def plain_prompt(self, prompt: str) -> str:
+        """The prompt as CLIPScore reads it: the concept's class word in place of its rare token
+        ("a sks sneaker in a jail" -> "a sneaker in a jail"); a style's prompts have no rare token."""
+        if self.token is None:
+            return prompt
+        return prompt.replace(f"{self.token} {self.class_name}", self.class_name)
+
+    @property
+    def prior_prompt(self) -> str:
+        """The concept's class prompt without the concept (BlockLoRA's prior class, its Figure 3):
+        the training prompt without the rare token ("a photo of sneaker"), or without the style
+        phrase ("image of butterfly")."""
+        if self.token is not None:
+            return self.plain_prompt(self.train_prompt)
+        return " ".join(self.train_prompt.replace(concept_phrase(self.concept), "").split())
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
         if not isinstance(d, dict):

@@ -1,10 +1,14 @@
 """Score sample sets against their tasks' reference images (and prompts).
 
 Every image metric is the mean cosine similarity over all (generated, reference) pairs of a task
-(docs/metrics.md#pairing); CLIP-T is the mean cosine between each generated image and its own prompt,
-reported raw (not the 2.5 * max(cos, 0) "CLIPScore" scaling). Each image is embedded once per
-encoder; reference images once per task and domain (``embed_references``), then reused by every
-scoring job.
+(docs/metrics.md#pairing). Each image is embedded once per encoder; reference images once per
+task and domain (``embed_references``), then reused by every scoring job.
+
+Text alignment comes in two labelled conventions (docs/metrics.md#text-alignment): ``clip_t``, the
+raw cosine with the prompt as sampled, and ``clip_score``, CLIPScore (Hessel et al. 2021:
+2.5 * max(cos, 0), text "A photo depicts <prompt>" with the class word in place of the rare token),
+the scale of BlockLoRA's Table 1. Prior drift (``prior_drift_<encoder>``) is 1 - the mean cosine
+of each class-prompt image with the base model's image from the same noise.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from lorachain.metrics.catalog import IMAGE_METRICS, METRIC_ENCODER, TEXT_METRICS, encoders_for
+from lorachain.metrics.catalog import IMAGE_METRICS, METRIC_ENCODER, PRIOR_METRICS, encoders_for
 from lorachain.torch_env import torch
 
 SCORE_COLUMNS = (
@@ -31,6 +35,10 @@ SCORE_COLUMNS = (
     "n_images",
     "n_references",
 )
+
+
+CLIPSCORE_PREFIX = "A photo depicts"
+CLIPSCORE_WEIGHT = 2.5
 
 
 class ScoreError(RuntimeError):
@@ -100,11 +108,87 @@ def load_references(path: str | Path) -> dict:
     return load_file(str(path))
 
 
+def clip_score(images: torch.Tensor, texts: torch.Tensor) -> float:
+    """CLIPScore (Hessel et al. 2021): mean over images of 2.5 * max(cos(image, its text), 0)."""
+    if images.shape != texts.shape or len(images) == 0:
+        raise ScoreError(f"CLIPScore needs equal, non-empty shapes; got {tuple(images.shape)} and {tuple(texts.shape)}")
+    cosines = (_normalise(images) * _normalise(texts)).sum(-1)
+    return float((CLIPSCORE_WEIGHT * cosines.clamp(min=0)).mean())
+
+
+def paired_drift(generated: torch.Tensor, base: torch.Tensor) -> float:
+    """Prior drift: 1 - mean cosine of row i of `generated` with row i of `base` (the base model's
+    image from the same initial noise); 0 when the images embed identically."""
+    if generated.shape != base.shape or len(generated) == 0:
+        raise ScoreError(
+            f"prior drift pairs images by noise; got {tuple(generated.shape)} and {tuple(base.shape)} embeddings"
+        )
+    return float(1.0 - (_normalise(generated) * _normalise(base)).sum(-1).mean())
+
+
+def clipscore_text(plain_prompt: str) -> str:
+    return f"{CLIPSCORE_PREFIX} {plain_prompt}"
+
+
+def _embed_texts(frame, metrics, encoders, batch_size) -> dict:
+    """Text embedding of every prompt the text metrics read: the prompt (clip_t) and the
+    CLIPScore text of its plain form (clip_score)."""
+    texts = set()
+    if "clip_t" in metrics:
+        texts |= set(frame["prompt"])
+    if "clip_score" in metrics:
+        texts |= {clipscore_text(prompt) for prompt in frame["plain_prompt"]}
+    texts = sorted(texts)
+    return dict(zip(texts, encoders["clip"].embed_texts(texts, batch_size=batch_size))) if texts else {}
+
+
+def _concept_score(metric, generated, group, text, references, source) -> tuple[float, int]:
+    if metric == "clip_t":
+        return mean_matched_cosine(generated, torch.stack([text[p] for p in group["prompt"]])), 0
+    if metric == "clip_score":
+        return clip_score(generated, torch.stack([text[clipscore_text(p)] for p in group["plain_prompt"]])), 0
+    key = f"{METRIC_ENCODER[metric]}/{group.iloc[0]['concept']}"
+    if key not in references:
+        raise ScoreError(
+            f"{source}: no reference embeddings {key!r}; "
+            "the references were embedded for other tasks or metrics, rerun embed_references"
+        )
+    return mean_pairwise_cosine(generated, references[key]), len(references[key])
+
+
+def _prior_score(metric, generated, group, base_priors, source) -> tuple[float, int]:
+    concept = group.iloc[0]["concept"]
+    key = f"{METRIC_ENCODER[metric]}/{concept}"
+    if base_priors is None or key not in base_priors:
+        raise ScoreError(
+            f"{source}: {metric} needs the base model's class-prompt images of {concept!r}; "
+            "sample the base model with sampling.prior_samples: true"
+        )
+    samples, base = base_priors[key]
+    position = {sample: row for row, sample in enumerate(samples)}
+    missing = sorted(set(group["sample"]) - set(position))
+    if missing:
+        raise ScoreError(f"{source}: the base model has no class-prompt image of {concept!r} for noises {missing}")
+    return paired_drift(generated, base[[position[sample] for sample in group["sample"]]]), len(group)
+
+
 def score_sample_sets(
-    frames: list, references: dict, encoders: dict, metrics: list[str], sources: list[str], batch_size: int = 32
+    frames: list,
+    references: dict,
+    encoders: dict,
+    metrics: list[str],
+    sources: list[str],
+    batch_size: int = 32,
+    base_priors: dict | None = None,
 ) -> list[dict]:
     """Rows of scores (one per sample set, task and metric) for sample-set index frames (see
-    lorachain.sample.read_index); `sources` names each frame's index file for errors."""
+    lorachain.sample.read_index); `sources` names each frame's index file for errors. Concept
+    metrics read the concept images; prior-drift metrics the class-prompt images (role ``prior``)
+    against `base_priors` (:func:`base_prior_embeddings`)."""
+    from lorachain.sample import PRIOR
+
+    concept_metrics = [metric for metric in metrics if metric not in PRIOR_METRICS]
+    prior_metrics = [metric for metric in metrics if metric in PRIOR_METRICS]
     rows = []
     for frame, source in zip(frames, sources):
         frame = frame.reset_index(drop=True)  # row i <-> embedding i
@@ -112,48 +196,63 @@ def score_sample_sets(
         embeddings = {
             name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(metrics)
         }
-        if "clip_t" in metrics:
-            prompts = sorted(set(frame["prompt"]))
-            text = dict(zip(prompts, encoders["clip"].embed_texts(prompts, batch_size=batch_size)))
-        for (after, task, concept), group in frame.groupby(["after_task", "task", "concept"], sort=True):
-            positions = torch.as_tensor(group.index.to_list())
-            first = group.iloc[0]
-            for metric in metrics:
-                generated = embeddings[METRIC_ENCODER[metric]][positions]
-                if metric in TEXT_METRICS:
-                    value = mean_matched_cosine(generated, torch.stack([text[p] for p in group["prompt"]]))
-                    n_references = 0
-                else:
-                    key = f"{METRIC_ENCODER[metric]}/{concept}"
-                    if key not in references:
-                        raise ScoreError(
-                            f"{source}: no reference embeddings {key!r}; "
-                            "the references were embedded for other tasks or metrics, rerun embed_references"
-                        )
-                    value = mean_pairwise_cosine(generated, references[key])
-                    n_references = len(references[key])
-                if not math.isfinite(value):
-                    raise ScoreError(
-                        f"{source}: {metric} on task {task} after task {after} is {value}; "
-                        "check the images and the metric model"
-                    )
-                rows.append(
-                    {
-                        "model": first["model"],
-                        "method": first["method"],
-                        "domain": first["domain"],
-                        "order": first["order"],
-                        "seed": first["seed"],
-                        "after_task": int(after),
-                        "task": int(task),
-                        "concept": concept,
-                        "metric": metric,
-                        "score": value,
-                        "n_images": len(group),
-                        "n_references": n_references,
-                    }
+        text = _embed_texts(frame[frame["role"] != PRIOR], concept_metrics, encoders, batch_size)
+        for role, role_metrics in ((None, concept_metrics), (PRIOR, prior_metrics)):
+            part = frame[frame["role"] == PRIOR] if role == PRIOR else frame[frame["role"] != PRIOR]
+            if role_metrics and part.empty:
+                raise ScoreError(
+                    f"{source}: no {'class-prompt' if role else 'concept'} images for {role_metrics}; "
+                    + ("resample with sampling.prior_samples: true" if role else "resample")
                 )
-    return rows
+            for (after, task, concept), group in part.groupby(["after_task", "task", "concept"], sort=True):
+                positions = torch.as_tensor(group.index.to_list())
+                for metric in role_metrics:
+                    generated = embeddings[METRIC_ENCODER[metric]][positions]
+                    if role == PRIOR:
+                        value, n_references = _prior_score(metric, generated, group, base_priors, source)
+                    else:
+                        value, n_references = _concept_score(metric, generated, group, text, references, source)
+                    if not math.isfinite(value):
+                        raise ScoreError(
+                            f"{source}: {metric} on task {task} after task {after} is {value}; "
+                            "check the images and the metric model"
+                        )
+                    rows.append(
+                        _score_row(group.iloc[0], after, task, concept, metric, value, len(group), n_references)
+                    )
+    return sorted(rows, key=lambda row: (row["after_task"], row["task"], metrics.index(row["metric"])))
+
+
+def _score_row(first, after, task, concept, metric, value, n_images, n_references) -> dict:
+    return {
+        "model": first["model"],
+        "method": first["method"],
+        "domain": first["domain"],
+        "order": first["order"],
+        "seed": first["seed"],
+        "after_task": int(after),
+        "task": int(task),
+        "concept": concept,
+        "metric": metric,
+        "score": value,
+        "n_images": n_images,
+        "n_references": n_references,
+    }
+
+
+def base_prior_embeddings(base_frame, encoders: dict, metrics: list[str], batch_size: int = 32) -> dict:
+    """``{encoder}/{concept}`` -> (noise indices, embeddings) of the base model's class-prompt
+    images, for the prior-drift metrics of `metrics`."""
+    from lorachain.sample import PRIOR
+
+    names = encoders_for([metric for metric in metrics if metric in PRIOR_METRICS])
+    priors = base_frame[base_frame["role"] == PRIOR].sort_values(["concept", "sample"])
+    result = {}
+    for concept, group in priors.groupby("concept", sort=True):
+        images = _open_images(list(group["path"]))
+        for name in names:
+            result[f"{name}/{concept}"] = (list(group["sample"]), encoders[name].embed_images(images, batch_size))
+    return result
 
 
 def load_encoders(metrics: list[str], blocks: dict, device=None) -> tuple[dict, float]:
@@ -208,10 +307,18 @@ def embed_references_job(*, tasks, metrics: list[str], encoders: dict, batch_siz
 
 
 def score_samples(
-    *, sample_dirs: list, references, metrics: list[str], encoder_blocks: dict, batch_size: int, output
+    *,
+    sample_dirs: list,
+    references,
+    metrics: list[str],
+    encoder_blocks: dict,
+    batch_size: int,
+    output,
+    base_samples=None,
 ) -> dict:
-    """What the scoring jobs share: the sample sets `sample_dirs`, one scores CSV. Returns
-    timings, including the share of the job spent loading the embedding models."""
+    """What the scoring jobs share: the sample sets `sample_dirs`, one scores CSV; the prior-drift
+    metrics compare with the base model's sample set `base_samples`. Returns timings, including the
+    share of the job spent loading the embedding models."""
     from lorachain.sample import INDEX_FILE, read_index
 
     started = time.perf_counter()
@@ -219,8 +326,17 @@ def score_samples(
     reference_embeddings = load_references(references)
     encoders, load_s = load_encoders(metrics, encoder_blocks)
     score_started = time.perf_counter()
+    base_priors = None
+    if base_samples is not None and any(metric in PRIOR_METRICS for metric in metrics):
+        base_priors = base_prior_embeddings(read_index(base_samples), encoders, metrics, batch_size)
     rows = score_sample_sets(
-        frames, reference_embeddings, encoders, metrics, [str(Path(d) / INDEX_FILE) for d in sample_dirs], batch_size
+        frames,
+        reference_embeddings,
+        encoders,
+        metrics,
+        [str(Path(d) / INDEX_FILE) for d in sample_dirs],
+        batch_size,
+        base_priors,
     )
     score_s = time.perf_counter() - score_started
     write_scores(rows, output)
@@ -241,10 +357,13 @@ def _sample_dirs(samples) -> list:
     return [samples] if isinstance(samples, (str, Path)) else list(samples)
 
 
-def score_job(*, samples, references, metrics: list[str], encoders: dict, batch_size: int, scores) -> dict:
+def score_job(
+    *, samples, references, metrics: list[str], encoders: dict, batch_size: int, scores, base_samples=None
+) -> dict:
     """The score_run, score_base and score_merges jobs (one scores CSV of the sample sets
     `samples`): every sample set of one run (after task 1..T), the base model's sample set of a
-    domain, or the sample sets of one merge label (one per merge size k)."""
+    domain, or the sample sets of one merge label (one per merge size k). `base_samples` is the
+    base model's sample set (the prior-drift reference; score_base scores against its own)."""
     return score_samples(
         sample_dirs=_sample_dirs(samples),
         references=references,
@@ -252,6 +371,7 @@ def score_job(*, samples, references, metrics: list[str], encoders: dict, batch_
         encoder_blocks=encoders,
         batch_size=batch_size,
         output=scores,
+        base_samples=base_samples,
     )
 
 

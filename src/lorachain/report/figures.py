@@ -10,7 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "csd": "CSD"}
+METRIC_LABELS = {
+    "dino": "DINO",
+    "clip_i": "CLIP-I",
+    "clip_t": "CLIP-T",
+    "clip_score": "CLIPScore",
+    "csd": "CSD",
+    "prior_drift_dino": "prior drift, DINO",
+    "prior_drift_clip": "prior drift, CLIP",
+    "prior_drift_csd": "prior drift, CSD",
+}
 
 
 def _pyplot():
