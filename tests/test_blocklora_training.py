@@ -106,6 +106,27 @@ def test_erasure_changes_training(tiny_sd1_dir, synthetic_tasks, tmp_path, block
     assert any(not torch.equal(erased[layer].B, plain[layer].B) for layer in plain)
 
 
+def test_erasure_rates_per_concept_slot():
+
+    method = make_method("blocklora", {"num_blocks": 4, "erasure": [0.0, 0.5, 0.25]})
+    assert [method.erasure_rate(slot) for slot in range(3)] == [0.0, 0.5, 0.25]
+    assert make_method("blocklora", {"erasure": 0.3}).erasure_rate(7) == 0.3
+    with pytest.raises(MethodError, match="4 concepts need 4 erasure rates but the erasure list has 3"):
+        method.check_slots(4, "modular.adapters.b.num_blocks")
+    with pytest.raises(MethodError, match="erasure"):
+        make_method("blocklora", {"erasure": [0.5, 1.0]})  # lambda = 1 erases every output
+
+
+def test_per_concept_erasure_changes_only_that_concepts_training(tiny_sd1_dir, synthetic_tasks, tmp_path, block_chain):
+    # slot 0 with lambda_0 = 0 trains exactly as the plain erasure 0 run: the list is read by slot
+    params = {"num_blocks": BLOCKS, "erasure": [0.0, 0.5]}
+    run_task(tiny_sd1_dir, synthetic_tasks, 1, None, "blocklora", tmp_path / "listed", params=params, steps=3)
+    plain = {"num_blocks": BLOCKS, "erasure": 0.0}
+    run_task(tiny_sd1_dir, synthetic_tasks, 1, None, "blocklora", tmp_path / "plain", params=plain, steps=3)
+    listed, zero = factors(tmp_path / "listed"), factors(tmp_path / "plain")
+    assert all(torch.equal(listed[layer].B, zero[layer].B) for layer in zero)
+
+
 def test_more_concepts_than_blocks_fails_before_training(tiny_sd1_dir, synthetic_tasks, block_chain, tmp_path):
     with pytest.raises(MethodError, match="2 concepts need 2 row blocks but num_blocks is 1"):
         run_task(

@@ -340,9 +340,22 @@ def test_block_rows_follow_tensor_split_and_refuse_missing_blocks():
         block_rows(3, 4, 0)
 
 
+def test_blocklora_merge_keeps_each_concepts_rows_by_default_and_eq5_shrinks_them():
+    concepts = [block_concept(f"concept{k}", k, 3, seed=k) for k in range(3)]
+    assert make_merge("blocklora").params == {"weights": 1.0}
+    merged = make_merge("blocklora").merge(concepts)  # alpha_i = 1: every block is its own concept's delta
+    for layer in LAYERS:
+        for slot, concept in enumerate(concepts):
+            rows = block_rows(LAYERS[layer][0], 3, slot)
+            assert torch.equal(merged[layer][rows], make_merge("blocklora").merge([concept])[layer][rows])
+    eq5 = make_merge("blocklora", {"weights": "mean"}).merge(concepts)
+    for layer in LAYERS:
+        torch.testing.assert_close(eq5[layer] * 3, merged[layer], rtol=1e-5, atol=1e-6)
+
+
 def test_blocklora_merge_is_the_weighted_sum_of_disjoint_blocks():
     concepts = [block_concept(f"concept{k}", k, 3, seed=k) for k in range(3)]
-    merged = make_merge("blocklora").merge(concepts)
+    merged = make_merge("blocklora", {"weights": "mean"}).merge(concepts)
     for layer in LAYERS:
         torch.testing.assert_close(
             merged[layer].double(), exact_sum(concepts, [1 / 3] * 3, layer), rtol=1e-5, atol=1e-6

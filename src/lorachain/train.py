@@ -311,8 +311,8 @@ def _prepare_unet(
     for name, mask in row_masks.items():  # rows of B outside the mask get no gradient: they stay 0
         modules[name].lora_B["default"].weight.register_hook(_masked_gradient(mask.to(device)))
     erasure = (
-        OutputErasure(unet, list(layers), method.erasure_rate(), task.this_seed + 2, device)
-        if method.erasure_rate() > 0
+        OutputErasure(unet, list(layers), method.erasure_rate(task.slot), task.this_seed + 2, device)
+        if method.erasure_rate(task.slot) > 0
         else None
     )
     optimizer = _optimizer(trainable, config)

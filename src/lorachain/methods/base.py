@@ -94,8 +94,9 @@ class ContinualMethod(ABC):
         """(out_features, 1) 0/1 mask of the rows of B this task may change (None: all rows)."""
         return None
 
-    def erasure_rate(self) -> float:
-        """Probability that an output feature of the LoRA branch is erased in a training forward pass."""
+    def erasure_rate(self, slot: int) -> float:
+        """Probability that an output feature of the LoRA branch of concept slot `slot` is erased in
+        a training forward pass."""
         return 0.0
 
     def check_slots(self, slots: int, key: str) -> None:

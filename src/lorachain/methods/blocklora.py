@@ -3,7 +3,8 @@ training side and merge side.
 
 Training the LoRA of concept slot k (:class:`BlockLoRA`): h = W0 x + r(lambda) ⊙ ((M_k ⊙ B_k) A_k x)
 * alpha / r, where r(lambda) is a fresh Bernoulli(1 - lambda) mask over the output features at every
-forward pass (training only; the paper gives no lambda, so ``erasure`` is a parameter; erased
+forward pass (training only; the paper gives no lambda, so ``erasure`` is a parameter, one number or
+one lambda_i per concept slot as in the paper's training equation; erased
 outputs are not rescaled, as in the paper's equation) and M_k keeps the k-th of ``num_blocks``
 contiguous row blocks of the output dimension (:func:`block_rows`, :func:`block_mask`, broadcast
 over B's rank columns). Blocks follow ``torch.tensor_split`` semantics: with out_features = q*K + m,
@@ -14,8 +15,8 @@ the block start at zero and stay exactly zero.
 ``blockwise: false`` and ``erasure: 0`` are the paper's ablations (its Table 3). In a continual
 chain the slot is the task index - 1 and the state after a task is the sum of the deltas.
 
-Merge side (:class:`BlockLoRAMerge`): W = W0 + sum_i alpha_i (M_i ⊙ B_i) A_i with sum_i alpha_i = 1
-(default "mean"). The rows a concept changes are checked on the data (:func:`nonzero_rows`), so
+Merge side (:class:`BlockLoRAMerge`): W = W0 + sum_i alpha_i (M_i ⊙ B_i) A_i, with alpha_i = 1 by
+default (each concept's rows are its own model) or Eq. 5's sum_i alpha_i = 1 (``weights: mean``). The rows a concept changes are checked on the data (:func:`nonzero_rows`), so
 ``num_blocks`` is not needed at merge time: two concepts whose deltas have a nonzero row in common
 are refused, naming both and the layer. Disjoint rows give zero cosine similarity and no sign
 conflicts between the merged deltas. See docs/methods.md.
@@ -88,8 +89,13 @@ class BlockLoRA(ContinualMethod):
         Param(
             "erasure",
             0.25,
-            {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
-            "lambda of randomized output erasure (0: off)",
+            {
+                "oneOf": [
+                    {"type": "number", "minimum": 0, "exclusiveMaximum": 1},
+                    {"type": "array", "minItems": 1, "items": {"type": "number", "minimum": 0, "exclusiveMaximum": 1}},
+                ]
+            },
+            "lambda of randomized output erasure (0: off); a list gives the paper's lambda_i per concept slot",
         ),
         Param("blockwise", True, {"type": "boolean"}, "false: the paper's ablation without blockwise parameterization"),
     )
@@ -100,10 +106,20 @@ class BlockLoRA(ContinualMethod):
         self.check_slots(ctx.slot + 1, "num_blocks")
         return block_mask(ctx.out_features, self.params["num_blocks"], ctx.slot)
 
-    def erasure_rate(self):
-        return float(self.params["erasure"])
+    def erasure_rate(self, slot: int) -> float:
+        rates = self.params["erasure"]
+        if not isinstance(rates, list):
+            return float(rates)
+        self.check_slots(slot + 1)
+        return float(rates[slot])
 
     def check_slots(self, slots, key="num_blocks"):
+        rates = self.params["erasure"]
+        if isinstance(rates, list) and slots > len(rates):
+            raise MethodError(
+                f"method 'blocklora': {slots} concepts need {slots} erasure rates but the erasure list has "
+                f"{len(rates)}; give one lambda_i per concept slot (or a single number for every concept)"
+            )
         if self.params["blockwise"] and slots > self.params["num_blocks"]:
             raise MethodError(
                 f"method 'blocklora': {slots} concepts need {slots} row blocks "
@@ -118,13 +134,17 @@ class BlockLoRAMerge(MergeMethod):
 
     name = "blocklora"
     weights_sum_to_one = True
-    # Eq. 5 writes sum_i alpha_i = 1 ('mean', or a list summing to 1). A constant (e.g. 1.0) is also
-    # accepted: the row blocks are disjoint (checked per layer), so with alpha = 1 each concept's
-    # rows are exactly its own model, as the paper's Figure 5 describes; with 'mean' they shrink by 1/k.
+    # Eq. 5 writes sum_i alpha_i = 1 ('mean', or a list summing to 1). A constant is also accepted,
+    # and 1.0 is the default: the row blocks are disjoint (checked per layer), so with alpha = 1 each
+    # concept's rows are exactly its own model, which is what the paper's Figure 5 describes ("only
+    # marginal identity loss" up to 15 concepts); with 'mean' they shrink by 1/k and the curve falls
+    # by construction. The miniature world chose it: docs/methods.md#blocklora-merge-weights.
     constant_weights = True
     param_specs = (
         weights_param(
-            "mean", "alpha_i: 'mean' or a list summing to 1 (Eq. 5), or a constant such as 1.0 (disjoint blocks)"
+            1.0,
+            "alpha_i: a constant (default 1.0: each concept's rows exactly its own model), "
+            "or 'mean' / a list summing to 1 (Eq. 5 literally)",
         ),
     )
     requirement = "BlockLoRA's merge (paper Eq. 5) requires weights that sum to 1 (a list; or one constant)"
