@@ -193,3 +193,55 @@ def test_orthogonal_adaptation_slot_beyond_the_basis_is_an_error(tiny_sd1_dir, s
             progress=False,
             slot=10_000,
         )
+
+
+def test_random_columns_are_seeded_orthonormal_and_fit_any_number_of_concepts():
+    from lorachain.methods.orthogonal_adaptation import max_slots, random_down_projection
+
+    width, rank = 16, 4
+    beyond = max_slots(width, rank) + 3  # a slot the coordinated blocks cannot hold
+    A = random_down_projection(width, rank, beyond, 0)
+    assert A.shape == (rank, width) and torch.allclose(A @ A.T, torch.eye(rank), atol=1e-6)
+    assert torch.equal(A, random_down_projection(width, rank, beyond, 0))  # seeded
+    assert not torch.equal(A, random_down_projection(width, rank, beyond + 1, 0))  # its own columns per slot
+    with pytest.raises(ValueError, match="slot 7 with rank 4 needs columns"):
+        slot_down_projection(width, rank, beyond, 0)
+
+
+def test_uncoordinated_orthogonal_adaptation_trains_and_merges_past_the_coordinated_limit(
+    tiny_sd1_dir, synthetic_tasks, tmp_path
+):
+    from test_chain import TRAINING
+
+    from lorachain.methods import make_merge
+    from lorachain.modular import load_concept
+    from lorachain.train import train_task
+
+    prompt, images = synthetic_tasks[0]
+    dirs = []
+    for slot in (0, 10_000):  # slot 10000 is far past in_features // rank on every layer
+        dirs.append(tmp_path / f"slot{slot}")
+        train_task(
+            model_source=str(tiny_sd1_dir),
+            train_images=images,
+            train_prompt=prompt,
+            task_index=1,
+            previous_state=None,
+            method_name="orthogonal_adaptation",
+            method_params={"columns": "random"},
+            training={**TRAINING, "steps": 2},
+            seed=slot,
+            output_dir=dirs[-1],
+            progress=False,
+            slot=slot,
+        )
+    concepts = [load_concept(directory)[0] for directory in dirs]
+    merged = make_merge("orthogonal_adaptation", {"weights": 1.0}).merge(concepts)
+    for layer, delta in merged.items():
+        expected = sum(
+            concept.adapters[layer].scale * concept.adapters[layer].B @ concept.adapters[layer].A
+            for concept in concepts
+        )
+        torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
+    far = concepts[1].adapters[next(iter(merged))]
+    assert torch.count_nonzero(far.B) > 0

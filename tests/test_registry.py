@@ -119,7 +119,10 @@ def test_validate_config_fills_method_defaults_and_names_bad_values():
 def test_building_a_method_checks_each_parameter_by_its_declaration():
     with pytest.raises(
         MethodError,
-        match=r"methods\.b: method 'blocklora': parameter 'erasure' .* must be a number >= 0 and < 1 or a list .*, got 1\.0",
+        match=(
+            r"methods\.b: method 'blocklora': parameter 'erasure' .* "
+            r"must be a number >= 0 and < 1 or a list .*, got 1\.0"
+        ),
     ):
         make_method("blocklora", {"erasure": 1.0}, key="methods.b")
     with pytest.raises(MethodError, match=r"parameter 'num_blocks' .* must be an integer >= 1, got 2\.0"):

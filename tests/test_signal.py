@@ -141,9 +141,7 @@ def test_a_blocklora_merge_lowers_its_concepts_scores_less_than_weighted_averagi
     from lorachain.modular import load_concept
 
     adapter = {k: v for k, v in DEMO["modular"]["adapters"]["blocklora"].items() if k != "method"}
-    alpha_1 = {
-        k: v for k, v in DEMO["modular"]["merges"]["blocklora"].items() if k not in ("method", "adapters")
-    }
+    alpha_1 = {k: v for k, v in DEMO["modular"]["merges"]["blocklora"].items() if k not in ("method", "adapters")}
     second = trained(lab, "lora-2", 2, "naive")
     lora = [naive_chain["states"][0], second]  # concept 1's LoRA is the naive chain's first task
     blocks = [trained(lab, f"blocklora-{i}", i, "blocklora", adapter, slot=i - 1) for i in (1, 2)]

@@ -255,11 +255,22 @@ def modular_merges(config: dict) -> dict:
                 "method": merge["method"],
                 "adapters": merge["adapters"],
                 "adapter_method": adapters[merge["adapters"]]["method"],
-                "adapter_params": parameters_of(adapters[merge["adapters"]]),
+                "adapter_params": _with_defaults(adapters[merge["adapters"]]),
             }
             for label, merge in block.get("merges", {}).items()
         }
     )
+
+
+def _with_defaults(block: dict) -> dict:
+    """A method block's parameters with the method's defaults filled in (what the tables show), or
+    the block's own when the method is not registered (an unloaded plugin: the config check says so)."""
+    from lorachain.methods import MethodError, method_class
+
+    try:
+        return canonical({**method_class(block["method"]).parameters(), **parameters_of(block)})
+    except MethodError:
+        return parameters_of(block)
 
 
 def prior_metric(config: dict, domain: str) -> str | None:

@@ -16,7 +16,8 @@ the block start at zero and stay exactly zero.
 chain the slot is the task index - 1 and the state after a task is the sum of the deltas.
 
 Merge side (:class:`BlockLoRAMerge`): W = W0 + sum_i alpha_i (M_i ⊙ B_i) A_i, with alpha_i = 1 by
-default (each concept's rows are its own model) or Eq. 5's sum_i alpha_i = 1 (``weights: mean``). The rows a concept changes are checked on the data (:func:`nonzero_rows`), so
+default (each concept's rows are its own model) or Eq. 5's sum_i alpha_i = 1 (``weights: mean``).
+The rows a concept changes are checked on the data (:func:`nonzero_rows`), so
 ``num_blocks`` is not needed at merge time: two concepts whose deltas have a nonzero row in common
 are refused, naming both and the layer. Disjoint rows give zero cosine similarity and no sign
 conflicts between the merged deltas. See docs/methods.md.

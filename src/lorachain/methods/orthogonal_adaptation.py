@@ -3,9 +3,11 @@ training side, merge side and the basis they share.
 
 Training side (:class:`OrthogonalAdaptation`): the down-projection A_i of concept slot s is frozen
 to r rows of a random orthogonal matrix O shared by all concepts (one O per input width, seeded by
-``basis_seed``): the columns [s*r, (s+1)*r) of O (:func:`slot_down_projection`), so
-A_i A_j^T = 0 exactly for i != j and at most in_features // r concepts fit in one layer
-(:func:`max_slots`). Only the up-projection B_i trains, starting at 0. The rows are unit vectors;
+``basis_seed``). ``columns: coordinated`` (default): the columns [s*r, (s+1)*r) of O
+(:func:`slot_down_projection`), so A_i A_j^T = 0 exactly for i != j and at most in_features // r
+concepts fit in one layer (:func:`max_slots`). ``columns: random``: r columns of O drawn at random
+per slot (:func:`random_down_projection`), the original paper's uncoordinated choice: any number of
+concepts, approximately orthogonal. Only the up-projection B_i trains, starting at 0. The rows are unit vectors;
 what scale the trainer gives them is its choice.
 
 Merge side (:class:`OrthogonalAdaptationMerge`): W = W0 + sum_i lambda_i scale_i B_i A_i, computed
@@ -63,19 +65,49 @@ def slot_down_projection(in_features: int, rank: int, slot: int, seed: int) -> t
     return basis[:, slot * rank : (slot + 1) * rank].T.to(torch.float32).contiguous()
 
 
+def random_down_projection(in_features: int, rank: int, slot: int, seed: int) -> torch.Tensor:
+    """(rank, in_features) float32 down-projection of concept slot `slot` in the original paper's
+    uncoordinated way: `rank` columns of :func:`orthogonal_basis` drawn at random (without
+    replacement, from a generator seeded by the basis seed and the slot), so any number of concepts
+    fit and two concepts share a column only by chance (expected rank^2 / in_features shared
+    columns): approximately, not exactly, orthogonal."""
+    if not 1 <= rank <= in_features:
+        raise ValueError(f"random_down_projection: rank {rank} must be in 1..in_features ({in_features})")
+    if slot < 0:
+        raise ValueError(f"random_down_projection: slot must be >= 0, got {slot}")
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(slot) + 1)
+    columns = torch.randperm(in_features, generator=generator)[:rank].sort().values
+    basis = _orthogonal_basis(int(in_features), int(seed))
+    return basis[:, columns].T.to(torch.float32).contiguous()
+
+
+DOWN_PROJECTIONS = {"coordinated": slot_down_projection, "random": random_down_projection}
+
+
 @register_method
 class OrthogonalAdaptation(ContinualMethod):
-    """The training side: A frozen to the slot's block of the orthogonal basis, only B trains."""
+    """The training side: A frozen to the slot's columns of the orthogonal basis, only B trains."""
 
     name = "orthogonal_adaptation"
     freeze_down_projection = True
-    param_specs = (Param("basis_seed", 0, {"type": "integer"}, "seed of the orthogonal basis shared by every concept"),)
+    param_specs = (
+        Param("basis_seed", 0, {"type": "integer"}, "seed of the orthogonal basis shared by every concept"),
+        Param(
+            "columns",
+            "coordinated",
+            {"type": "string", "enum": list(DOWN_PROJECTIONS)},
+            "coordinated: slot s owns columns [s*r, (s+1)*r) (exactly orthogonal, at most in_features // r "
+            "concepts); random: r random columns per slot (the original paper; any number of concepts)",
+        ),
+    )
 
     def init_adapter(self, ctx):
+        down_projection = DOWN_PROJECTIONS[self.params["columns"]]
         try:
-            A = slot_down_projection(ctx.in_features, ctx.rank, ctx.slot, self.params["basis_seed"])
+            A = down_projection(ctx.in_features, ctx.rank, ctx.slot, self.params["basis_seed"])
         except ValueError as error:
-            raise MethodError(f"method 'orthogonal_adaptation', layer {ctx.layer}: {error}") from None
+            fix = " (or set columns: random, the original paper's uncoordinated columns)"
+            raise MethodError(f"method 'orthogonal_adaptation', layer {ctx.layer}: {error}{fix}") from None
         return LayerAdapter(A=A, B=torch.zeros(ctx.out_features, ctx.rank), scale=ctx.scale)
 
 

@@ -213,6 +213,7 @@ def markdown_table(table, domain: str) -> str:
         f"image alignment ({image_label})",
         *ALIGNMENT_HEADERS,
         f"prior drift ({prior_label})",
+        "adapters' method and parameters",
     ]
     lines = [
         f"# {domain}: instant merging of independently trained concepts",
@@ -222,7 +223,7 @@ def markdown_table(table, domain: str) -> str:
     ]
     for row in table.itertuples(index=False):
         cells = [row.merge, row.merge_type, f"{row.method} ({row.adapters})", str(row.k), f"{row.merge_s:.3f}"]
-        lines.append("| " + " | ".join(cells + _alignment_cells(row)) + " |")
+        lines.append("| " + " | ".join(cells + _alignment_cells(row) + [row.adapter_params]) + " |")
     return "\n".join(lines + _legend(image_label, prior_label))
 
 
