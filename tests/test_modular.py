@@ -91,13 +91,16 @@ def test_merge_and_sample_applies_the_exact_merged_delta(concepts, tiny_sd1_dir,
             "after_task": 2,
         },
         merge_record=tmp_path / "merge.json",
+        eval_prompts={"object": ["a {} in a jail"]},
     )
     first, second = factors(dirs[0]), factors(dirs[1])
     assert sorted(applied) == sorted(first)
-    for layer, delta in applied.items():
-        assert torch.allclose(delta, 0.5 * first[layer].delta() + 0.5 * second[layer].delta(), atol=1e-7), layer
+    for layer, delta in applied.items():  # alpha_i = 1, BlockLoRA's default: the sum of the disjoint blocks
+        assert torch.allclose(delta, first[layer].delta() + second[layer].delta(), atol=1e-7), layer
     index = pd.read_csv(tmp_path / "samples" / "index.csv")
-    assert sorted(index["concept"].unique()) == ["concept1", "concept2"] and result["images"] == 2
+    assert sorted(index["concept"].unique()) == ["concept1", "concept2"] and result["images"] == 2 * 2
+    # the modular prompts, then each concept's class prompt (for prior drift)
+    assert list(index["prompt"][:2]) == ["a sks thing in a jail", "a photo of thing"]
     record = json.loads((tmp_path / "merge.json").read_text())
     assert record["k"] == 2 and record["merge_type"] == "instant" and record["merge_s"] >= 0
 
@@ -269,3 +272,38 @@ def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
     del records["m|1"]
     with pytest.raises(ModularResultError, match="no merge record for merge 'm' at k = 1"):
         modular_results_job(**{**job, "metrics": ["clip_i", "clip_t"]})
+
+
+def test_the_modular_prompts_default_to_blocklora_s_twenty_per_concept_and_need_the_placeholder():
+    from lorachain.data.selection import BLOCKLORA_STYLE_TEMPLATES, Task
+    from lorachain.modular import ModularError, modular_tasks
+
+    thing = Task(
+        concept="teapot",
+        kind="object",
+        token="cws",
+        class_name="teapot",
+        train_prompt="a photo of cws teapot",
+        train_images=("a.png",),
+        eval_prompts=("a cws teapot in a jail",),
+        reference_images=("a.png",),
+    )
+    style = Task(
+        concept="Ink_Art",
+        kind="style",
+        token=None,
+        class_name="Flowers",
+        train_prompt="ink art image of flowers",
+        train_images=("a.png",),
+        eval_prompts=("ink art image of a clock",),
+        reference_images=("a.png",),
+    )
+    tasks = modular_tasks([thing, style], {})
+    assert [len(task.eval_prompts) for task in tasks] == [20, 20]
+    assert tasks[0].eval_prompts[0] == "a cws teapot in the jungle" and len(BLOCKLORA_STYLE_TEMPLATES) == 20
+    assert tasks[1].eval_prompts[3] == "ink art image of a butterfly"
+    assert modular_tasks([thing], {"object": ["a {} on a table"]})[0].eval_prompts == ("a cws teapot on a table",)
+    with pytest.raises(
+        ModularError, match=r"modular\.eval_prompts\.object: 'a teapot' must hold the concept placeholder"
+    ):
+        modular_tasks([thing], {"object": ["a teapot"]})

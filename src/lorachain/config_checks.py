@@ -269,6 +269,12 @@ def modular_problems(config: dict) -> list[str]:
         if merge["adapters"] not in adapters
     ]
     problems += [
+        f"{where}.eval_prompts.{kind}: {template!r} must hold the concept placeholder {{}} exactly once"
+        for kind, templates in (block.get("eval_prompts") or {}).items()
+        for template in templates
+        if template.count("{}") != 1
+    ]
+    problems += [
         f"{where}.ablation: {label!r} is not a label under modular.merges ({', '.join(block['merges'])})"
         for label in block.get("ablation") or []
         if label not in block["merges"]

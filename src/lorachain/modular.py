@@ -12,7 +12,8 @@ the same metrics score both regimes. What the workflow's jobs call:
   concept's training prompt, and the Gram matrix X^T X of every targeted layer's inputs is
   accumulated (Mix-of-Show records the inputs of each concept's model on that concept's data and
   fits the fused layer to reproduce its outputs there).
-* :func:`merge_and_sample`: load the k concept states, merge them (timed), sample.
+* :func:`merge_and_sample`: load the k concept states, merge them (timed), sample them on the
+  modular regime's prompts (:func:`modular_tasks`: BlockLoRA's 20 per concept by default).
 
 The rules' entry points are :func:`train_concept_job` (the trainer's path shared with the
 ``train_task`` rule), :func:`record_layer_inputs_job` and :func:`merge_and_sample_job`.
@@ -123,6 +124,23 @@ def record_layer_inputs(
     }
 
 
+def modular_tasks(tasks, eval_prompts: dict | None) -> list:
+    """The tasks with the modular regime's evaluation prompts: ``modular.eval_prompts.<kind>``
+    templates where the config gives them, BlockLoRA's 20 per concept otherwise (see
+    :data:`lorachain.data.selection.BLOCKLORA_OBJECT_TEMPLATES`)."""
+    from lorachain.data.selection import BLOCKLORA_OBJECT_TEMPLATES, BLOCKLORA_STYLE_TEMPLATES
+
+    templates = {"object": BLOCKLORA_OBJECT_TEMPLATES, "style": BLOCKLORA_STYLE_TEMPLATES, **(eval_prompts or {})}
+    for kind, given in templates.items():
+        bad = [template for template in given if template.count("{}") != 1]
+        if bad:
+            raise ModularError(
+                f"config key modular.eval_prompts.{kind}: {bad[0]!r} "
+                "must hold the concept placeholder {} exactly once"
+            )
+    return [task.with_templates(templates[task.kind]) for task in tasks]
+
+
 def merge_and_sample(
     *,
     concept_dirs: list,
@@ -137,6 +155,7 @@ def merge_and_sample(
     output_dir: str | Path,
     identity: dict,
     merge_record: str | Path,
+    eval_prompts: dict | None = None,
 ) -> dict:
     """Merge the first k concepts (k = len(concept_dirs)) and sample the merged model on them.
     Writes the sample set (PNG + index.csv) to `output_dir` and the merge time and what was merged
@@ -149,7 +168,7 @@ def merge_and_sample(
     started = time.perf_counter()
     if not concept_dirs:
         raise ModularError(f"{merge_key}: a merge of zero concepts; merge_sizes must be >= 1")
-    tasks = read_tasks(tasks_file)
+    tasks = modular_tasks(read_tasks(tasks_file), eval_prompts)
     k = len(concept_dirs)
     if k > len(tasks):
         raise ModularError(f"{tasks_file}: {k} concepts merged but the file holds {len(tasks)} tasks")
@@ -292,6 +311,7 @@ def merge_and_sample_job(
     merge: str,
     samples,
     record,
+    eval_prompts: dict | None = None,
 ) -> dict:
     """The merge_and_sample job: merge label `merge` (merge method `method`) of the concepts in
     `concept_dirs`, sampled into `samples`; the merge's time and inputs go to `record`."""
@@ -308,4 +328,5 @@ def merge_and_sample_job(
         output_dir=samples,
         identity=dict(identity),
         merge_record=record,
+        eval_prompts={kind: list(templates) for kind, templates in (eval_prompts or {}).items()},
     )

@@ -95,6 +95,7 @@ rule merge_and_sample:
         vae=config["model"].get("vae"),
         identity=merge_identity,
         merge="{merge}",
+        eval_prompts=canonical(MODULAR.get("eval_prompts", {})),
     script:
         "../scripts/merge_and_sample.py"
 

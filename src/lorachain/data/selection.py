@@ -65,7 +65,7 @@ import os
 import random
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,44 @@ STYLE_EVAL_TEMPLATES = (
     "{} image of a clock",
     "{} image of a mirror",
 )
+# The modular regime's defaults: BlockLoRA tests "each concept using 20 prompts" without listing
+# them. For objects these are the first 20 of DreamBooth's published object prompts (Ruiz et al.
+# 2023, its dataset's prompts_and_classes.txt: the recontextualisations; the last five, property
+# changes such as "a cube shaped", are left out); for styles, the style on each of UnlearnCanvas's
+# 20 object classes.
+BLOCKLORA_OBJECT_TEMPLATES = tuple(
+    f"a {{}} {context}"
+    for context in (
+        "in the jungle",
+        "in the snow",
+        "on the beach",
+        "on a cobblestone street",
+        "on top of pink fabric",
+        "on top of a wooden floor",
+        "with a city in the background",
+        "with a mountain in the background",
+        "with a blue house in the background",
+        "on top of a purple rug in a forest",
+        "with a wheat field in the background",
+        "with a tree and autumn leaves in the background",
+        "with the Eiffel Tower in the background",
+        "floating on top of water",
+        "floating in an ocean of milk",
+        "on top of green grass with sunflowers around it",
+        "on top of a mirror",
+        "on top of the sidewalk in a crowded street",
+        "on top of a dirt road",
+        "on top of a white rug",
+    )
+)
+BLOCKLORA_STYLE_TEMPLATES = tuple(
+    f"{{}} image of {subject}"
+    for subject in (
+        "architectures", "bears", "birds", "a butterfly", "cats", "dogs", "fishes", "a flame", "flowers", "frogs",
+        "horses", "a human", "jellyfish", "rabbits", "sandwiches", "the sea", "statues", "towers", "trees",
+        "waterfalls",
+    )
+)  # fmt: skip
 OBJECT_TRAIN_TEMPLATE = "a photo of {}"
 STYLE_TRAIN_TEMPLATE = "{} image of {}"
 TASK_KINDS = ("object", "style")
@@ -129,6 +167,15 @@ class Task:
             "reference_images": list(self.reference_images),
         }
 
+    @property
+    def identifier(self) -> str:
+        """What a prompt template's {} becomes: "sks sneaker", or the style phrase."""
+        return f"{self.token} {self.class_name}" if self.token is not None else concept_phrase(self.concept)
+
+    def with_templates(self, templates: Sequence[str]) -> Task:
+        """The task with its evaluation prompts made from other templates (each holds {} once)."""
+        return replace(self, eval_prompts=tuple(template.format(self.identifier) for template in templates))
+
     def plain_prompt(self, prompt: str) -> str:
         """The prompt as CLIPScore reads it: the concept's class word in place of its rare token
         ("a sks sneaker in a jail" -> "a sneaker in a jail"); a style's prompts have no rare token."""
@@ -139,11 +186,11 @@ class Task:
     @property
     def prior_prompt(self) -> str:
         """The concept's class prompt without the concept (BlockLoRA's prior class, its Figure 3):
-        the training prompt without the rare token ("a photo of sneaker"), or without the style
-        phrase ("image of butterfly")."""
-        if self.token is not None:
-            return self.plain_prompt(self.train_prompt)
-        return " ".join(self.train_prompt.replace(concept_phrase(self.concept), "").split())
+        the training template with the class alone ("a photo of sneaker"), or a style's training
+        object without the style ("image of butterfly")."""
+        if self.kind == "object":
+            return OBJECT_TRAIN_TEMPLATE.format(self.class_name)
+        return f"image of {concept_phrase(self.class_name)}"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Task:
