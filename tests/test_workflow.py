@@ -297,6 +297,13 @@ def test_demo_modular_branch_writes_table_curve_and_diagnostics(demo_run):
     assert list(table["merge"]) == list(modular["merges"])
     assert (table["k"] == max(modular["merge_sizes"])).all()
     assert table[["merge_s", "image_alignment", "text_alignment", "average"]].notna().all().all()
+    assert table[["text_clipscore", "average_clipscore", "prior_drift"]].notna().all().all()
+    assert (table["text_clipscore"] != table["text_alignment"]).all()  # two conventions, two scales
+    ablation = pd.read_csv(workdir / "results" / "tables" / "objects-ablation.csv")
+    assert list(ablation["merge"]) == modular["ablation"]
+    assert (figures_dir := workdir / "results" / "figures" / "objects" / "modular-prior-drift.png").is_file(), (
+        figures_dir
+    )
     assert set(table.loc[table["merge"] == "gradient_fusion", "merge_type"]) == {"post-training (closed form)"}
     assert set(table.loc[table["merge"] != "gradient_fusion", "merge_type"]) == {"instant"}
     figures = workdir / "results" / "figures" / "objects"
@@ -325,6 +332,39 @@ def test_demo_modular_branch_writes_table_curve_and_diagnostics(demo_run):
         ).read_text()
     )
     assert state["slot"] == 1 and state["task_index"] == 1 and state["parent"] is None
+
+
+@pytest.mark.slow
+def test_demo_mixed_set_scores_each_concept_by_its_own_domains_metrics(demo_run):
+    """modular.mixes draws concepts of both kinds into one merge; each is scored with its own
+    domain's metrics, and the table averages each concept's own image metric."""
+    import pandas as pd
+
+    from lorachain.metrics.catalog import DEFAULT_METRICS
+
+    workdir, config = demo_run
+    ((name, counts),) = config["modular"]["mixes"].items()
+    tasks = json.loads((workdir / "results" / name / "tasks" / "order0.json").read_text())
+    objects = json.loads((workdir / "results" / "objects" / "tasks" / "order0.json").read_text())["tasks"]
+    styles = json.loads((workdir / "results" / "styles" / "tasks" / "order0.json").read_text())["tasks"]
+    assert tasks["members"] == ["objects"] * counts["objects"] + ["styles"] * counts["styles"]
+    assert tasks["tasks"] == objects[: counts["objects"]] + styles[: counts["styles"]]
+    for merge in config["modular"]["merges"]:
+        scores = pd.read_csv(workdir / "results" / name / "modular" / "merges" / merge / "scores.csv")
+        for position, member in enumerate(tasks["members"], start=1):
+            own = scores[scores["task"] == position]
+            layout = config["domains"][member]["dataset"]["layout"]
+            assert set(own["metric"]) == set(DEFAULT_METRICS[layout]), (merge, position)
+    table = pd.read_csv(workdir / "results" / "tables" / f"{name}-modular.csv")
+    assert set(table["image_metric"]) == {"clip_i/dino"} and set(table["prior_metric"]) == {
+        "prior_drift_clip/prior_drift_csd"
+    }
+    assert table[["image_alignment", "text_alignment", "text_clipscore", "prior_drift"]].notna().all().all()
+    # its own slots: concept 2 (a style) is BlockLoRA's second block, not the styles domain's first
+    state = json.loads(
+        (workdir / "results" / name / "modular" / "adapters" / "blocklora" / "concept02" / "state.json").read_text()
+    )
+    assert state["slot"] == 1 and state["concept"] == styles[0]["concept"]
 
 
 def planned_jobs(output: str) -> list[tuple[str, dict]]:

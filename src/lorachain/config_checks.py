@@ -178,13 +178,19 @@ def registered_block_problems(config: dict) -> list[str]:
     """Build every ``methods.<label>``, ``modular.adapters.<label>`` and ``modular.merges.<label>``
     block through the registries (parameter checks and cross checks of the classes themselves),
     and let each method check its slots: a chain's task t uses slot t - 1, so the longest chain
-    (``max(domains.*.num_tasks)``) needs that many; a modular adapter needs ``modular.concepts``."""
+    (``max(domains.*.num_tasks)``) needs that many; a modular adapter needs ``modular.concepts``, or
+    the size of the largest mixed set (``modular.mixes``)."""
     problems = []
     longest = max((block["num_tasks"] for block in config.get("domains", {}).values()), default=0)
     modular = plan.modular(config)
+    mixes = plan.modular_mixes(config).values()
+
+    def len_of_mix(counts: dict) -> int:
+        return sum(counts.values())
+
     blocks = [(f"methods.{label}", block, longest) for label, block in config.get("methods", {}).items()]
     blocks += [
-        (f"modular.adapters.{label}", block, modular.get("concepts", 0))
+        (f"modular.adapters.{label}", block, max([modular.get("concepts", 0), *map(len_of_mix, mixes)]))
         for label, block in modular.get("adapters", {}).items()
     ]
     for key, block, slots in blocks:
@@ -256,6 +262,17 @@ def modular_problems(config: dict) -> list[str]:
                 f"{where}.concepts: {concepts} concepts but domain {name!r} selects {pool} "
                 f"(raise domains.{name}.task_pool or lower modular.concepts)"
             )
+    for mix, counts in plan.modular_mixes(config).items():
+        if mix in domains:
+            problems.append(f"{where}.mixes.{mix}: the name of a domain; give the mixed set another name")
+        for name, count in counts.items():
+            if name not in domains:
+                problems.append(f"{where}.mixes.{mix}.{name}: {name!r} is not a domain (domains: {', '.join(domains)})")
+            elif count > plan.task_pool(config["domains"][name]):
+                problems.append(
+                    f"{where}.mixes.{mix}.{name}: {count} concepts but domain {name!r} selects "
+                    f"{plan.task_pool(config['domains'][name])} (raise domains.{name}.task_pool or lower the count)"
+                )
     problems += [
         f"{where}.merge_sizes: k = {k} exceeds modular.concepts = {concepts}"
         for k in block.get("merge_sizes") or []

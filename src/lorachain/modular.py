@@ -330,3 +330,32 @@ def merge_and_sample_job(
         merge_record=record,
         eval_prompts={kind: list(templates) for kind, templates in (eval_prompts or {}).items()},
     )
+
+
+def prepare_mix_job(*, sources: list, counts: list, mix: str, order: int, tasks) -> dict:
+    """The prepare_mix job: the task file `tasks` of mixed concept set `mix`: the first `count`
+    concepts of each (domain, count) of `counts`, from that domain's reference task file (the same
+    position of `sources`), in the listed order. Concept i of the set gets slot i - 1, so BlockLoRA's
+    blocks and Orthogonal Adaptation's columns stay distinct across kinds."""
+    from lorachain.data import read_tasks
+    from lorachain.data.selection import write_tasks
+
+    if len(sources) != len(counts):
+        raise ModularError(f"config key modular.mixes.{mix}: {len(counts)} domains but {len(sources)} task files")
+    selected, members = [], []
+    for source, (domain, count) in zip(sources, counts):
+        available = read_tasks(source)
+        if count > len(available):
+            raise ModularError(
+                f"config key modular.mixes.{mix}.{domain}: {count} concepts but {source} holds {len(available)}"
+            )
+        selected += available[:count]
+        members += [domain] * count
+    concepts = [task.concept for task in selected]
+    if len(set(concepts)) != len(concepts):
+        raise ModularError(f"config key modular.mixes.{mix}: concepts {concepts} are not distinct across its domains")
+    write_tasks(tasks, selected, layout="mixed", members=members, order_seed=order, mix=mix)
+    return {
+        f"concept {index:02d}": f"{task.concept} ({domain})"
+        for index, (task, domain) in enumerate(zip(selected, members), 1)
+    }

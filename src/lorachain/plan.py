@@ -127,8 +127,24 @@ def domain_metrics(config: dict, domain: str) -> list[str]:
     return list(block.get("metrics") or DEFAULT_METRICS[block["dataset"]["layout"]])
 
 
+def set_metrics(config: dict, name: str) -> list[str] | dict[str, list[str]]:
+    """The metrics of a domain (one list); of a mixed set, each concept's own domain's metrics
+    (position "1".."N" -> list), so each concept is scored by its own kind's metrics."""
+    if name not in modular_mixes(config):
+        return domain_metrics(config, name)
+    return {
+        str(position): domain_metrics(config, domain) for position, domain in enumerate(set_members(config, name), 1)
+    }
+
+
+def _member_domains(config: dict, name: str) -> list[str]:
+    return list(modular_mixes(config)[name]) if name in modular_mixes(config) else [name]
+
+
 def domain_encoders(config: dict, domain: str) -> list[str]:
-    return encoders_for(domain_metrics(config, domain))
+    return encoders_for(
+        [metric for member in _member_domains(config, domain) for metric in domain_metrics(config, member)]
+    )
 
 
 def encoders_in_use(config: dict) -> list[str]:
@@ -228,13 +244,49 @@ def modular_domains(config: dict) -> list[str]:
     return [name for name in config["domains"] if block.get("domains") is None or name in block["domains"]]
 
 
-def merge_sizes(config: dict) -> list[int]:
-    block = modular(config)
-    return list(block.get("merge_sizes") or range(1, block["concepts"] + 1))
+def modular_mixes(config: dict) -> dict[str, dict[str, int]]:
+    """Mixed concept sets: name -> {domain: how many of its concepts}, drawn in the listed order
+    (BlockLoRA's 15 concepts of several kinds)."""
+    return dict(modular(config).get("mixes") or {})
 
 
-def concept_labels(config: dict) -> list[str]:
-    return [task_label(index) for index in range(1, modular(config)["concepts"] + 1)]
+def modular_sets(config: dict) -> list[str]:
+    """What the modular regime runs on: its domains, then its mixed concept sets."""
+    return modular_domains(config) + list(modular_mixes(config))
+
+
+def set_members(config: dict, name: str) -> list[str]:
+    """The domain of each concept (position 1..N) of a modular set."""
+    mix = modular_mixes(config).get(name)
+    if mix is None:
+        return [name] * modular(config)["concepts"]
+    return [domain for domain, count in mix.items() for _ in range(count)]
+
+
+def set_size(config: dict, name: str | None = None) -> int:
+    return modular(config)["concepts"] if name is None else len(set_members(config, name))
+
+
+def merge_sizes(config: dict, name: str | None = None) -> list[int]:
+    """The k merged in a modular set: ``modular.merge_sizes`` (default 1..N); a mixed set keeps the
+    sizes that fit it and always merges all its concepts."""
+    size, given = set_size(config, name), modular(config).get("merge_sizes")
+    if not given:
+        return list(range(1, size + 1))
+    sizes = [k for k in given if k <= size]
+    return sizes if name not in modular_mixes(config) or size in sizes else [*sizes, size]
+
+
+def concept_labels(config: dict, name: str | None = None) -> list[str]:
+    return [task_label(index) for index in range(1, set_size(config, name) + 1)]
+
+
+def mix_task_files(config: dict, name: str) -> dict[str, str]:
+    """The reference task file of each domain a mixed set draws from."""
+    return {
+        domain: paths.TASKS.format(domain=domain, order=reference_order(config))
+        for domain in modular_mixes(config)[name]
+    }
 
 
 def merged_concept_dirs(config: dict, domain: str, merge: str, k: int) -> list[str]:
@@ -274,8 +326,14 @@ def _with_defaults(block: dict) -> dict:
 
 
 def prior_metric(config: dict, domain: str) -> str | None:
-    """The prior-drift metric the modular figure of a domain shows (the first one scored), if any."""
-    return next((metric for metric in domain_metrics(config, domain) if metric in PRIOR_METRICS), None)
+    """The prior-drift metric the modular figure of a set shows (the first one scored; a mixed set
+    names its members' joined by '/'), if any."""
+    found = [
+        next((metric for metric in domain_metrics(config, member) if metric in PRIOR_METRICS), None)
+        for member in _member_domains(config, domain)
+    ]
+    found = list(dict.fromkeys(metric for metric in found if metric))
+    return "/".join(found) or None
 
 
 # ------------------------------------------------------------------------------ targets
@@ -292,6 +350,7 @@ def domain_outputs(config: dict, domain: str) -> list[str]:
 
 
 def modular_outputs(config: dict, domain: str) -> list[str]:
+    """The modular results of one modular set (a domain or a mixed set)."""
     table, figures = paths.MODULAR_TABLE.format(domain=domain), paths.FIGURES.format(domain=domain)
     outputs = [f"{table}.{suffix}" for suffix in ("csv", "md")]
     outputs += [f"{figures}/modular-curve.{suffix}" for suffix in ("png", "pdf")]
@@ -299,7 +358,7 @@ def modular_outputs(config: dict, domain: str) -> list[str]:
         outputs += [f"{figures}/modular-prior-drift.{suffix}" for suffix in ("png", "pdf")]
     if modular(config).get("ablation"):
         outputs += [f"{paths.ABLATION_TABLE.format(domain=domain)}.{suffix}" for suffix in ("csv", "md")]
-    if modular(config)["concepts"] >= 2:
+    if set_size(config, domain) >= 2:
         outputs += [
             f"{figures}/diagnostics-{adapter}-{kind}.png"
             for adapter in modular(config)["adapters"]
@@ -312,7 +371,7 @@ def all_outputs(config: dict) -> list[str]:
     """What `rule all` asks for: every domain's results, then the modular regime's."""
     world = [paths.WORLD_EVALUATION] if "world" in config else []
     continual = [path for name in config["domains"] for path in domain_outputs(config, name)]
-    return world + continual + [path for name in modular_domains(config) for path in modular_outputs(config, name)]
+    return world + continual + [path for name in modular_sets(config) for path in modular_outputs(config, name)]
 
 
 def world_block(config: dict) -> dict:

@@ -54,6 +54,7 @@ SUBSTITUTABLE = {
     "metrics.csd.checkpoint",
     "modular.concepts",
     "modular.merge_sizes",
+    "modular.mixes.*.*",
     "modular.layer_inputs.timesteps",
 }
 
@@ -116,6 +117,8 @@ def rehearsal_config(paper: dict, stand_ins: dict[str, Path], dreambooth_root: s
         concepts = REHEARSAL_SIZES["modular_concepts"]
         config["modular"]["concepts"] = concepts
         config["modular"]["merge_sizes"] = [concepts]  # the paper's sizes stop at its concept count
+        for counts in config["modular"].get("mixes", {}).values():  # one concept of each kind
+            counts.update(dict.fromkeys(counts, 1))
         config["modular"].setdefault("layer_inputs", {})["timesteps"] = REHEARSAL_SIZES["layer_inputs_timesteps"]
     return config
 

@@ -57,7 +57,7 @@ WORLD = plan.world_block(config)
 
 
 wildcard_constraints:
-    domain="|".join(config["domains"]),
+    domain="|".join([*config["domains"], *plan.modular_mixes(config)]),
     method="|".join(config["methods"]),
     order=r"-?\d+",
     seed=r"-?\d+",
@@ -96,6 +96,10 @@ def domain(wildcards):
 
 def selection_block(wildcards):
     return plan.selection_block(config, wildcards.domain)
+
+
+def mix_task_files(wildcards):
+    return list(plan.mix_task_files(config, wildcards.domain).values())
 
 
 def reference_tasks(wildcards):
@@ -144,7 +148,7 @@ def run_identity(wildcards):
 
 
 def metrics_of(wildcards):
-    return plan.domain_metrics(config, wildcards.domain)
+    return plan.set_metrics(config, wildcards.domain)
 
 
 def encoder_blocks(wildcards):
@@ -217,7 +221,8 @@ def merge_identity(wildcards):
 
 def merge_sample_dirs(wildcards):
     return [
-        f"{MERGE_DIR.format(domain=wildcards.domain, merge=wildcards.merge, k=k)}/samples" for k in merge_sizes(config)
+        f"{MERGE_DIR.format(domain=wildcards.domain, merge=wildcards.merge, k=k)}/samples"
+        for k in merge_sizes(config, wildcards.domain)
     ]
 
 
@@ -230,7 +235,7 @@ def modular_records(wildcards):
         {
             f"{merge}|{k}": f"{MERGE_DIR.format(domain=wildcards.domain, merge=merge, k=k)}/merge.json"
             for merge in MODULAR["merges"]
-            for k in merge_sizes(config)
+            for k in merge_sizes(config, wildcards.domain)
         }
     )
 
@@ -242,5 +247,5 @@ def modular_results_inputs(wildcards):
 def diagnostics_loras(wildcards):
     return [
         f"{CONCEPT_DIR.format(domain=wildcards.domain, adapter=wildcards.adapter, concept=concept)}/{LORA_FILE}"
-        for concept in plan.concept_labels(config)
+        for concept in plan.concept_labels(config, wildcards.domain)
     ]

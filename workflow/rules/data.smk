@@ -22,6 +22,8 @@ rule prepare_tasks:
         TASKS,
     log:
         f"{LOGS}/{{domain}}/tasks/order{{order}}.log",
+    wildcard_constraints:
+        domain="|".join(config["domains"]),
     conda:
         "../../envs/lorachain.yaml"
     params:
@@ -33,3 +35,26 @@ rule prepare_tasks:
         tasks=lambda wildcards, output: output[0],
     script:
         "../scripts/prepare_tasks.py"
+
+
+rule prepare_mix:
+    """A mixed concept set of the modular regime: the first concepts of several domains, in order."""
+    input:
+        sources=mix_task_files,
+    output:
+        TASKS,
+    log:
+        f"{LOGS}/{{domain}}/tasks/order{{order}}.log",
+    wildcard_constraints:
+        domain="|".join(plan.modular_mixes(config)) or "(?!)",
+    conda:
+        "../../envs/lorachain.yaml"
+    params:
+        counts=lambda wildcards: [
+            [domain, count] for domain, count in plan.modular_mixes(config)[wildcards.domain].items()
+        ],
+        mix="{domain}",
+        order=lambda wildcards: int(wildcards.order),
+        tasks=lambda wildcards, output: output[0],
+    script:
+        "../scripts/prepare_mix.py"

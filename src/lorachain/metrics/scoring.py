@@ -45,6 +45,22 @@ class ScoreError(RuntimeError):
     """A score that cannot be computed or is not finite; names the file."""
 
 
+def metric_union(metrics: list | dict) -> list[str]:
+    """Every metric of `metrics`: one list for all tasks, or task position ("1".."N") -> list (a
+    mixed concept set, each concept scored by its own domain's metrics)."""
+    if isinstance(metrics, dict):
+        return list(dict.fromkeys(metric for listed in metrics.values() for metric in listed))
+    return list(metrics)
+
+
+def metrics_of_task(metrics: list | dict, task: int, source: str = "") -> list[str]:
+    if not isinstance(metrics, dict):
+        return list(metrics)
+    if str(task) not in metrics:
+        raise ScoreError(f"{source}: task {task} has no metrics (the set's metrics cover tasks {sorted(metrics)})")
+    return list(metrics[str(task)])
+
+
 def _normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
 
@@ -84,8 +100,8 @@ def embed_references(tasks, encoders: dict, metrics: list[str], output: str | Pa
     from safetensors.torch import save_file
 
     tensors, sources = {}, {}
-    image_encoders = encoders_for([m for m in metrics if m in IMAGE_METRICS])
-    for task in tasks:
+    for position, task in enumerate(tasks, start=1):
+        image_encoders = encoders_for([m for m in metrics_of_task(metrics, position) if m in IMAGE_METRICS])
         if not task.reference_images:
             raise ScoreError(
                 f"task {task.concept}: no reference images; the dataset's reference directory for it is empty"
@@ -97,7 +113,7 @@ def embed_references(tasks, encoders: dict, metrics: list[str], output: str | Pa
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(output), metadata={"references": json.dumps(sources)})
-    return {"concepts": len(tasks), "encoders": image_encoders}
+    return {"concepts": len(tasks), "encoders": encoders_for([m for m in metric_union(metrics) if m in IMAGE_METRICS])}
 
 
 def load_references(path: str | Path) -> dict:
@@ -187,26 +203,27 @@ def score_sample_sets(
     against `base_priors` (:func:`base_prior_embeddings`)."""
     from lorachain.sample import PRIOR
 
-    concept_metrics = [metric for metric in metrics if metric not in PRIOR_METRICS]
-    prior_metrics = [metric for metric in metrics if metric in PRIOR_METRICS]
+    every = metric_union(metrics)
     rows = []
     for frame, source in zip(frames, sources):
         frame = frame.reset_index(drop=True)  # row i <-> embedding i
         images = _open_images(list(frame["path"]))
-        embeddings = {
-            name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(metrics)
-        }
-        text = _embed_texts(frame[frame["role"] != PRIOR], concept_metrics, encoders, batch_size)
-        for role, role_metrics in ((None, concept_metrics), (PRIOR, prior_metrics)):
+        embeddings = {name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(every)}
+        text = _embed_texts(
+            frame[frame["role"] != PRIOR], [m for m in every if m not in PRIOR_METRICS], encoders, batch_size
+        )
+        for role in (None, PRIOR):
             part = frame[frame["role"] == PRIOR] if role == PRIOR else frame[frame["role"] != PRIOR]
-            if role_metrics and part.empty:
+            wanted = [m for m in every if (m in PRIOR_METRICS) == (role == PRIOR)]
+            if wanted and part.empty:
                 raise ScoreError(
-                    f"{source}: no {'class-prompt' if role else 'concept'} images for {role_metrics}; "
+                    f"{source}: no {'class-prompt' if role else 'concept'} images for {wanted}; "
                     + ("resample with sampling.prior_samples: true" if role else "resample")
                 )
             for (after, task, concept), group in part.groupby(["after_task", "task", "concept"], sort=True):
                 positions = torch.as_tensor(group.index.to_list())
-                for metric in role_metrics:
+                task_metrics = metrics_of_task(metrics, int(task), source)
+                for metric in [m for m in task_metrics if (m in PRIOR_METRICS) == (role == PRIOR)]:
                     generated = embeddings[METRIC_ENCODER[metric]][positions]
                     if role == PRIOR:
                         value, n_references = _prior_score(metric, generated, group, base_priors, source)
@@ -220,7 +237,7 @@ def score_sample_sets(
                     rows.append(
                         _score_row(group.iloc[0], after, task, concept, metric, value, len(group), n_references)
                     )
-    return sorted(rows, key=lambda row: (row["after_task"], row["task"], metrics.index(row["metric"])))
+    return sorted(rows, key=lambda row: (row["after_task"], row["task"], every.index(row["metric"])))
 
 
 def _score_row(first, after, task, concept, metric, value, n_images, n_references) -> dict:
@@ -245,7 +262,7 @@ def base_prior_embeddings(base_frame, encoders: dict, metrics: list[str], batch_
     images, for the prior-drift metrics of `metrics`."""
     from lorachain.sample import PRIOR
 
-    names = encoders_for([metric for metric in metrics if metric in PRIOR_METRICS])
+    names = encoders_for([metric for metric in metric_union(metrics) if metric in PRIOR_METRICS])
     priors = base_frame[base_frame["role"] == PRIOR].sort_values(["concept", "sample"])
     result = {}
     for concept, group in priors.groupby("concept", sort=True):
@@ -293,16 +310,15 @@ def read_scores(path: str | Path):
     return frame
 
 
-def embed_references_job(*, tasks, metrics: list[str], encoders: dict, batch_size: int, references) -> dict:
+def embed_references_job(*, tasks, metrics: list | dict, encoders: dict, batch_size: int, references) -> dict:
     """The embed_references job: reference embeddings of every task of the task file `tasks`, with
     the encoders of the loader blocks `encoders`, written to `references`."""
     from lorachain.data import read_tasks
 
     started = time.perf_counter()
     task_list = read_tasks(tasks)
-    image_metrics = [metric for metric in metrics if metric in IMAGE_METRICS]
-    loaded, load_s = load_encoders(image_metrics, encoders)
-    result = embed_references(task_list, loaded, image_metrics, references, batch_size=batch_size)
+    loaded, load_s = load_encoders([m for m in metric_union(metrics) if m in IMAGE_METRICS], encoders)
+    result = embed_references(task_list, loaded, metrics, references, batch_size=batch_size)
     return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
 
 
@@ -324,10 +340,10 @@ def score_samples(
     started = time.perf_counter()
     frames = [read_index(directory) for directory in sample_dirs]
     reference_embeddings = load_references(references)
-    encoders, load_s = load_encoders(metrics, encoder_blocks)
+    encoders, load_s = load_encoders(metric_union(metrics), encoder_blocks)
     score_started = time.perf_counter()
     base_priors = None
-    if base_samples is not None and any(metric in PRIOR_METRICS for metric in metrics):
+    if base_samples is not None and any(metric in PRIOR_METRICS for metric in metric_union(metrics)):
         base_priors = base_prior_embeddings(read_index(base_samples), encoders, metrics, batch_size)
     rows = score_sample_sets(
         frames,
@@ -358,7 +374,7 @@ def _sample_dirs(samples) -> list:
 
 
 def score_job(
-    *, samples, references, metrics: list[str], encoders: dict, batch_size: int, scores, base_samples=None
+    *, samples, references, metrics: list | dict, encoders: dict, batch_size: int, scores, base_samples=None
 ) -> dict:
     """The score_run, score_base and score_merges jobs (one scores CSV of the sample sets
     `samples`): every sample set of one run (after task 1..T), the base model's sample set of a

@@ -9,6 +9,9 @@
   ``average`` is the mean of image alignment and CLIP-T (both raw cosines); ``average_clipscore``
   the mean of image alignment and CLIPScore, which is how the paper's Avg column mixes its scales.
 * Prior drift (the domain's prior-drift metric) is reported beside them, per merge and per k.
+* A mixed concept set (``modular.mixes``) scores each concept with its own domain's metrics, so
+  each column averages every concept's own metric (CLIP-I for an object, DINO for a style by the
+  preference above); the metric columns name them joined by '/'.
 * ``modular.ablation`` lists merge labels to lay out as BlockLoRA's Table 3 (its own table).
 * The table reports the largest k merged (the paper: all 15 concepts); the curve shows image
   alignment for every k of the config.
@@ -68,19 +71,40 @@ def alignment_metrics(metrics: list[str]) -> dict[str, str | None]:
     }
 
 
-def alignment_by_k(scores, metric: str, source: str) -> dict[int, float]:
-    """k -> mean over the merged concepts of their mean `metric` score."""
-    part = scores[scores["metric"] == metric]
-    if part.empty:
-        raise ModularResultError(f"{source}: no {metric} scores")
+def column_metrics(metrics: list | dict, size: int) -> dict[str, dict[int, str] | None]:
+    """Column -> (task -> the metric that fills it) for tasks 1..size; a mixed set's metrics are per
+    task, so each concept counts with its own kind's metric. None: a task lacks the column's metric."""
+    per_task = {
+        task: alignment_metrics(metrics[str(task)] if isinstance(metrics, dict) else metrics)
+        for task in range(1, size + 1)
+    }
+    columns = {}
+    for column in ALIGNMENTS:
+        chosen = {task: names[column] for task, names in per_task.items()}
+        columns[column] = None if None in chosen.values() else chosen
+    return columns
+
+
+def metric_label(metric_of: dict[int, str] | None) -> str:
+    """The metric names of a column, joined by '/' in task order ('clip_i/dino' for a mixed set)."""
+    return "/".join(dict.fromkeys(metric_of.values())) if metric_of else ""
+
+
+def alignment_by_k(scores, metric_of: dict[int, str], source: str) -> dict[int, float]:
+    """k -> mean over the merged concepts 1..k of each one's mean score by its own metric."""
     result = {}
-    for k, group in part.groupby("after_task"):
-        per_concept = group.groupby("task")["score"].mean()
-        if sorted(per_concept.index) != list(range(1, int(k) + 1)):
-            raise ModularResultError(
-                f"{source}: the merge of k = {k} is scored on tasks {sorted(per_concept.index)}, expected 1..{k}"
-            )
-        result[int(k)] = float(per_concept.mean())
+    for k in sorted(int(k) for k in scores["after_task"].unique()):
+        at_k = scores[scores["after_task"] == k]
+        per_concept = []
+        for task in range(1, k + 1):
+            rows = at_k[(at_k["task"] == task) & (at_k["metric"] == metric_of[task])]
+            if rows.empty:
+                raise ModularResultError(
+                    f"{source}: the merge of k = {k} has no {metric_of[task]} scores on task {task}, "
+                    f"expected tasks 1..{k}"
+                )
+            per_concept.append(float(rows["score"].mean()))
+        result[k] = sum(per_concept) / k
     return result
 
 
@@ -112,14 +136,15 @@ def modular_table(
 
     from lorachain.metrics.scoring import read_scores
 
-    columns = alignment_metrics(metrics)
     rows, curve_rows = [], []
     for label in merge_order:
         if label not in scores:
             raise ModularResultError(f"domain {domain}: no scores given for merge {label!r}")
         frame = read_scores(scores[label])
+        columns = column_metrics(metrics, int(frame["after_task"].max()))
         by_k = {
-            column: alignment_by_k(frame, metric, scores[label]) if metric else {} for column, metric in columns.items()
+            column: alignment_by_k(frame, metric_of, scores[label]) if metric_of else {}
+            for column, metric_of in columns.items()
         }
         ks = sorted(by_k["image_alignment"])
         for k in ks:
@@ -138,12 +163,12 @@ def modular_table(
                 "adapter_params": format_params(merge.get("adapter_method", ""), merge.get("adapter_params", {})),
                 "k": ks[-1],
                 "merge_s": point["merge_s"],
-                "image_metric": columns["image_alignment"],
+                "image_metric": metric_label(columns["image_alignment"]),
                 "image_pairing": IMAGE_PAIRING,
                 **{column: point[column] for column in ALIGNMENTS},
                 "average": _mean_of(point["image_alignment"], point["text_alignment"]),
                 "average_clipscore": _mean_of(point["image_alignment"], point["text_clipscore"]),
-                "prior_metric": columns["prior_drift"] or "",
+                "prior_metric": metric_label(columns["prior_drift"]),
             }
         )
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), pd.DataFrame(curve_rows)
@@ -159,10 +184,13 @@ def _cell(value: float) -> str:
     return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
 
 
+def _label(names: str) -> str:
+    return "/".join(figures.METRIC_LABELS.get(name, name) for name in names.split("/")) if names else ""
+
+
 def _header_labels(table) -> tuple[str, str]:
     first = table.iloc[0] if len(table) else {"image_metric": "image", "prior_metric": ""}
-    image = figures.METRIC_LABELS.get(first["image_metric"], first["image_metric"])
-    return image, figures.METRIC_LABELS.get(first["prior_metric"], first["prior_metric"]) or "prior drift"
+    return _label(first["image_metric"]) or "image", _label(first["prior_metric"]) or "prior drift"
 
 
 ALIGNMENT_HEADERS = (
@@ -289,7 +317,7 @@ def modular_results_job(
     by_k.to_csv(points, index=False, float_format="%.6f")
     Path(markdown).write_text(markdown_table(summary, domain))
     image_metric = summary["image_metric"].iloc[0]
-    label = f"image alignment ({figures.METRIC_LABELS.get(image_metric, image_metric)})"
+    label = f"image alignment ({_label(image_metric)})"
     plot_curve(by_k, "image_alignment", label, f"{domain}: image alignment of merged concepts", stem)
     return summary.to_dict(orient="records")
 
@@ -302,7 +330,7 @@ def modular_prior_drift_job(*, domain, metric: str, points, curve, curve_pdf) ->
     by_k = pd.read_csv(points)
     if by_k["prior_drift"].isna().all():
         raise ModularResultError(f"{points}: no prior-drift values; the domain is not scored with {metric}")
-    label = f"prior drift ({figures.METRIC_LABELS.get(metric, metric)}; lower is better)"
+    label = f"prior drift ({_label(metric)}; lower is better)"
     plot_curve(by_k, "prior_drift", label, f"{domain}: drift of the class prior", _figure_stem(curve, curve_pdf))
 
 
