@@ -186,7 +186,7 @@ def test_orthogonal_adaptation_slot_beyond_the_basis_is_an_error(tiny_sd1_dir, s
             task_index=1,
             previous_state=None,
             method_name="orthogonal_adaptation",
-            method_params={},
+            method_params={"columns": "coordinated"},
             training={**TRAINING, "steps": 1},
             seed=0,
             output_dir=tmp_path / "far",
@@ -245,3 +245,12 @@ def test_uncoordinated_orthogonal_adaptation_trains_and_merges_past_the_coordina
         torch.testing.assert_close(delta, expected, rtol=1e-5, atol=1e-6)
     far = concepts[1].adapters[next(iter(merged))]
     assert torch.count_nonzero(far.B) > 0
+
+
+def test_auto_columns_are_coordinated_where_the_slot_fits_and_random_beyond():
+    from lorachain.methods.orthogonal_adaptation import auto_down_projection, random_down_projection
+
+    width, rank = 16, 4
+    for slot in range(4):  # 4 x 4 = 16 columns: every one of these fits
+        assert torch.equal(auto_down_projection(width, rank, slot, 0), slot_down_projection(width, rank, slot, 0))
+    assert torch.equal(auto_down_projection(width, rank, 4, 0), random_down_projection(width, rank, 4, 0))

@@ -43,7 +43,16 @@ def _load(name: str, source: str):
 
 
 def test_metric_encoder_map():
-    assert METRIC_ENCODER == {"dino": "dino", "clip_i": "clip", "clip_t": "clip", "csd": "csd"}
+    assert METRIC_ENCODER == {
+        "dino": "dino",
+        "clip_i": "clip",
+        "clip_t": "clip",
+        "clip_score": "clip",
+        "csd": "csd",
+        "prior_drift_dino": "dino",
+        "prior_drift_clip": "clip",
+        "prior_drift_csd": "csd",
+    }
 
 
 @pytest.mark.parametrize("name", ["dino", "clip", "csd"])

@@ -98,7 +98,7 @@ def test_the_yaml_schema_holds_no_hand_written_blocks_and_the_full_schema_has_th
 
 def test_the_values_of_today_stay_the_defaults():
     assert make_method("blocklora").params == {"num_blocks": 16, "erasure": 0.25, "blockwise": True}
-    assert make_method("orthogonal_adaptation").params == {"basis_seed": 0, "columns": "coordinated"}
+    assert make_method("orthogonal_adaptation").params == {"basis_seed": 0, "columns": "auto"}
     assert make_method("magmax").params == {}
 
 

@@ -83,22 +83,26 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "prepare_tasks": 2 * 4,
         "train_task": runs * 10,
         "sample_state": runs * 10,  # one per (run, after task i)
-        "sample_base": 2,
-        "embed_references": 2,  # once per domain, reused by every scoring job
+        "sample_base": 3,  # objects, styles and the mixed set
+        "embed_references": 3,  # once per domain or set, reused by every scoring job
         "score_run": runs,
         "score_base": 2,
         "continual_table": 2,
-        "plot_metric": 2 * 3,  # domains x metrics
+        "plot_metric": 2 * 5,  # domains x their 5 default metrics
         "image_grid": 2,
-        # the modular regime on objects: 10 concepts x 5 adapter kinds, 8 merges x 6 merge sizes
-        "train_concept": 10 * 5,
-        "record_layer_inputs": 10,  # only the adapters that gradient fusion merges
-        "merge_and_sample": 8 * 6,
-        "score_merges": 8,
-        "modular_results": 1,
-        "lora_diagnostics": 5,
+        # the modular regime on objects (10 concepts) and on mixed15 (10 objects + 5 styles):
+        # 6 adapter kinds each; 10 merges at 6 merge sizes on objects, at 7 on mixed15 (15 added)
+        "prepare_mix": 1,
+        "train_concept": (10 + 15) * 6,
+        "record_layer_inputs": 10 + 15,  # only the adapters that gradient fusion merges
+        "merge_and_sample": 10 * 6 + 10 * 7,
+        "score_merges": 10 * 2,
+        "modular_results": 2,
+        "modular_ablation": 2,  # Table 3's layout, per set
+        "modular_prior_drift": 2,
+        "lora_diagnostics": 6 * 2,
         "all": 1,
-        "total": 1491,
+        "total": 1719,
     }
     # real models are hub ids: nothing is built or downloaded
     assert "build_tiny_model" not in counts and "build_tiny_encoder" not in counts
@@ -257,14 +261,15 @@ def test_demo_samples_every_state_on_its_tasks(demo_run):
         T = block["num_tasks"]
         base = read_index(workdir / "results" / domain / "base" / "samples")
         pool = block.get("task_pool") or T  # the base model is sampled on every concept of the pool
-        assert len(base) == pool * 5 * sampling["num_samples"]  # every concept, 5 prompts, N noises
+        # every concept: 5 prompts and its class prompt without the concept (prior drift), N noises
+        assert len(base) == pool * (5 + 1) * sampling["num_samples"]
         for method in config["methods"]:
             for after in range(1, T + 1):
                 index = read_index(
                     workdir / "results" / domain / method / "order0-seed0" / "samples" / f"after{after:02d}"
                 )
                 assert sorted(set(index["task"])) == list(range(1, after + 1))
-                assert len(index) == after * 5 * sampling["num_samples"]
+                assert len(index) == after * (5 + 1) * sampling["num_samples"]
                 assert set(index["noise_seed"]) == {sampling["noise_seed"]}
 
 

@@ -3,12 +3,13 @@ training side, merge side and the basis they share.
 
 Training side (:class:`OrthogonalAdaptation`): the down-projection A_i of concept slot s is frozen
 to r rows of a random orthogonal matrix O shared by all concepts (one O per input width, seeded by
-``basis_seed``). ``columns: coordinated`` (default): the columns [s*r, (s+1)*r) of O
+``basis_seed``). ``columns: coordinated``: the columns [s*r, (s+1)*r) of O
 (:func:`slot_down_projection`), so A_i A_j^T = 0 exactly for i != j and at most in_features // r
 concepts fit in one layer (:func:`max_slots`). ``columns: random``: r columns of O drawn at random
 per slot (:func:`random_down_projection`), the original paper's uncoordinated choice: any number of
-concepts, approximately orthogonal. Only the up-projection B_i trains, starting at 0. The rows are unit vectors;
-what scale the trainer gives them is its choice.
+concepts, approximately orthogonal. ``columns: auto`` (default): coordinated on every layer the
+slot fits, random beyond it (:func:`auto_down_projection`). Only the up-projection B_i trains,
+starting at 0. The rows are unit vectors; what scale the trainer gives them is its choice.
 
 Merge side (:class:`OrthogonalAdaptationMerge`): W = W0 + sum_i lambda_i scale_i B_i A_i, computed
 exactly. ``weights`` is lambda: default the constant 0.6 (the paper's lambda), any non-negative
@@ -81,7 +82,20 @@ def random_down_projection(in_features: int, rank: int, slot: int, seed: int) ->
     return basis[:, columns].T.to(torch.float32).contiguous()
 
 
-DOWN_PROJECTIONS = {"coordinated": slot_down_projection, "random": random_down_projection}
+def auto_down_projection(in_features: int, rank: int, slot: int, seed: int) -> torch.Tensor:
+    """Coordinated columns where the slot fits the layer ((slot + 1) * rank <= in_features), the
+    original paper's random columns beyond: exact orthogonality among the first in_features // rank
+    concepts of every layer, approximate for the rest."""
+    if rank >= 1 and slot >= 0 and (slot + 1) * rank <= in_features:
+        return slot_down_projection(in_features, rank, slot, seed)
+    return random_down_projection(in_features, rank, slot, seed)
+
+
+DOWN_PROJECTIONS = {
+    "auto": auto_down_projection,
+    "coordinated": slot_down_projection,
+    "random": random_down_projection,
+}
 
 
 @register_method
@@ -94,10 +108,11 @@ class OrthogonalAdaptation(ContinualMethod):
         Param("basis_seed", 0, {"type": "integer"}, "seed of the orthogonal basis shared by every concept"),
         Param(
             "columns",
-            "coordinated",
+            "auto",
             {"type": "string", "enum": list(DOWN_PROJECTIONS)},
             "coordinated: slot s owns columns [s*r, (s+1)*r) (exactly orthogonal, at most in_features // r "
-            "concepts); random: r random columns per slot (the original paper; any number of concepts)",
+            "concepts); random: r random columns per slot (the original paper; any number of concepts); "
+            "auto: coordinated where the slot fits the layer, random beyond",
         ),
     )
 
@@ -106,7 +121,7 @@ class OrthogonalAdaptation(ContinualMethod):
         try:
             A = down_projection(ctx.in_features, ctx.rank, ctx.slot, self.params["basis_seed"])
         except ValueError as error:
-            fix = " (or set columns: random, the original paper's uncoordinated columns)"
+            fix = " (or set columns: auto or random, the original paper's uncoordinated columns)"
             raise MethodError(f"method 'orthogonal_adaptation', layer {ctx.layer}: {error}{fix}") from None
         return LayerAdapter(A=A, B=torch.zeros(ctx.out_features, ctx.rank), scale=ctx.scale)
 
