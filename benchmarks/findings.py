@@ -10,6 +10,10 @@ Prints, from the workflow's own result files:
 3. the modular regime's identity (image metric) of every merge as k grows; there is one modular
    run per config, so these intervals resample the merged concepts, not runs;
 4. the world LoRAs' mean pairwise cosine similarity and sign-conflict share (modular adapters).
+
+With ``--modular-runs DIR DIR DIR`` (the results directories of modular runs that differ only in
+``modular.seed``), it prints instead every merge's mean over the k concepts of each metric, per k,
+with intervals over those runs, and the merge and recording times (their mean over runs).
 """
 
 from __future__ import annotations
@@ -85,10 +89,56 @@ def modular_findings(results: Path, domain: str, metric: str) -> None:
         )
 
 
+def merge_run_means(results: Path, domain: str, metric: str) -> pd.DataFrame:
+    """(merge, k) -> the mean over the k merged concepts of `metric`, for one modular run."""
+    rows = []
+    for path in sorted((results / domain / "modular" / "merges").glob("*/scores.csv")):
+        scores = pd.read_csv(path)
+        scores = scores[scores["metric"] == metric]
+        for k, group in scores.groupby("after_task"):
+            rows.append({"merge": path.parent.name, "k": int(k), "value": group.groupby("task")["score"].mean().mean()})
+    return pd.DataFrame(rows, columns=["merge", "k", "value"])
+
+
+def merge_times(results: Path, domain: str) -> pd.DataFrame:
+    import json
+
+    rows = []
+    for path in sorted((results / domain / "modular" / "merges").glob("*/k*/merge.json")):
+        record = json.loads(path.read_text())
+        rows.append({"merge": path.parent.parent.name, "k": record["k"], **{key: record.get(key) for key in TIMES}})
+    return pd.DataFrame(rows, columns=["merge", "k", *TIMES])
+
+
+TIMES = ("merge_s", "record_s")
+
+
+def modular_runs_findings(runs: list[Path], domain: str, metrics: list[str]) -> None:
+    print(f"\n## {domain} modular over {len(runs)} runs (intervals over runs)")
+    for metric in metrics:
+        frame = pd.concat([merge_run_means(run, domain, metric).assign(run=i) for i, run in enumerate(runs)])
+        if frame.empty:
+            continue
+        print(f"\n### {metric}: mean over the merged concepts")
+        for merge, by_merge in frame.groupby("merge"):
+            cells = [f"k={k}: {text(interval(group['value']))}" for k, group in by_merge.groupby("k")]
+            print(f"  {merge:<22} " + "  ".join(cells))
+    times = pd.concat([merge_times(run, domain) for run in runs]).groupby(["merge", "k"]).mean(numeric_only=True)
+    print("\n### time (s, mean over runs): merge alone / the k concepts' recording")
+    for (merge, k), row in times.iterrows():
+        record = "n/a" if pd.isna(row["record_s"]) else f"{row['record_s']:.1f}"
+        print(f"  {merge:<22} k={k}: {row['merge_s']:.3f} / {record}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--modular-runs", type=Path, nargs="+", help="results directories of modular runs")
+    parser.add_argument("--metrics", nargs="+", default=["clip_i", "dino", "prior_drift_clip"])
     args = parser.parse_args()
+    if args.modular_runs:
+        modular_runs_findings(args.modular_runs, "objects", args.metrics)
+        return
     for domain, metric in (("objects", "dino"), ("styles", "csd")):
         if (args.results / domain / "matrices.csv").is_file():
             continual_findings(args.results, domain, metric)

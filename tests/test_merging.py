@@ -73,7 +73,14 @@ def test_registry_and_parameters():
         "majority_sign_method": "total",
     }
     assert make_merge("orthogonal_adaptation").params == {"weights": 0.6}
-    assert make_merge("gradient_fusion").params == {"weights": "mean", "ridge": 1e-6, "prior": "mean", "rcond": 1e-10}
+    assert make_merge("gradient_fusion").params == {
+        "weights": "mean",
+        "ridge": 1e-6,
+        "prior": "mean",
+        "rcond": 1e-10,
+        "inputs": "images",
+        "cross_attention_rows": "all",
+    }
 
 
 def test_unknown_method_and_parameter_name_the_key():
@@ -556,6 +563,51 @@ def test_gram_recorder_reuses_products_of_shared_inputs_and_save_stores_duplicat
     assert sorted(loaded) == ["k", "k2", "q", "v", "v2"] and loaded["v2"][1] == 21
     for layer in loaded:
         torch.testing.assert_close(loaded[layer][0], grams[layer][0], rtol=1e-6, atol=1e-6)
+
+
+def test_context_layers_take_only_the_masked_token_rows_and_the_others_every_row():
+    model = SharedInputs()
+    x, text = torch.randn(3, 5, 4), torch.randn(3, 7, 6)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[:, 2:4] = True  # the concept's two tokens
+    mask[0, 6] = True  # rows are picked per batch item
+    with GramRecorder(model, ["q", "k2", "v2"], context_layers=["k2", "v2"]) as recorder, torch.no_grad():
+        recorder.context_rows = mask
+        model(x.clone(), text)
+    grams = recorder.grams
+    T = text[mask].double()
+    assert T.shape == (7, 6) and grams["k2"][1] == grams["v2"][1] == 7
+    torch.testing.assert_close(grams["k2"][0], T.T @ T)
+    torch.testing.assert_close(grams["v2"][0], T.T @ T)
+    X = x.reshape(-1, 4).double()
+    torch.testing.assert_close(grams["q"][0], X.T @ X)  # not a context layer: every row
+    with GramRecorder(model, ["k2"], context_layers=["k2"]) as recorder, torch.no_grad():
+        recorder.context_rows = torch.ones(2, 7, dtype=torch.bool)
+        with pytest.raises(GramError, match="'k2'.*token mask is \\(2, 7\\)"):
+            model(x.clone(), text)
+
+
+def test_recording_names_round_trip_and_unknown_parts_are_refused():
+    from lorachain.merging.fusion import is_cross_attention_kv, parse_recording, recording_name
+
+    for source in ("images", "sampling"):
+        for rows in ("all", "concept"):
+            assert parse_recording(recording_name(source, rows)) == (source, rows)
+    assert recording_name("images", "all") == "images" and recording_name("sampling", "concept") == "sampling-concept"
+    with pytest.raises(GramError, match="source must be one of"):
+        parse_recording("video")
+    assert is_cross_attention_kv("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k")
+    assert not is_cross_attention_kv("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k")
+
+
+def test_gradient_fusion_declares_how_its_inputs_are_recorded():
+    from lorachain.methods import merge_class
+
+    fusion = merge_class("gradient_fusion")
+    assert fusion.layer_input_recording({}) == "images"
+    published = {"prior": "base", "inputs": "sampling", "cross_attention_rows": "concept"}
+    assert fusion.layer_input_recording(published) == "sampling-concept"
+    assert merge_class("weighted_average").layer_input_recording({}) is None
 
 
 def test_gram_recorder_sees_peft_wrapped_layers():

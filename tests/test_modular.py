@@ -177,6 +177,109 @@ def test_recorded_grams_let_gradient_fusion_reproduce_a_single_concept(concepts,
         assert torch.allclose(delta.double() @ G, target, atol=1e-4 * float(target.abs().max()) + 1e-8), layer
 
 
+def _record(concepts, tiny_sd1_dir, path, recording, timesteps=2):
+    from dataclasses import replace
+
+    from lorachain import modular
+    from lorachain.data import read_tasks
+
+    root, dirs = concepts
+    task = read_tasks(root / "tasks.json")[0]
+    task = replace(task, train_prompt=f"a photo of {task.identifier}")  # the fixture's prompts name other classes
+    return modular.record_layer_inputs(
+        model_source=str(tiny_sd1_dir),
+        vae=None,
+        state_dir=dirs[0],
+        method_name="blocklora",
+        method_params={"num_blocks": 4, "erasure": 0.25},
+        task=task,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        resolution=64,
+        timesteps=timesteps,
+        seed=0,
+        output=path,
+        gram_dtype="float64",
+        recording=recording,
+        record=path.with_suffix(".json"),
+    )
+
+
+def test_mix_of_show_recording_along_a_trajectory_with_the_concepts_token_rows(concepts, tiny_sd1_dir, tmp_path):
+    """Both sources record every targeted layer; `sampling` records one row set per trajectory step
+    of one latent; `concept` keeps 2 token rows ("sks thing") per forward in the cross-attention K/V
+    layers and every row elsewhere; the grams differ from the images' ones; each record says how."""
+    from lorachain.merging.fusion import is_cross_attention_kv, load_grams
+
+    results, grams = {}, {}
+    for recording in ("images", "sampling", "sampling-concept"):
+        path = tmp_path / f"grams-{recording}.safetensors"
+        results[recording] = _record(concepts, tiny_sd1_dir, path, recording, timesteps=3)
+        grams[recording] = load_grams(path)
+        assert json.loads(path.with_suffix(".json").read_text())["recording"] == recording
+    assert sorted(grams["images"]) == sorted(grams["sampling"]) == sorted(grams["sampling-concept"])
+    cross = [layer for layer in grams["sampling"] if is_cross_attention_kv(layer)]
+    assert cross and results["sampling-concept"]["restricted_layers"] == len(cross)
+    for layer in cross:
+        full, restricted = grams["sampling"][layer][1], grams["sampling-concept"][layer][1]
+        assert full == 3 * 77 and restricted == 3 * 2  # 3 steps x (77 tokens | the concept's 2)
+    for layer in grams["sampling"]:
+        if not is_cross_attention_kv(layer):  # the same trajectory: spatial layers agree exactly
+            assert torch.equal(grams["sampling"][layer][0], grams["sampling-concept"][layer][0])
+    spatial = next(layer for layer in grams["images"] if not is_cross_attention_kv(layer))
+    assert not torch.allclose(grams["images"][spatial][0], grams["sampling"][spatial][0])
+
+
+def test_a_merge_records_its_concepts_recording_time_and_refuses_another_recording(concepts, tiny_sd1_dir, tmp_path):
+    from lorachain import modular
+
+    root, dirs = concepts
+    grams = tmp_path / "grams-images.safetensors"
+    _record(concepts, tiny_sd1_dir, grams, "images")
+    recorded = json.loads(grams.with_suffix(".json").read_text())["total_s"]
+    common = dict(
+        concept_dirs=[dirs[0]],
+        gram_files=[grams],
+        merge_name="gradient_fusion",
+        merge_key="modular.merges.gf",
+        tasks_file=root / "tasks.json",
+        sampling=SAMPLING,
+        model_source=str(tiny_sd1_dir),
+        vae=None,
+        identity={"model": "gf", "method": "gradient_fusion", "domain": "d", "order": 0, "seed": 0, "after_task": 1},
+    )
+    modular.merge_and_sample(
+        **common,
+        merge_params={},
+        output_dir=tmp_path / "samples",
+        merge_record=tmp_path / "m.json",
+        gram_records=[grams.with_suffix(".json")],
+    )
+    record = json.loads((tmp_path / "m.json").read_text())
+    assert record["record_s"] == pytest.approx(recorded) and record["merge_type"] == "post-training (closed form)"
+    with pytest.raises(modular.ModularError, match="recorded as 'images', but modular.merges.gf asks for 'sampling'"):
+        modular.merge_and_sample(
+            **common,
+            merge_params={"inputs": "sampling"},
+            output_dir=tmp_path / "other",
+            merge_record=tmp_path / "other.json",
+            gram_records=[grams.with_suffix(".json")],
+        )
+
+
+def test_the_concept_token_mask_finds_the_phrase_or_names_the_prompt(tiny_sd1_dir):
+    from transformers import CLIPTokenizer
+
+    from lorachain.modular import ModularError, concept_token_mask
+
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sd1_dir / "tokenizer")
+    mask = concept_token_mask(tokenizer, "a photo of sks dog", "sks dog")
+    ids = tokenizer("a photo of sks dog").input_ids  # <bos> a photo of sks dog <eos>
+    assert mask.shape == (1, tokenizer.model_max_length) and mask[0].nonzero().flatten().tolist() == [4, 5]
+    assert ids[4:6] == tokenizer("sks dog", add_special_tokens=False).input_ids
+    with pytest.raises(ModularError, match="'zwz cat' is not among the tokens of its prompt 'a photo of sks dog'"):
+        concept_token_mask(tokenizer, "a photo of sks dog", "zwz cat")
+
+
 def _scores(rows):
     return pd.DataFrame(
         rows,

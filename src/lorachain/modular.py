@@ -6,12 +6,17 @@ Every concept of a domain is trained from the base model on its own (a task-1 st
 is added to the base U-Net and sampled on the k concepts with the continual regime's sampler, so
 the same metrics score both regimes. What the workflow's jobs call:
 
-* :func:`record_layer_inputs`: gradient fusion's data. The concept's own model (base + its LoRA)
-  denoises the concept's training images (one fixed crop each, their VAE posterior means) at
-  ``timesteps`` evenly spaced noise levels with one seeded noise draw each, conditioned on the
-  concept's training prompt, and the Gram matrix X^T X of every targeted layer's inputs is
-  accumulated (Mix-of-Show records the inputs of each concept's model on that concept's data and
-  fits the fused layer to reproduce its outputs there).
+* :func:`record_layer_inputs`: gradient fusion's data. The concept's own model (base + its LoRA),
+  conditioned on the concept's training prompt, runs on one of two sources, and the Gram matrix
+  X^T X of every targeted layer's inputs is accumulated (Mix-of-Show records the inputs of each
+  concept's model on that concept's data and fits the fused layer to reproduce its outputs there):
+  ``images`` (this project's default): it denoises the concept's training images (one fixed crop
+  each, their VAE posterior means) at ``timesteps`` evenly spaced noise levels with one seeded
+  noise draw each; ``sampling`` (Mix-of-Show): it samples one image of the prompt from seeded noise
+  in ``timesteps`` steps of the pipeline's scheduler, without guidance as Mix-of-Show's recorder
+  does, and every step is recorded. ``cross_attention_rows: concept`` keeps, in the cross-attention
+  K/V layers (whose inputs are the text encoder's token features), only the rows of the concept's
+  own tokens ("sks dog", or the style's phrase) instead of all 77.
 * :func:`merge_and_sample`: load the k concept states, merge them (timed), sample them on the
   modular regime's prompts (:func:`modular_tasks`: BlockLoRA's 20 per concept by default).
 
@@ -60,6 +65,59 @@ def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None)
     ), manifest
 
 
+def concept_token_mask(tokenizer, prompt: str, phrase: str) -> torch.Tensor:
+    """(1, tokens) boolean mask of where `phrase`'s tokens sit in `prompt` as the pipeline encodes
+    it (padded to the tokenizer's length). An error names the prompt when the phrase is not in it."""
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
+    width = len(phrase_ids)
+    for start in range(len(ids) - width + 1):
+        if width and ids[start : start + width] == phrase_ids:
+            mask = torch.zeros(1, len(ids), dtype=torch.bool)
+            mask[0, start : start + width] = True
+            return mask
+    raise ModularError(f"the concept phrase {phrase!r} is not among the tokens of its prompt {prompt!r}")
+
+
+def _record_on_images(pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device) -> None:
+    from diffusers import DDPMScheduler
+
+    from lorachain.training.conditioning import load_training_image, sdxl_time_ids, unet_kwargs
+
+    images = [load_training_image(path, resolution, generator) for path in task.train_images]
+    pixels = torch.stack([image for image, _, _ in images]).to(device)
+    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    time_ids = sdxl_time_ids(condition, images, resolution, device)
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    levels = torch.linspace(0, scheduler.config.num_train_timesteps - 1, timesteps).round().long()
+    recorder.context_rows = None if mask is None else mask.expand(len(latents), -1)
+    for level in levels:
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = level.repeat(len(latents)).to(device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        pipe.unet(noisy.to(pipe.unet.dtype), t, **unet_kwargs(condition, len(latents), time_ids, pipe.unet.dtype))
+
+
+def _record_on_trajectory(pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device) -> None:
+    from lorachain.training.conditioning import sdxl_time_ids, unet_kwargs
+
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(timesteps, device=device)
+    size = resolution // pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, size, size)
+    latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    time_ids = sdxl_time_ids(condition, [(None, (resolution, resolution), (0, 0))], resolution, device)
+    kwargs = unet_kwargs(condition, 1, time_ids, pipe.unet.dtype)
+    recorder.context_rows = mask
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(latents, t).to(pipe.unet.dtype)
+        prediction = pipe.unet(model_input, t, **kwargs).sample
+        latents = scheduler.step(prediction.float(), t, latents).prev_sample
+
+
+RECORDERS = {"images": _record_on_images, "sampling": _record_on_trajectory}
+
+
 @torch.no_grad()
 def record_layer_inputs(
     *,
@@ -75,53 +133,64 @@ def record_layer_inputs(
     seed: int,
     output: str | Path,
     gram_dtype: str = "float32",
+    recording: str = "images",
+    record: str | Path | None = None,
 ) -> dict:
-    """Record the Gram matrices of the targeted layers' inputs of one concept's model (see the module
-    docstring) and write them with :func:`lorachain.merging.fusion.save_grams`. Returns timings."""
-    from diffusers import DDPMScheduler
-
-    from lorachain.merging.fusion import GramRecorder, save_grams
+    """Record the Gram matrices of the targeted layers' inputs of one concept's model as
+    `recording` says (see the module docstring and :func:`lorachain.merging.fusion.recording_name`)
+    and write them with :func:`lorachain.merging.fusion.save_grams`; what was recorded and its
+    timings go to `record` (JSON) too. Returns the timings."""
+    from lorachain.merging.fusion import GramRecorder, is_cross_attention_kv, parse_recording, save_grams
     from lorachain.methods import make_method
     from lorachain.models.loading import load_pipeline
     from lorachain.sample import device_for_sampling
     from lorachain.state import apply_to_unet, fold_state
     from lorachain.training.adapters import lora_layers
-    from lorachain.training.conditioning import encode_condition, load_training_image, sdxl_time_ids, unet_kwargs
+    from lorachain.training.conditioning import encode_condition
 
     started = time.perf_counter()
+    source, rows = parse_recording(recording)
     device = device_for_sampling()
     pipe = load_pipeline(model_source, vae=vae)
     apply_to_unet(pipe.unet, fold_state(state_dir, make_method(method_name, method_params)))
     pipe.to(device)
     generator = torch.Generator().manual_seed(seed)
-    images = [load_training_image(path, resolution, generator) for path in task.train_images]
-    pixels = torch.stack([image for image, _, _ in images]).to(device)
-    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
     condition = encode_condition(pipe, task.train_prompt, device)
-    time_ids = sdxl_time_ids(condition, images, resolution, device)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    total = scheduler.config.num_train_timesteps
-    levels = torch.linspace(0, total - 1, timesteps).round().long()
     layers = list(lora_layers(pipe.unet, target_modules))
+    mask = concept_token_mask(pipe.tokenizer, task.train_prompt, task.identifier) if rows == "concept" else None
+    context = [layer for layer in layers if is_cross_attention_kv(layer)] if mask is not None else []
     load_s = time.perf_counter() - started
-    with GramRecorder(pipe.unet, layers) as recorder:
-        for level in levels:
-            noise = torch.randn(latents.shape, generator=generator).to(device)
-            t = level.repeat(len(latents)).to(device)
-            noisy = scheduler.add_noise(latents, noise, t)
-            pipe.unet(noisy.to(pipe.unet.dtype), t, **unet_kwargs(condition, len(latents), time_ids, pipe.unet.dtype))
+    with GramRecorder(pipe.unet, layers, context_layers=context) as recorder:
+        RECORDERS[source](
+            pipe,
+            task,
+            condition,
+            recorder,
+            mask,
+            resolution=resolution,
+            timesteps=timesteps,
+            generator=generator,
+            device=device,
+        )
     if recorder.unseen:
         raise ModularError(
             f"{state_dir}: layers {recorder.unseen[:3]} received no input while recording; "
             "check training.target_modules"
         )
     save_grams(output, recorder.grams, dtype=getattr(torch, gram_dtype))
-    return {
+    result = {
+        "recording": recording,
+        "source": source,
+        "cross_attention_rows": rows,
         "layers": len(layers),
+        "restricted_layers": len(context),
         "rows_per_layer_max": max(n for _, n in recorder.grams.values()),
         "load_s": load_s,
         "total_s": time.perf_counter() - started,
     }
+    if record is not None:
+        Path(record).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
 
 
 def modular_tasks(tasks, eval_prompts: dict | None) -> list:
@@ -156,10 +225,14 @@ def merge_and_sample(
     identity: dict,
     merge_record: str | Path,
     eval_prompts: dict | None = None,
+    gram_records: list | None = None,
 ) -> dict:
     """Merge the first k concepts (k = len(concept_dirs)) and sample the merged model on them.
     Writes the sample set (PNG + index.csv) to `output_dir` and the merge time and what was merged
-    to `merge_record` (JSON). The merge is timed alone: reading the LoRA files is not part of it."""
+    to `merge_record` (JSON). The merge is timed alone: reading the LoRA files is not part of it.
+    A merge on recorded layer inputs also records ``record_s``, the k concepts' recording jobs'
+    time (from `gram_records`, the records beside the gram files), so the merge's cost can be
+    given with and without recording."""
     from lorachain.data import read_tasks
     from lorachain.methods import make_merge
     from lorachain.sample import SamplingConfig, load_model_for_sampling, sample_tasks
@@ -176,6 +249,7 @@ def merge_and_sample(
     grams = gram_files if method.needs_layer_inputs else [None] * k
     if method.needs_layer_inputs and (gram_files is None or len(gram_files) != k):
         raise ModularError(f"{merge_key}: merge {merge_name!r} needs recorded layer inputs of all {k} concepts")
+    record_s = _recording_time(gram_records, method, merge_key) if method.needs_layer_inputs else None
     loaded = [load_concept(directory, with_grams=gram) for directory, gram in zip(concept_dirs, grams)]
     for position, (concept, manifest) in enumerate(loaded):
         if manifest.get("concept") != tasks[position].concept:
@@ -210,11 +284,29 @@ def merge_and_sample(
         "k": k,
         "merge_type": "post-training (closed form)" if method.needs_layer_inputs else "instant",
         "merge_s": merge_s,
+        "record_s": record_s,
         "read_s": read_s,
         "concepts": [str(d) for d in concept_dirs],
     }
     Path(merge_record).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return {**result, "merge_s": merge_s, "read_s": read_s, "total_s": time.perf_counter() - started}
+
+
+def _recording_time(gram_records: list | None, method, merge_key: str) -> float | None:
+    """The summed recording time of the merged concepts' gram files, after checking that they were
+    recorded the way the merge asks; None when no records are given (a merge run outside the workflow)."""
+    if not gram_records:
+        return None
+    expected = method.layer_input_recording(method.params)
+    total = 0.0
+    for path in gram_records:
+        record = json.loads(Path(path).read_text())
+        if record.get("recording") != expected:
+            raise ModularError(
+                f"{path}: layer inputs recorded as {record.get('recording')!r}, but {merge_key} asks for {expected!r}"
+            )
+        total += float(record["total_s"])
+    return total
 
 
 # ------------------------------------------------------------------------------ jobs
@@ -269,15 +361,17 @@ def record_layer_inputs_job(
     method: str,
     method_params: dict,
     layer_inputs: dict,
+    recording: str,
     target_modules: list,
     resolution: int,
     model: str,
     vae: str | None,
     grams,
+    record,
 ) -> dict:
     """The record_layer_inputs job: the Gram matrices of the concept whose manifest is `state`, on
-    concept `concept_index` of the task file `tasks` (``modular.layer_inputs`` sets timesteps, seed
-    and the stored dtype)."""
+    concept `concept_index` of the task file `tasks`, recorded as `recording` says
+    (``modular.layer_inputs`` sets timesteps, seed and the stored dtype)."""
     from lorachain.data import read_tasks
 
     block = dict(layer_inputs)
@@ -293,7 +387,9 @@ def record_layer_inputs_job(
         timesteps=block.get("timesteps", 10),
         seed=block.get("seed", 0),
         gram_dtype=block.get("gram_dtype", "float32"),
+        recording=recording,
         output=grams,
+        record=record,
     )
 
 
@@ -312,9 +408,11 @@ def merge_and_sample_job(
     samples,
     record,
     eval_prompts: dict | None = None,
+    recordings: list | None = None,
 ) -> dict:
     """The merge_and_sample job: merge label `merge` (merge method `method`) of the concepts in
-    `concept_dirs`, sampled into `samples`; the merge's time and inputs go to `record`."""
+    `concept_dirs`, sampled into `samples`; the merge's time, its concepts' recording time and its
+    inputs go to `record`."""
     return merge_and_sample(
         concept_dirs=list(concept_dirs),
         gram_files=list(grams) or None,
@@ -329,6 +427,7 @@ def merge_and_sample_job(
         identity=dict(identity),
         merge_record=record,
         eval_prompts={kind: list(templates) for kind, templates in (eval_prompts or {}).items()},
+        gram_records=list(recordings or []) or None,
     )
 
 

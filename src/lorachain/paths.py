@@ -1,7 +1,7 @@
 """Where every file of a run lives: the one home of the path templates that the workflow's rules,
 its input functions and the library share. Templates hold Snakemake wildcards in braces
 (``{domain}``, ``{method}``, ``{order}``, ``{seed}``, ``{task}``, ``{adapter}``, ``{concept}``,
-``{merge}``, ``{k}``, ``{metric}``); ``str.format`` fills them in the library. Import-light.
+``{merge}``, ``{k}``, ``{metric}``, ``{recording}``); ``str.format`` fills them in the library. Import-light.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ LOGS = "logs"
 STATE_FILE = "state.json"
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' save_lora_weights writes
 LOSS_FILE = "loss.csv"
-GRAMS_FILE = "grams.safetensors"
+GRAMS_FILE = "grams-{recording}.safetensors"  # recording: how the inputs were recorded (merging.fusion)
+GRAMS_RECORD_FILE = "grams-{recording}.json"  # what was recorded and how long it took
 
 # Built models and generated data.
 TINY_MODEL = f"{RESOURCES}/models/tiny-{{architecture}}"
@@ -46,6 +47,7 @@ FIGURES = f"{RESULTS}/figures/{{domain}}"
 MODULAR_DIR = f"{RESULTS}/{{domain}}/modular"
 CONCEPT_DIR = f"{MODULAR_DIR}/adapters/{{adapter}}/concept{{concept}}"
 GRAMS = f"{CONCEPT_DIR}/{GRAMS_FILE}"
+GRAMS_RECORD = f"{CONCEPT_DIR}/{GRAMS_RECORD_FILE}"
 MERGE_DIR = f"{MODULAR_DIR}/merges/{{merge}}/k{{k}}"
 MERGE_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/scores.csv"
 MODULAR_TABLE = f"{RESULTS}/tables/{{domain}}-modular"  # .csv and .md

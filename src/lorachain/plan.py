@@ -296,6 +296,32 @@ def merged_concept_dirs(config: dict, domain: str, merge: str, k: int) -> list[s
     ]
 
 
+def merge_recording(config: dict, merge: str) -> str | None:
+    """How merge label `merge` needs its concepts' layer inputs recorded (the {recording} of their
+    gram files), or None for a merge that needs none."""
+    from lorachain.methods import merge_class
+
+    block = modular(config)["merges"][merge]
+    return merge_class(block["method"]).layer_input_recording(parameters_of(block, leave_out=("method", "adapters")))
+
+
+def merged_gram_files(config: dict, domain: str, merge: str, k: int, template: str = paths.GRAMS_FILE) -> list[str]:
+    """The gram files (or, with template GRAMS_RECORD_FILE, their records) of the first k concepts
+    of a merge that needs recorded layer inputs; [] for one that does not."""
+    recording = merge_recording(config, merge)
+    if recording is None:
+        return []
+    name = template.format(recording=recording)
+    return [f"{directory}/{name}" for directory in merged_concept_dirs(config, domain, merge, k)]
+
+
+def recording_pattern() -> str:
+    """The {recording} wildcard's constraint: a source, optionally with restricted cross-attention rows."""
+    from lorachain.merging.fusion import CROSS_ATTENTION_ROWS, RECORDING_SOURCES
+
+    return f"({'|'.join(RECORDING_SOURCES)})(-({'|'.join(CROSS_ATTENTION_ROWS[1:])}))?"
+
+
 def modular_merges(config: dict) -> dict:
     """The table's rows: each merge label's method, the adapters it merges and their method and
     parameters (sorted by label)."""
@@ -308,6 +334,7 @@ def modular_merges(config: dict) -> dict:
                 "adapters": merge["adapters"],
                 "adapter_method": adapters[merge["adapters"]]["method"],
                 "adapter_params": _with_defaults(adapters[merge["adapters"]]),
+                "merge_params": _merge_with_defaults(merge),
             }
             for label, merge in block.get("merges", {}).items()
         }
@@ -323,6 +350,17 @@ def _with_defaults(block: dict) -> dict:
         return canonical({**method_class(block["method"]).parameters(), **parameters_of(block)})
     except MethodError:
         return parameters_of(block)
+
+
+def _merge_with_defaults(block: dict) -> dict:
+    """A merge block's parameters with the merge's defaults filled in (what the tables show)."""
+    from lorachain.methods import MergeError, merge_class
+
+    own = parameters_of(block, leave_out=("method", "adapters"))
+    try:
+        return canonical({**merge_class(block["method"]).parameters(), **own})
+    except MergeError:
+        return own
 
 
 def prior_metric(config: dict, domain: str) -> str | None:

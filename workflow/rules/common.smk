@@ -1,7 +1,6 @@
 # Input functions and wildcard constraints. Paths live in lorachain.paths, what a config asks
 # for in lorachain.plan, checks in lorachain.config_checks: rules and these functions only name them.
 from lorachain import plan
-from lorachain.methods import merge_class
 from lorachain.metrics.catalog import ALL_METRICS, METRIC_ENCODER
 from lorachain.paths import (
     ABLATION_TABLE,
@@ -11,7 +10,8 @@ from lorachain.paths import (
     DIAGNOSTICS_DIR,
     FIGURES,
     GRAMS,
-    GRAMS_FILE,
+    GRAMS_RECORD,
+    GRAMS_RECORD_FILE,
     LOGS,
     LORA_FILE,
     LOSS_FILE,
@@ -69,6 +69,7 @@ wildcard_constraints:
     k=r"\d+",
     adapter="|".join(MODULAR.get("adapters", {})) or "(?!)",
     merge="|".join(MODULAR.get("merges", {})) or "(?!)",
+    recording=plan.recording_pattern(),
 
 
 def run_of(wildcards):
@@ -203,9 +204,13 @@ def merged_concept_files(wildcards):
 
 
 def merged_gram_files(wildcards):
-    if not merge_class(merge_method(wildcards)).needs_layer_inputs:
-        return []
-    return [f"{directory}/{GRAMS_FILE}" for directory in merged_concept_dirs(wildcards)]
+    return plan.merged_gram_files(config, wildcards.domain, wildcards.merge, int(wildcards.k))
+
+
+def merged_gram_records(wildcards):
+    return plan.merged_gram_files(
+        config, wildcards.domain, wildcards.merge, int(wildcards.k), template=GRAMS_RECORD_FILE
+    )
 
 
 def merge_identity(wildcards):

@@ -34,18 +34,21 @@ rule train_concept:
 
 
 rule record_layer_inputs:
-    """Gradient fusion's data: Gram matrices of every targeted layer's inputs in the concept's model."""
+    """Gradient fusion's data: Gram matrices of every targeted layer's inputs in the concept's model,
+    recorded as {recording} says (noised training images or a sampling trajectory; all token rows of
+    the cross-attention K/V inputs or the concept's own)."""
     input:
         model_inputs,
         f"{CONCEPT_DIR}/{LORA_FILE}",
         tasks=reference_tasks,
         state=f"{CONCEPT_DIR}/{STATE_FILE}",
     output:
-        GRAMS,
+        grams=GRAMS,
+        record=GRAMS_RECORD,
     log:
-        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.log",
+        f"{LOGS}/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams-{{recording}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams.tsv"
+        f"{RESULTS}/benchmarks/{{domain}}/modular/{{adapter}}/concept{{concept}}-grams-{{recording}}.tsv"
     conda:
         "../../envs/lorachain.yaml"
     threads: 1
@@ -56,12 +59,12 @@ rule record_layer_inputs:
         method=adapter_method,
         method_params=adapter_block,
         layer_inputs=canonical(MODULAR.get("layer_inputs", {})),
+        recording="{recording}",
         target_modules=config["training"]["target_modules"],
         resolution=config["training"]["resolution"],
         revision=revision(config, "training"),
         model=model_source(config),
         vae=config["model"].get("vae"),
-        grams=lambda wildcards, output: output[0],
     script:
         "../scripts/record_layer_inputs.py"
 
@@ -73,6 +76,7 @@ rule merge_and_sample:
         merged_concept_files,
         tasks=reference_tasks,
         grams=merged_gram_files,
+        recordings=merged_gram_records,
     output:
         samples=directory(f"{MERGE_DIR}/samples"),
         record=f"{MERGE_DIR}/merge.json",

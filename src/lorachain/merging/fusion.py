@@ -57,6 +57,15 @@ from lorachain.lora import LayerAdapter
 
 GRAM_FORMAT = "lorachain-grams-1"
 PRIORS = ("mean", "base")
+# What a concept's layer inputs are recorded on (see lorachain.modular.record_layer_inputs):
+# its training images, noised ("images", this project's default), or the steps of a sampling
+# trajectory of its prompt ("sampling", as Mix-of-Show records them).
+RECORDING_SOURCES = ("images", "sampling")
+# Which rows of the cross-attention K/V layers' inputs (the text encoder's token features) enter
+# their Grams: every token ("all") or only the concept's own tokens ("concept").
+CROSS_ATTENTION_ROWS = ("all", "concept")
+# Diffusers' names of the layers whose input is the text context (Mix-of-Show's "crosskv" layers).
+CROSS_ATTENTION_KV = ("attn2.to_k", "attn2.to_v")
 DEFAULT_RIDGE = 1e-6
 DEFAULT_RCOND = 1e-10
 RECENT_INPUTS = (
@@ -66,6 +75,29 @@ RECENT_INPUTS = (
 
 class GramError(ValueError):
     """Recorded inputs that cannot be used; the message names the file, concept or layer."""
+
+
+def recording_name(source: str, cross_attention_rows: str) -> str:
+    """The name of one way of recording, as it appears in a gram file's name: "images",
+    "sampling", "images-concept", "sampling-concept"."""
+    if source not in RECORDING_SOURCES or cross_attention_rows not in CROSS_ATTENTION_ROWS:
+        raise GramError(
+            f"recording: source must be one of {RECORDING_SOURCES} and cross_attention_rows one of "
+            f"{CROSS_ATTENTION_ROWS}, got {source!r} and {cross_attention_rows!r}"
+        )
+    return source if cross_attention_rows == "all" else f"{source}-{cross_attention_rows}"
+
+
+def parse_recording(name: str) -> tuple[str, str]:
+    """(source, cross_attention_rows) of a :func:`recording_name`."""
+    source, _, rows = name.partition("-")
+    rows = rows or "all"
+    recording_name(source, rows)  # raises for an unknown part
+    return source, rows
+
+
+def is_cross_attention_kv(layer: str) -> bool:
+    return any(layer.endswith(suffix) for suffix in CROSS_ATTENTION_KV)
 
 
 # ---------------------------------------------------------------------------------------- recording
@@ -86,9 +118,14 @@ class GramRecorder:
     into rows, and the number of rows (the product is reused when the very same, unmodified input
     tensor reaches another named layer). ``recorder.grams`` maps layer -> (G on the CPU, rows) for
     the layers that saw input. Accumulation happens on the input's device (float64; MPS lacks it,
-    so there on the CPU)."""
+    so there on the CPU).
 
-    def __init__(self, module: torch.nn.Module, layer_names: Iterable[str]):
+    ``context_layers`` (layer names) take only some token rows of their (batch, tokens, features)
+    input: those where :attr:`context_rows`, a (batch, tokens) boolean mask set by the caller before
+    each forward, is true (Mix-of-Show fits the cross-attention K/V layers on the concept's own
+    token features). With no mask set they take every row, like the other layers."""
+
+    def __init__(self, module: torch.nn.Module, layer_names: Iterable[str], context_layers: Iterable[str] = ()):
         modules = dict(module.named_modules())
         self.layers: dict[str, torch.nn.Module] = {}
         for name in layer_names:
@@ -99,6 +136,8 @@ class GramRecorder:
                     f"GramRecorder: submodule {name!r} is a {type(modules[name]).__name__}, not a linear layer"
                 )
             self.layers[name] = modules[name]
+        self.context_layers = set(context_layers) & set(self.layers)
+        self.context_rows: torch.Tensor | None = None
         self._sums: dict[str, torch.Tensor] = {}
         self._rows: dict[str, int] = {}
         self._handles: list = []
@@ -114,18 +153,19 @@ class GramRecorder:
                 raise GramError(
                     f"GramRecorder: layer {name!r} got inputs of width {x.shape[-1]}, expected {in_features}"
                 )
-            rows = x.reshape(-1, in_features)
-            cached = self._recent.get(id(source))
+            rows = self._rows_of(name, x)
+            key = (id(source), name in self.context_layers and self.context_rows is not None)
+            cached = self._recent.get(key)
             if cached is not None and cached[0]() is source and cached[1] == source._version:
                 product = cached[2]
-                self._recent.move_to_end(id(source))
+                self._recent.move_to_end(key)
             else:
                 device = rows.device if rows.device.type != "mps" else torch.device("cpu")
                 rows64 = rows.to(device=device, dtype=torch.float64)
                 product = rows64.T @ rows64
                 # A weak reference: a freed input (whose id a new tensor may reuse) never matches,
                 # and caching keeps no activations or autograd graph alive.
-                self._recent[id(source)] = (weakref.ref(source), source._version, product)
+                self._recent[key] = (weakref.ref(source), source._version, product)
                 if len(self._recent) > RECENT_INPUTS:
                     self._recent.popitem(last=False)
             if name in self._sums:
@@ -135,6 +175,19 @@ class GramRecorder:
             self._rows[name] = self._rows.get(name, 0) + rows.shape[0]
 
         return record
+
+    def _rows_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The input rows that enter layer `name`'s Gram: for a context layer with a mask set,
+        the masked token rows; otherwise every row."""
+        mask = self.context_rows if name in self.context_layers else None
+        if mask is None:
+            return x.reshape(-1, x.shape[-1])
+        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(mask.shape):
+            raise GramError(
+                f"GramRecorder: layer {name!r} got inputs of shape {tuple(x.shape)}, "
+                f"but the token mask is {tuple(mask.shape)} (batch, tokens)"
+            )
+        return x[mask.to(x.device)]
 
     def __enter__(self) -> "GramRecorder":
         for name, module in self.layers.items():

@@ -5,7 +5,12 @@ Parameters: ``weights`` (w_i of the per-concept loss terms; default "mean"; with
 ridge only their ratios matter), ``ridge`` (default 1e-6, relative to the mean diagonal of
 sum_i w_i G_i), ``prior`` ("mean": unexcited input directions keep the weighted average of the
 deltas and a single concept is reproduced exactly; "base": they keep W0), ``rcond`` (eigenvalue
-cut-off of the ridge-0 pseudo-inverse, relative to the largest). See :mod:`lorachain.merging.fusion`.
+cut-off of the ridge-0 pseudo-inverse, relative to the largest), and how the concepts' layer
+inputs are recorded: ``inputs`` ("images": the concept's training images, noised at evenly spaced
+levels, this project's default; "sampling": the steps of a sampling trajectory of the concept's
+prompt, as Mix-of-Show records them) and ``cross_attention_rows`` ("all" token features, or only the
+"concept"'s own tokens in the cross-attention K/V layers). Mix-of-Show as published is
+``prior: base, inputs: sampling, cross_attention_rows: concept``. See :mod:`lorachain.merging.fusion`.
 """
 
 from __future__ import annotations
@@ -13,9 +18,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lorachain.lora import Concept
-from lorachain.merging.fusion import DEFAULT_RCOND, DEFAULT_RIDGE, PRIORS, fuse_layer
+from lorachain.merging.fusion import (
+    CROSS_ATTENTION_ROWS,
+    DEFAULT_RCOND,
+    DEFAULT_RIDGE,
+    PRIORS,
+    RECORDING_SOURCES,
+    fuse_layer,
+    recording_name,
+)
 from lorachain.methods.merge_base import MergeMethod, register_merge, weights_param
-from lorachain.params import Param
+from lorachain.params import Param, defaults
 
 
 @register_merge
@@ -42,7 +55,25 @@ class GradientFusion(MergeMethod):
             {"type": "number", "minimum": 0},
             "eigenvalue cut-off of the ridge-0 pseudo-inverse, relative to the largest",
         ),
+        Param(
+            "inputs",
+            "images",
+            {"type": "string", "enum": list(RECORDING_SOURCES)},
+            "what each concept's layer inputs are recorded on: its noised training images (images) or "
+            "a sampling trajectory of its prompt (sampling, Mix-of-Show)",
+        ),
+        Param(
+            "cross_attention_rows",
+            "all",
+            {"type": "string", "enum": list(CROSS_ATTENTION_ROWS)},
+            "the token rows of the cross-attention K/V inputs that enter their Grams: all, or the concept's own",
+        ),
     )
+
+    @classmethod
+    def layer_input_recording(cls, params: dict) -> str:
+        values = {**defaults(cls.param_specs), **params}
+        return recording_name(values["inputs"], values["cross_attention_rows"])
 
     def prepare(self, concepts: Sequence[Concept], weights: list[float]) -> None:
         if sum(weights) <= 0:

@@ -70,6 +70,13 @@ class MergeMethod(ABC):
 
     param_specs: ClassVar[tuple[Param, ...]] = (weights_param(),)  # the accepted parameters, each declared once
 
+    @classmethod
+    def layer_input_recording(cls, params: dict) -> str | None:
+        """How the concepts' layer inputs must be recorded for this merge with `params` (a name of
+        :func:`lorachain.merging.fusion.recording_name`, part of the gram files' names), or None
+        when the merge needs none."""
+        return "images" if cls.needs_layer_inputs else None
+
     def __init__(self, **params):
         self.config_key: str | None = None
         values, problems = check_values(self.param_specs, params)

@@ -35,8 +35,11 @@ TABLE_COLUMNS = (
     "method",
     "adapters",
     "adapter_params",
+    "merge_params",
     "k",
     "merge_s",
+    "record_s",
+    "merge_with_recording_s",
     "image_metric",
     "image_pairing",
     "image_alignment",
@@ -150,7 +153,8 @@ def modular_table(
         for k in ks:
             record = _read_record(records, label, k, domain)
             values = {column: by_k[column].get(k, math.nan) for column in ALIGNMENTS}
-            curve_rows.append({"domain": domain, "merge": label, "k": k, **values, "merge_s": record["merge_s"]})
+            timing = {"merge_s": record["merge_s"], "record_s": _seconds(record.get("record_s"))}
+            curve_rows.append({"domain": domain, "merge": label, "k": k, **values, **timing})
         point = curve_rows[-1]
         merge = merges[label]
         rows.append(
@@ -161,8 +165,12 @@ def modular_table(
                 "method": merge["method"],
                 "adapters": merge["adapters"],
                 "adapter_params": format_params(merge.get("adapter_method", ""), merge.get("adapter_params", {})),
+                "merge_params": format_params("", merge.get("merge_params", {})),
                 "k": ks[-1],
                 "merge_s": point["merge_s"],
+                "record_s": point["record_s"],
+                "merge_with_recording_s": point["merge_s"]
+                + (0.0 if math.isnan(point["record_s"]) else point["record_s"]),
                 "image_metric": metric_label(columns["image_alignment"]),
                 "image_pairing": IMAGE_PAIRING,
                 **{column: point[column] for column in ALIGNMENTS},
@@ -174,10 +182,19 @@ def modular_table(
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS)), pd.DataFrame(curve_rows)
 
 
+def _seconds(value) -> float:
+    """A recorded time, NaN where none applies (an instant merge records no layer inputs)."""
+    return math.nan if value is None else float(value)
+
+
 def format_params(method: str, params: dict) -> str:
     """An adapter's method and parameters as one cell: ``blocklora(erasure=0.25, num_blocks=4)``."""
     inner = ", ".join(f"{key}={value}" for key, value in sorted(params.items()))
     return f"{method}({inner})" if method else inner
+
+
+def _time_cell(value: float) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.3f}"
 
 
 def _cell(value: float) -> str:
@@ -214,7 +231,9 @@ def _legend(image_label: str, prior_label: str) -> list[str]:
         f"- prior drift ({prior_label}): 1 - cosine of each class-prompt image (the concept's class without it, "
         "e.g. 'a photo of dog') with the base model's image from the same noise; 0 = the prior is intact, "
         "lower is better",
-        "- merge time: the merge alone (LoRA files already read), on the machine that ran the job",
+        "- merge time: the merge alone (LoRA files already read), on the machine that ran the job; "
+        "recording time: the k concepts' layer-input recording jobs (gradient fusion only; n/a for instant "
+        "merges); merge + recording: what a merge on recorded inputs costs from trained LoRAs",
         "",
     ]
 
@@ -238,10 +257,13 @@ def markdown_table(table, domain: str) -> str:
         "method (adapters)",
         "k",
         "merge time (s)",
+        "recording time (s)",
+        "merge + recording (s)",
         f"image alignment ({image_label})",
         *ALIGNMENT_HEADERS,
         f"prior drift ({prior_label})",
         "adapters' method and parameters",
+        "merge parameters",
     ]
     lines = [
         f"# {domain}: instant merging of independently trained concepts",
@@ -250,8 +272,9 @@ def markdown_table(table, domain: str) -> str:
         "|" + "---|" * len(header),
     ]
     for row in table.itertuples(index=False):
-        cells = [row.merge, row.merge_type, f"{row.method} ({row.adapters})", str(row.k), f"{row.merge_s:.3f}"]
-        lines.append("| " + " | ".join(cells + _alignment_cells(row) + [row.adapter_params]) + " |")
+        times = [_time_cell(row.merge_s), _time_cell(row.record_s), _time_cell(row.merge_with_recording_s)]
+        cells = [row.merge, row.merge_type, f"{row.method} ({row.adapters})", str(row.k), *times]
+        lines.append("| " + " | ".join(cells + _alignment_cells(row) + [row.adapter_params, row.merge_params]) + " |")
     return "\n".join(lines + _legend(image_label, prior_label))
 
 
