@@ -88,3 +88,58 @@ def test_unquoted_exponents_get_the_yaml_spelling():
     assert (
         yaml.safe_load("x: 1.0e-4\ny: 1.0e+8")["x"] == 1e-4 and yaml.safe_load("y: 1.0e+8")["y"] == 1e8
     )  # the fixes parse
+
+
+SDXL_UNET = {  # the fields of stabilityai/stable-diffusion-xl-base-1.0's unet/config.json that matter here
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "cross_attention_dim": 2048,
+}
+
+
+def test_the_narrowest_targeted_width_is_read_from_the_unet_config():
+    from lorachain.models.widths import narrowest_targeted_width
+
+    assert narrowest_targeted_width(SDXL_UNET, ["to_q", "to_k", "to_v", "to_out.0"]) == 640
+    assert narrowest_targeted_width({**SDXL_UNET, "cross_attention_dim": 512}, ["to_k"]) == 512
+    assert narrowest_targeted_width(SDXL_UNET, ["proj_in"]) is None
+
+
+@pytest.mark.parametrize("architecture", ["sd1", "sdxl"])
+def test_the_width_from_the_config_is_the_loaded_unets(architecture, request):
+    """The config-only reading agrees with the targeted layers of the loaded model."""
+    import json
+
+    from lorachain.models.loading import load_pipeline
+    from lorachain.models.widths import narrowest_targeted_width
+    from lorachain.training.adapters import lora_layers
+
+    directory = request.getfixturevalue(f"tiny_{architecture}_dir")
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet = load_pipeline(str(directory)).unet
+    modules = dict(unet.named_modules())
+    widths = [modules[name].in_features for name in lora_layers(unet, targets)]
+    config = json.loads((directory / "unet" / "config.json").read_text())
+    assert narrowest_targeted_width(config, targets) == min(widths)
+
+
+def test_coordinated_orthogonal_columns_beyond_the_narrowest_layer_fail_the_check_naming_the_key(tiny_sd1_dir):
+    import json
+
+    from lorachain.config_checks import registered_block_problems
+    from lorachain.models.widths import narrowest_targeted_width
+
+    narrowest = narrowest_targeted_width(
+        json.loads((tiny_sd1_dir / "unet" / "config.json").read_text()), ["to_q", "to_k", "to_v", "to_out.0"]
+    )
+    config = yaml.safe_load((ROOT / "config" / "tiny.yaml").read_text())
+    config["model"] = {"pretrained": str(tiny_sd1_dir)}
+    config["training"].update(rank=narrowest // 2, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    config["modular"]["adapters"]["orthogonal"]["columns"] = "coordinated"  # 3 concepts, 2 fit
+    problems = registered_block_problems(config)
+    assert len(problems) == 1 and problems[0].startswith("config key modular.adapters.orthogonal:"), problems
+    assert "set modular.adapters.orthogonal.columns: auto or random" in problems[0]
+    config["modular"]["adapters"]["orthogonal"]["columns"] = "auto"
+    assert registered_block_problems(config) == []

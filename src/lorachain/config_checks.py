@@ -174,6 +174,22 @@ def _slot_problem(method, slots: int, key: str) -> str | None:
     return None
 
 
+def _narrowest_targeted_width(config: dict) -> int | None:
+    """The narrowest targeted input width of the configured model, where its U-Net config can be
+    read without loading anything (a local directory or the hub cache); None otherwise (the
+    training job then names the layer that does not fit)."""
+    from lorachain.models.widths import narrowest_targeted_width, unet_config
+
+    model = config.get("model", {})
+    source = model.get("pretrained")
+    if not source or "training" not in config:
+        return None
+    unet = unet_config(str(source))
+    return (
+        None if unet is None else narrowest_targeted_width(unet, list(config["training"].get("target_modules") or []))
+    )
+
+
 def registered_block_problems(config: dict) -> list[str]:
     """Build every ``methods.<label>``, ``modular.adapters.<label>`` and ``modular.merges.<label>``
     block through the registries (parameter checks and cross checks of the classes themselves),
@@ -193,6 +209,7 @@ def registered_block_problems(config: dict) -> list[str]:
         (f"modular.adapters.{label}", block, max([modular.get("concepts", 0), *map(len_of_mix, mixes)]))
         for label, block in modular.get("adapters", {}).items()
     ]
+    narrowest = _narrowest_targeted_width(config)
     for key, block, slots in blocks:
         try:
             method = make_method(block["method"], plan.parameters_of(block), key=key)
@@ -200,6 +217,11 @@ def registered_block_problems(config: dict) -> list[str]:
             problems.append(str(error))
             continue
         problems.append(_slot_problem(method, slots, key))
+        if narrowest is not None:
+            try:
+                method.check_widths(slots, int(config["training"].get("rank", 0)) or 1, narrowest, key)
+            except MethodError as error:
+                problems.append(f"config key {key}: {error}")
     for label, block in modular.get("merges", {}).items():
         try:
             make_merge(

@@ -102,6 +102,10 @@ class ContinualMethod(ABC):
     def check_slots(self, slots: int, key: str) -> None:
         """Fail before training when `slots` concepts cannot all get a slot (e.g. more than blocks)."""
 
+    def check_widths(self, slots: int, rank: int, narrowest: int, key: str) -> None:
+        """Fail before training when `slots` concepts at `rank` cannot fit a targeted layer whose input
+        width is `narrowest` (the smallest among the targeted layers, read from the model's config)."""
+
 
 def register_method(cls: type[ContinualMethod]) -> type[ContinualMethod]:
     if cls.name in _REGISTRY:

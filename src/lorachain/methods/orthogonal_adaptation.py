@@ -116,6 +116,15 @@ class OrthogonalAdaptation(ContinualMethod):
         ),
     )
 
+    def check_widths(self, slots, rank, narrowest, key):
+        if self.params["columns"] == "coordinated" and slots > max_slots(narrowest, rank):
+            raise MethodError(
+                f"method 'orthogonal_adaptation': {slots} concepts at rank {rank} need {slots * rank} coordinated "
+                f"columns, but the narrowest targeted layer has {narrowest} inputs (at most "
+                f"{max_slots(narrowest, rank)} concepts); set {key}.columns: auto or random (the original "
+                "paper's uncoordinated columns), or lower training.rank"
+            )
+
     def init_adapter(self, ctx):
         down_projection = DOWN_PROJECTIONS[self.params["columns"]]
         try:
