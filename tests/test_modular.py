@@ -105,6 +105,49 @@ def test_merge_and_sample_applies_the_exact_merged_delta(concepts, tiny_sd1_dir,
     assert record["k"] == 2 and record["merge_type"] == "instant" and record["merge_s"] >= 0
 
 
+def test_a_blockwise_merge_with_alpha_one_gives_each_concept_its_own_models_outputs_on_its_rows(concepts, tiny_sd1_dir):
+    """BlockLoRA's merge (alpha_i = 1) of 3 concepts, applied to the U-Net: on concept i's row block
+    every targeted layer outputs exactly what concept i's own model outputs there, and the rows no
+    concept owns stay the base model's. Eq. 5's alpha = 1/k does not (its rows shrink by 1/k)."""
+    from lorachain.methods import make_merge, make_method
+    from lorachain.methods.blocklora import block_rows
+    from lorachain.models.loading import load_pipeline
+    from lorachain.state import FoldedState, apply_to_unet, fold_state
+
+    _, dirs = concepts
+    method = make_method("blocklora", {"num_blocks": 4, "erasure": 0.25})
+    loaded = [modular_concept(d) for d in dirs]
+
+    def unet_with(state):
+        unet = load_pipeline(str(tiny_sd1_dir)).unet
+        apply_to_unet(unet, state)
+        return dict(unet.named_modules())
+
+    base = unet_with(FoldedState(tasks_done=0))
+    merged = unet_with(FoldedState(tasks_done=3, merged=make_merge("blocklora", {}).merge(loaded)))
+    eq5 = unet_with(FoldedState(tasks_done=3, merged=make_merge("blocklora", {"weights": "mean"}).merge(loaded)))
+    singles = [unet_with(fold_state(d, method)) for d in dirs]
+    generator = torch.Generator().manual_seed(0)
+    differs = 0
+    with torch.no_grad():
+        for layer in sorted(factors(dirs[0])):
+            x = torch.randn(5, merged[layer].in_features, generator=generator)
+            out = merged[layer](x)
+            for slot, single in enumerate(singles):
+                rows = block_rows(out.shape[1], 4, slot)
+                assert torch.equal(out[:, rows], single[layer](x)[:, rows]), (layer, slot)
+                differs += not torch.allclose(eq5[layer](x)[:, rows], single[layer](x)[:, rows])
+            free = block_rows(out.shape[1], 4, 3)  # the fourth block: no concept
+            assert torch.equal(out[:, free], base[layer](x)[:, free]), layer
+    assert differs > 0  # the test can tell alpha = 1 from Eq. 5's 1/k
+
+
+def modular_concept(directory):
+    from lorachain import modular
+
+    return modular.load_concept(directory)[0]
+
+
 def test_merge_and_sample_refuses_concepts_in_another_order(concepts, tiny_sd1_dir, tmp_path):
     from lorachain import modular
 

@@ -166,3 +166,26 @@ def test_a_blocklora_merge_lowers_its_concepts_scores_less_than_weighted_averagi
             f"task {task}: merged, its score fell by {blocklora:+.3f} under BlockLoRA, "
             f"{averaged:+.3f} under weighted averaging"
         )
+
+
+def test_prior_drift_is_zero_for_the_base_model_and_positive_for_a_trained_concept(lab, naive_chain):
+    """BlockLoRA's Figure 3 measured: the class prompt without the concept ("a photo of <class>"),
+    sampled from the same noises, is the base model's own image under the base model (drift 0) and
+    moves once a concept of that class is trained (language drift: drift > 0)."""
+    from lorachain.metrics.scoring import base_prior_embeddings, score_sample_sets
+    from lorachain.sample import read_index
+
+    metrics = ["prior_drift_dino", "prior_drift_clip"]
+    base = read_index(lab["root"] / "samples" / "base")
+    priors = base_prior_embeddings(base, lab["encoders"], metrics)
+
+    def drift(name: str) -> dict[tuple[int, str], float]:
+        index = read_index(lab["root"] / "samples" / name)
+        rows = score_sample_sets([index], lab["references"], lab["encoders"], metrics, [name], base_priors=priors)
+        return {(row["task"], row["metric"]): row["score"] for row in rows}
+
+    unchanged, trained_1 = drift("base"), drift("after_1")
+    print("prior drift", unchanged, trained_1)  # pytest -s: the figures
+    assert all(value == pytest.approx(0.0, abs=1e-6) for value in unchanged.values()), unchanged
+    for metric in metrics:
+        assert trained_1[1, metric] > 1e-4, f"{metric}: task 1's class prompt did not move after training it"
