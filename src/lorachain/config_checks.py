@@ -20,6 +20,7 @@ import yaml
 from lorachain import plan
 from lorachain.methods import MergeError, MethodError, PluginError, load_plugins, make_merge, make_method, schema_defs
 from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
+from lorachain.models.widths import narrowest_targeted_width, unet_config
 from lorachain.world.spec import check_world_block
 
 # What PyYAML (YAML 1.1) reads as text although it looks like a number: an exponent without a
@@ -178,8 +179,6 @@ def _narrowest_targeted_width(config: dict) -> int | None:
     """The narrowest targeted input width of the configured model, where its U-Net config can be
     read without loading anything (a local directory or the hub cache); None otherwise (the
     training job then names the layer that does not fit)."""
-    from lorachain.models.widths import narrowest_targeted_width, unet_config
-
     model = config.get("model", {})
     source = model.get("pretrained")
     if not source or "training" not in config:
