@@ -311,6 +311,9 @@ def test_demo_modular_branch_writes_table_curve_and_diagnostics(demo_run):
         figures_dir
     )
     assert set(table.loc[table["merge"] == "gradient_fusion", "merge_type"]) == {"post-training (closed form)"}
+    fusion = table["merge"] == "gradient_fusion"  # its time with the concepts' recording, and only its
+    assert (table.loc[fusion, "record_s"] > 0).all() and table.loc[~fusion, "record_s"].isna().all()
+    assert (table["merge_with_recording_s"] >= table["merge_s"]).all()
     assert set(table.loc[table["merge"] != "gradient_fusion", "merge_type"]) == {"instant"}
     figures = workdir / "results" / "figures" / "objects"
     assert (figures / "modular-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
