@@ -208,20 +208,16 @@ TIMED = "merge_s", "read_s", "record_s", "load_s", "total_s", "merge_with_record
 
 
 def _comparable(path: Path) -> bytes:
-    """A file's bytes, or for the modular regime's records and table (which carry merge times)
-    their content without the timing fields."""
+    """A file's bytes, or for the modular regime's records and tables (which carry merge and
+    recording times) their content without the timing fields."""
     import pandas as pd
 
     if path.name == "merge.json" or (path.name.startswith("grams-") and path.suffix == ".json"):
         record = json.loads(path.read_text())
         return json.dumps({key: value for key, value in record.items() if key not in TIMED}, sort_keys=True).encode()
-    if path.name.endswith("-modular.csv"):
-        return (
-            pd.read_csv(path)
-            .drop(columns=["merge_s", "record_s", "merge_with_recording_s"])
-            .to_csv(index=False)
-            .encode()
-        )
+    if path.parent.name == "tables" and path.suffix == ".csv":  # modular tables carry merge and recording times
+        frame = pd.read_csv(path)
+        return frame.drop(columns=[column for column in TIMED if column in frame]).to_csv(index=False).encode()
     return path.read_bytes()
 
 
