@@ -19,6 +19,7 @@ with intervals over those runs, and the merge and recording times (their mean ov
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,17 +101,15 @@ def merge_run_means(results: Path, domain: str, metric: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["merge", "k", "value"])
 
 
-def merge_times(results: Path, domain: str) -> pd.DataFrame:
-    import json
+TIMES = ("merge_s", "record_s")
 
+
+def merge_times(results: Path, domain: str) -> pd.DataFrame:
     rows = []
     for path in sorted((results / domain / "modular" / "merges").glob("*/k*/merge.json")):
         record = json.loads(path.read_text())
         rows.append({"merge": path.parent.parent.name, "k": record["k"], **{key: record.get(key) for key in TIMES}})
     return pd.DataFrame(rows, columns=["merge", "k", *TIMES])
-
-
-TIMES = ("merge_s", "record_s")
 
 
 def modular_runs_findings(runs: list[Path], domain: str, metrics: list[str]) -> None:

@@ -208,7 +208,7 @@ def registered_block_problems(config: dict) -> list[str]:
         (f"modular.adapters.{label}", block, max([modular.get("concepts", 0), *map(len_of_mix, mixes)]))
         for label, block in modular.get("adapters", {}).items()
     ]
-    narrowest = _narrowest_targeted_width(config)
+    narrowest, rank = _narrowest_targeted_width(config), config.get("training", {}).get("rank")
     for key, block, slots in blocks:
         try:
             method = make_method(block["method"], plan.parameters_of(block), key=key)
@@ -216,9 +216,9 @@ def registered_block_problems(config: dict) -> list[str]:
             problems.append(str(error))
             continue
         problems.append(_slot_problem(method, slots, key))
-        if narrowest is not None:
+        if narrowest is not None and rank:  # the schema fills in a rank; a raw config may lack one
             try:
-                method.check_widths(slots, int(config["training"].get("rank", 0)) or 1, narrowest, key)
+                method.check_widths(slots, int(rank), narrowest, key)
             except MethodError as error:
                 problems.append(f"config key {key}: {error}")
     for label, block in modular.get("merges", {}).items():

@@ -334,33 +334,25 @@ def modular_merges(config: dict) -> dict:
                 "adapters": merge["adapters"],
                 "adapter_method": adapters[merge["adapters"]]["method"],
                 "adapter_params": _with_defaults(adapters[merge["adapters"]]),
-                "merge_params": _merge_with_defaults(merge),
+                "merge_params": _with_defaults(merge, merge=True),
             }
             for label, merge in block.get("merges", {}).items()
         }
     )
 
 
-def _with_defaults(block: dict) -> dict:
-    """A method block's parameters with the method's defaults filled in (what the tables show), or
-    the block's own when the method is not registered (an unloaded plugin: the config check says so)."""
-    from lorachain.methods import MethodError, method_class
+def _with_defaults(block: dict, merge: bool = False) -> dict:
+    """A method (or, with `merge`, a merge) block's parameters with its class's defaults filled in
+    (what the tables show), or the block's own when the name is not registered (an unloaded plugin:
+    the config check says so)."""
+    from lorachain.methods import MergeError, MethodError, merge_class, method_class
 
+    own = parameters_of(block, leave_out=("method", "adapters") if merge else ("method",))
     try:
-        return canonical({**method_class(block["method"]).parameters(), **parameters_of(block)})
-    except MethodError:
-        return parameters_of(block)
-
-
-def _merge_with_defaults(block: dict) -> dict:
-    """A merge block's parameters with the merge's defaults filled in (what the tables show)."""
-    from lorachain.methods import MergeError, merge_class
-
-    own = parameters_of(block, leave_out=("method", "adapters"))
-    try:
-        return canonical({**merge_class(block["method"]).parameters(), **own})
-    except MergeError:
+        registered = (merge_class if merge else method_class)(block["method"])
+    except (MethodError, MergeError):
         return own
+    return canonical({**registered.parameters(), **own})
 
 
 def prior_metric(config: dict, domain: str) -> str | None:

@@ -153,26 +153,26 @@ class GramRecorder:
                 raise GramError(
                     f"GramRecorder: layer {name!r} got inputs of width {x.shape[-1]}, expected {in_features}"
                 )
-            rows = self._rows_of(name, x)
             key = (id(source), name in self.context_layers and self.context_rows is not None)
             cached = self._recent.get(key)
             if cached is not None and cached[0]() is source and cached[1] == source._version:
-                product = cached[2]
+                product, count = cached[2], cached[3]
                 self._recent.move_to_end(key)
             else:
+                rows = self._rows_of(name, x)
                 device = rows.device if rows.device.type != "mps" else torch.device("cpu")
                 rows64 = rows.to(device=device, dtype=torch.float64)
-                product = rows64.T @ rows64
+                product, count = rows64.T @ rows64, rows.shape[0]
                 # A weak reference: a freed input (whose id a new tensor may reuse) never matches,
                 # and caching keeps no activations or autograd graph alive.
-                self._recent[key] = (weakref.ref(source), source._version, product)
+                self._recent[key] = (weakref.ref(source), source._version, product, count)
                 if len(self._recent) > RECENT_INPUTS:
                     self._recent.popitem(last=False)
             if name in self._sums:
                 self._sums[name].add_(product)
             else:
                 self._sums[name] = product.clone()
-            self._rows[name] = self._rows.get(name, 0) + rows.shape[0]
+            self._rows[name] = self._rows.get(name, 0) + count
 
         return record
 

@@ -86,7 +86,7 @@ def auto_down_projection(in_features: int, rank: int, slot: int, seed: int) -> t
     """Coordinated columns where the slot fits the layer ((slot + 1) * rank <= in_features), the
     original paper's random columns beyond: exact orthogonality among the first in_features // rank
     concepts of every layer, approximate for the rest."""
-    if rank >= 1 and slot >= 0 and (slot + 1) * rank <= in_features:
+    if rank >= 1 and 0 <= slot < max_slots(in_features, rank):
         return slot_down_projection(in_features, rank, slot, seed)
     return random_down_projection(in_features, rank, slot, seed)
 

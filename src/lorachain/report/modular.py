@@ -193,12 +193,8 @@ def format_params(method: str, params: dict) -> str:
     return f"{method}({inner})" if method else inner
 
 
-def _time_cell(value: float) -> str:
-    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.3f}"
-
-
-def _cell(value: float) -> str:
-    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.4f}"
+def _cell(value: float, places: int = 4) -> str:
+    return "n/a" if isinstance(value, float) and math.isnan(value) else f"{value:.{places}f}"
 
 
 def _label(names: str) -> str:
@@ -272,7 +268,7 @@ def markdown_table(table, domain: str) -> str:
         "|" + "---|" * len(header),
     ]
     for row in table.itertuples(index=False):
-        times = [_time_cell(row.merge_s), _time_cell(row.record_s), _time_cell(row.merge_with_recording_s)]
+        times = [_cell(seconds, 3) for seconds in (row.merge_s, row.record_s, row.merge_with_recording_s)]
         cells = [row.merge, row.merge_type, f"{row.method} ({row.adapters})", str(row.k), *times]
         lines.append("| " + " | ".join(cells + _alignment_cells(row) + [row.adapter_params, row.merge_params]) + " |")
     return "\n".join(lines + _legend(image_label, prior_label))
