@@ -19,6 +19,7 @@ from lorachain.config_checks import (
     validate_config,
 )
 from lorachain.methods import (
+    COMMON_PARAMS,
     Concept,
     LayerAdapter,
     MethodError,
@@ -69,7 +70,11 @@ def test_schema_lists_exactly_the_registered_methods_with_their_defaults():
     for name, then in rules.items():
         assert then["additionalProperties"] is False
         properties = {key: value for key, value in then["properties"].items() if key != "method"}
-        assert {key: value["default"] for key, value in properties.items()} == method_class(name).parameters(), name
+        common = {param.name for param in COMMON_PARAMS}
+        assert common <= set(properties), name  # every method accepts the common parameters ...
+        assert not any("default" in properties[key] for key in common), name  # ... off unless given
+        own = {key: value for key, value in properties.items() if key not in common}
+        assert {key: value["default"] for key, value in own.items()} == method_class(name).parameters(), name
 
 
 def test_schema_lists_exactly_the_registered_merges_and_their_parameters():
@@ -168,7 +173,7 @@ def test_unknown_methods_and_parameters_are_named_by_their_key():
     config = small_config(methods={"x": {"method": "ewc"}, "y": {"method": "naive", "alpha": 1}})
     assert registered_block_problems(config) == [
         "config key methods.x: unknown method 'ewc'; known methods: " + ", ".join(method_names()),
-        "config key methods.y: method 'naive' has no parameter(s) ['alpha']; it accepts none",
+        "config key methods.y: method 'naive' has no parameter(s) ['alpha']; it accepts ['embeddings']",
     ]
 
 

@@ -91,19 +91,19 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "plot_metric": 2 * 5,  # domains x their 5 default metrics
         "image_grid": 2,
         # the modular regime on objects (10 concepts) and on mixed15 (10 objects + 5 styles):
-        # 6 adapter kinds each; 11 merges at 6 merge sizes on objects, at 7 on mixed15 (15 added)
+        # 7 adapter kinds each; 12 merges at 6 merge sizes on objects, at 7 on mixed15 (15 added)
         "prepare_mix": 1,
-        "train_concept": (10 + 15) * 6,
+        "train_concept": (10 + 15) * 7,
         # only the adapters that gradient fusion merges, once per way of recording (2 fusion merges)
         "record_layer_inputs": (10 + 15) * 2,
-        "merge_and_sample": 11 * 6 + 11 * 7,
-        "score_merges": 11 * 2,
+        "merge_and_sample": 12 * 6 + 12 * 7,
+        "score_merges": 12 * 2,
         "modular_results": 2,
         "modular_ablation": 2,  # Table 3's layout, per set
         "modular_prior_drift": 2,
-        "lora_diagnostics": 6 * 2,
+        "lora_diagnostics": 7 * 2,
         "all": 1,
-        "total": 1759,
+        "total": 1801,
     }
     # real models are hub ids: nothing is built or downloaded
     assert "build_tiny_model" not in counts and "build_tiny_encoder" not in counts

@@ -46,10 +46,12 @@ def concept_seed(seed: int, concept_index: int) -> int:
 
 
 def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None):
-    """A trained concept state as a :class:`lorachain.merging.Concept` (slot from its manifest)."""
+    """A trained concept state as a :class:`lorachain.merging.Concept` (slot from its manifest).
+    A concept trained with embedding tuning has its embeddings file checked against its manifest
+    here too; they are loaded into a pipeline with :func:`lorachain.embeddings.load_state_embeddings`."""
     from lorachain.lora import Concept
     from lorachain.merging.fusion import load_grams
-    from lorachain.state import STATE_FILE, load_adapters, read_manifest
+    from lorachain.state import STATE_FILE, load_adapters, read_manifest, read_state_embeddings
 
     manifest = read_manifest(state_dir)
     if manifest["task_index"] != 1 or manifest.get("parent"):
@@ -57,6 +59,7 @@ def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None)
             f"{Path(state_dir) / STATE_FILE}: not an independently trained concept "
             f"(task {manifest['task_index']} of a chain)"
         )
+    read_state_embeddings(state_dir, manifest)  # checked now, not when a merge samples
     return Concept(
         name=str(state_dir),
         adapters=load_adapters(state_dir, manifest),
@@ -67,7 +70,12 @@ def load_concept(state_dir: str | Path, *, with_grams: str | Path | None = None)
 
 def concept_token_mask(tokenizer, prompt: str, phrase: str) -> torch.Tensor:
     """(1, tokens) boolean mask of where `phrase`'s tokens sit in `prompt` as the pipeline encodes
-    it (padded to the tokenizer's length). An error names the prompt when the phrase is not in it."""
+    it (padded to the tokenizer's length). An error names the prompt when the phrase is not in it.
+    A concept token loaded into the tokenizer ("<sks>" in "a <sks> sneaker") counts with all its
+    vectors' tokens, as the pipeline expands it."""
+    from lorachain.embeddings import expand_tokens
+
+    prompt, phrase = expand_tokens(prompt, tokenizer), expand_tokens(phrase, tokenizer)
     ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
     width = len(phrase_ids)
@@ -139,7 +147,12 @@ def record_layer_inputs(
     """Record the Gram matrices of the targeted layers' inputs of one concept's model as
     `recording` says (see the module docstring and :func:`lorachain.merging.fusion.recording_name`)
     and write them with :func:`lorachain.merging.fusion.save_grams`; what was recorded and its
-    timings go to `record` (JSON) too. Returns the timings."""
+    timings go to `record` (JSON) too. Returns the timings.
+
+    A concept trained with embedding tuning is recorded with its embeddings loaded and its training
+    prompt rewritten to its token (:func:`lorachain.embeddings.model_prompt`); the concept rows are
+    then its token's."""
+    from lorachain.embeddings import check_embeddings_loaded, load_state_embeddings, model_prompt
     from lorachain.merging.fusion import GramRecorder, is_cross_attention_kv, parse_recording, save_grams
     from lorachain.methods import make_method
     from lorachain.models.loading import load_pipeline
@@ -152,12 +165,17 @@ def record_layer_inputs(
     source, rows = parse_recording(recording)
     device = device_for_sampling()
     pipe = load_pipeline(model_source, vae=vae)
-    apply_to_unet(pipe.unet, fold_state(state_dir, make_method(method_name, method_params)))
+    state = fold_state(state_dir, make_method(method_name, method_params))
+    apply_to_unet(pipe.unet, state)
+    if state.embeddings:
+        load_state_embeddings(pipe, [state_dir])
+    check_embeddings_loaded(pipe)
     pipe.to(device)
     generator = torch.Generator().manual_seed(seed)
-    condition = encode_condition(pipe, task.train_prompt, device)
+    prompt, identifier = model_prompt(pipe, task.train_prompt), model_prompt(pipe, task.identifier)
+    condition = encode_condition(pipe, prompt, device)
     layers = list(lora_layers(pipe.unet, target_modules))
-    mask = concept_token_mask(pipe.tokenizer, task.train_prompt, task.identifier) if rows == "concept" else None
+    mask = concept_token_mask(pipe.tokenizer, prompt, identifier) if rows == "concept" else None
     context = [layer for layer in layers if is_cross_attention_kv(layer)] if mask is not None else []
     load_s = time.perf_counter() - started
     with GramRecorder(pipe.unet, layers, context_layers=context) as recorder:

@@ -53,6 +53,18 @@ class Param:
         error = best_match(_StrictValidator(self.schema).iter_errors(value))
         if error is None:
             return None
+        if error.validator == "additionalProperties" and not error.absolute_path:  # a mapping's unknown keys
+            unknown = sorted(set(value) - set(self.schema.get("properties", {})))
+            return f"parameter {self.name!r} has no key(s) {unknown}; it accepts {sorted(self.schema['properties'])}"
+        if error.absolute_path:  # a key inside a mapping: name it and say what it accepts
+            name = ".".join([self.name, *(str(part) for part in error.absolute_path)])
+            schema = self.schema
+            for part in error.absolute_path:
+                schema = (
+                    schema.get("properties", {}).get(part, {}) if isinstance(part, str) else schema.get("items", {})
+                )
+            what = f" ({schema['description']})" if schema.get("description") else ""
+            return f"parameter {name!r}{what} must be {describe(schema)}, got {error.instance!r}"
         what = f" ({self.description})" if self.description else ""
         return f"parameter {self.name!r}{what} must be {describe(self.schema)}, got {value!r}"
 

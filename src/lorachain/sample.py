@@ -115,10 +115,13 @@ def load_model_for_sampling(
     method_params: dict | None,
     precision: str = "no",
 ):
-    """The base pipeline, with the state that ends at `state_dir` applied to its U-Net (None: base)."""
+    """The base pipeline, with the state that ends at `state_dir` applied to its U-Net (None: base)
+    and the concept embeddings of every task of its chain loaded (those trained with embedding
+    tuning; :func:`lorachain.embeddings.load_state_embeddings`)."""
+    from lorachain.embeddings import load_state_embeddings
     from lorachain.methods import make_method
     from lorachain.models.loading import load_pipeline
-    from lorachain.state import STATE_FILE, StateError, apply_to_unet, fold_state, read_manifest
+    from lorachain.state import STATE_FILE, StateError, apply_to_unet, fold_state, read_chain, read_manifest
 
     dtype = _DTYPES[precision]
     pipe = load_pipeline(model_source, vae=vae, torch_dtype=dtype)
@@ -137,6 +140,8 @@ def load_model_for_sampling(
             )
         state = fold_state(state_dir, make_method(method_name, method_params or {}))
         apply_to_unet(pipe.unet, state)
+        if state.embeddings:
+            load_state_embeddings(pipe, [directory for directory, _ in read_chain(state_dir)])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -165,7 +170,12 @@ def sample_tasks(
 
     `tasks` holds (task index, Task); `identity` fills the index's model/method/domain/order/seed/
     after_task columns. The directory is written under a temporary name and renamed at the end, so
-    a failed job leaves no partial sample set behind and never touches an earlier one."""
+    a failed job leaves no partial sample set behind and never touches an earlier one. Prompts pass
+    through :func:`lorachain.embeddings.model_prompt` (the index keeps them as written); a state
+    trained with embedding tuning must have its tokens loaded into `pipe`."""
+    from lorachain.embeddings import check_embeddings_loaded, model_prompt
+
+    check_embeddings_loaded(pipe)
     output_dir = Path(output_dir)
     set_scheduler(pipe, config.scheduler)
     device = device_for_sampling()
@@ -189,7 +199,7 @@ def sample_tasks(
         # the default (Euler) is deterministic given the initial latents.
         generator = torch.Generator("cpu").manual_seed(config.noise_seed + first)
         images = pipe(
-            prompt=[prompt for _, _, _, prompt, _ in batch],
+            prompt=[model_prompt(pipe, prompt) for _, _, _, prompt, _ in batch],
             latents=latents,
             num_inference_steps=config.steps,
             guidance_scale=config.guidance_scale,

@@ -7,6 +7,14 @@ files through the method's ``fold`` deterministically and hands the method only 
 merged delta of every targeted layer (W_{t-1} - W0) and the previous adapter, which is exactly what
 the strict regime allows. Bytes per task are those of one LoRA (SDXL rank 64: 93 M parameters,
 0.37 GB in fp32) instead of a full pipeline (about 14 GB in fp32).
+
+A task trained with embedding-weight tuning (a method's ``embeddings`` parameter) also leaves
+``embeddings.safetensors`` beside its LoRA: the concept token's vectors of each text encoder
+(``clip_l``: (vectors, width) of ``text_encoder``; ``clip_g``: of SDXL's ``text_encoder_2``), the
+token and phrase in its metadata, recorded in the manifest (``embeddings``: token, phrase,
+vectors, file, bytes, sha256) and checked on load like the LoRA file. It is the textual-inversion
+layout stock diffusers reads (``pipe.load_textual_inversion``; :mod:`lorachain.embeddings` loads
+it for sampling). A state without embeddings writes exactly what it wrote before.
 """
 
 from __future__ import annotations
@@ -29,6 +37,13 @@ _UNET_PREFIX = "unet."
 _A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"  # what write_task_state writes
 
 
+EMBEDDINGS_FILE = "embeddings.safetensors"
+# The key of each text encoder's vectors in EMBEDDINGS_FILE, by pipeline attribute (the names
+# SDXL textual-inversion files use).
+ENCODER_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+EMBEDDINGS_FORMAT = "lorachain-embeddings-1"
+
+
 class StateError(RuntimeError):
     """A state that cannot be used (missing, incomplete, or from another run); names the file."""
 
@@ -41,6 +56,9 @@ class FoldedState:
     merged: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> W - W0 (absent: zero)
     adapter: dict[str, LayerAdapter] | None = None  # the last task's adapter
     adapter_live: bool = False  # the adapter is part of the model (not merged into `merged`)
+    # the chain's states with concept token embeddings: (embeddings file, token); a pipeline whose
+    # U-Net gets this state must have those tokens loaded (lorachain.embeddings)
+    embeddings: list[tuple[Path, str]] = field(default_factory=list)
 
     def layer_delta(self, layer: str) -> torch.Tensor | None:
         """W_after - W0 of one layer, or None where the state leaves the layer untouched."""
@@ -73,6 +91,11 @@ def read_manifest(task_dir: str | Path) -> dict:
     lora = Path(task_dir) / LORA_FILE
     if not lora.is_file():
         raise StateError(f"{lora}: LoRA file of a finished task is missing; {_rerun_hint(task_dir)}")
+    if manifest.get("embeddings") is not None and not (Path(task_dir) / EMBEDDINGS_FILE).is_file():
+        raise StateError(
+            f"{Path(task_dir) / EMBEDDINGS_FILE}: the embeddings file of a finished task is missing; "
+            f"{_rerun_hint(task_dir)}"
+        )
     return manifest
 
 
@@ -105,6 +128,52 @@ def check_lora_file(task_dir: str | Path, manifest: dict, data: bytes) -> None:
             f"{lora}: sha256 {actual[:16]}..., but {task_dir / STATE_FILE} recorded {digest[:16]}... when the task "
             f"finished (the file was changed or damaged since); {_rerun_hint(task_dir)}"
         )
+
+
+@dataclass(frozen=True)
+class ConceptEmbeddings:
+    """A concept's trained token vectors: `vectors[key]` is (vectors, width) for the text encoder
+    that ENCODER_KEYS names `key`; the first row is `token`'s, row i > 0 is token_i's."""
+
+    token: str
+    phrase: str
+    vectors: dict[str, torch.Tensor]
+
+    @property
+    def count(self) -> int:
+        return next(iter(self.vectors.values())).shape[0]
+
+
+def embeddings_record(manifest: dict) -> dict | None:
+    """The manifest's record of the state's embeddings file, or None (no embedding tuning)."""
+    return manifest.get("embeddings")
+
+
+def read_state_embeddings(task_dir: str | Path, manifest: dict) -> ConceptEmbeddings | None:
+    """The state's concept embeddings (None without), after checking the file against its manifest."""
+    from safetensors.torch import load
+
+    record = embeddings_record(manifest)
+    if record is None:
+        return None
+    task_dir = Path(task_dir).absolute()
+    path = task_dir / EMBEDDINGS_FILE
+    data = path.read_bytes()
+    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise StateError(
+            f"{path}: {len(data)} bytes with sha256 {hashlib.sha256(data).hexdigest()[:16]}..., but "
+            f"{task_dir / STATE_FILE} recorded {record['bytes']} bytes and {record['sha256'][:16]}... when the task "
+            f"finished (the file was changed or damaged since); {_rerun_hint(task_dir)}"
+        )
+    vectors = load(data)
+    expected = {key for key in ENCODER_KEYS.values() if key in vectors}
+    if not vectors or set(vectors) != expected or {v.shape[0] for v in vectors.values()} != {record["vectors"]}:
+        raise StateError(
+            f"{path}: tensors {sorted(vectors)} of {sorted({tuple(v.shape) for v in vectors.values()})}, but "
+            f"{task_dir / STATE_FILE} records {record['vectors']} vectors of {sorted(ENCODER_KEYS.values())[:1]} "
+            f"(and clip_g on SDXL); {_rerun_hint(task_dir)}"
+        )
+    return ConceptEmbeddings(token=record["token"], phrase=record["phrase"], vectors=vectors)
 
 
 def read_chain(task_dir: str | Path) -> list[tuple[Path, dict]]:
@@ -187,7 +256,22 @@ def fold_state(task_dir: str | Path | None, method: ContinualMethod, device="cpu
             folded = method.fold(merged.get(layer), delta)
             if folded is not None:
                 merged[layer] = folded
-    return FoldedState(tasks_done=len(chain), merged=merged, adapter=adapters, adapter_live=method.adapter_stays_live)
+    embeddings = [
+        (directory / EMBEDDINGS_FILE, embeddings_record(manifest)["token"])
+        for directory, manifest in chain
+        if embeddings_record(manifest) is not None
+    ]
+    return FoldedState(
+        tasks_done=len(chain),
+        merged=merged,
+        adapter=adapters,
+        adapter_live=method.adapter_stays_live,
+        embeddings=embeddings,
+    )
+
+
+# The attribute of a U-Net that holds the states with embeddings applied to it: (file, token).
+NEEDS_EMBEDDINGS = "_lorachain_needs_embeddings"
 
 
 @torch.no_grad()
@@ -206,6 +290,8 @@ def apply_to_unet(unet, state: FoldedState) -> None:
                 f"state layer {layer!r} has shape {tuple(delta.shape)}, the U-Net's is {tuple(weight.shape)}"
             )
         weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
+    if state.embeddings:  # the samplers check that a pipeline with this U-Net has these tokens
+        setattr(unet, NEEDS_EMBEDDINGS, [*getattr(unet, NEEDS_EMBEDDINGS, []), *state.embeddings])
 
 
 def _readable_by_group(path: Path) -> None:
@@ -233,15 +319,39 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+def write_embeddings_file(path: Path, embeddings: ConceptEmbeddings) -> dict:
+    """Write a concept's vectors (fp32, keys clip_l / clip_g) with canonical bytes; its record."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in embeddings.vectors.items()}
+    staging = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    metadata = {"format": EMBEDDINGS_FORMAT, "token": embeddings.token, "phrase": embeddings.phrase}
+    save_file(tensors, staging, metadata=metadata)
+    canonical_safetensors(staging)
+    os.replace(staging, path)
+    _readable_by_group(path)
+    record = lora_file_record(path)
+    return {
+        "token": embeddings.token,
+        "phrase": embeddings.phrase,
+        "vectors": embeddings.count,
+        "file": path.name,
+        "bytes": record["bytes"],
+        "sha256": record["sha256"],
+    }
+
+
 def write_task_state(
     output_dir: str | Path,
     adapters: dict[str, LayerAdapter],
     manifest: dict,
     pipeline_class,
     lora_config: dict,
+    embeddings: ConceptEmbeddings | None = None,
 ) -> int:
-    """Write the task's LoRA (diffusers format) and its manifest; the manifest goes last, so a
-    directory with a manifest is complete. Returns the bytes written."""
+    """Write the task's LoRA (diffusers format), its concept embeddings (if any) and its manifest;
+    the manifest goes last, so a directory with a manifest is complete. Returns the bytes written."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     layers = {}
@@ -265,6 +375,10 @@ def write_task_state(
         "bytes": {"lora": record["bytes"]},
         "sha256": {"lora": record["sha256"]},
     }
+    written = record["bytes"]
+    if embeddings is not None:
+        manifest["embeddings"] = write_embeddings_file(output_dir / EMBEDDINGS_FILE, embeddings)
+        written += manifest["embeddings"]["bytes"]
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     _atomic_write_text(output_dir / STATE_FILE, text)
-    return record["bytes"] + len(text.encode())
+    return written + len(text.encode())

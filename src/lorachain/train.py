@@ -9,6 +9,12 @@ their VAE posteriors (mean, std) are computed once per task and a latent is draw
 step (what encoding at every step would give); the prompt embedding is computed once per task; the
 VAE and text encoders are dropped before the first step.
 
+Embedding-weight tuning (a method's ``embeddings`` parameter, :mod:`lorachain.training.embeddings`):
+the concept's new tokens are added to the text encoder(s), the training prompt names the concept
+by its token and is encoded at every step with gradients into the new rows only, which train in
+their own optimizer group (their learning rate, their own gradient clipping) and are part of the
+in-task checkpoint; the state gets ``embeddings.safetensors``. Without it nothing here changes.
+
 Preemption (SLURM requeue, walltime, a Snakemake retry): every ``training.checkpoint_every`` steps,
 and at the end of the step during which SIGTERM arrives, the trainer writes an in-task checkpoint to
 ``<task dir>/.resume/checkpoint.safetensors`` (not a declared output, so a retry keeps it): the LoRA
@@ -39,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorachain.methods import ContinualMethod, LayerAdapter, make_method
-from lorachain.state import LORA_FILE, apply_to_unet, fold_state, write_task_state
+from lorachain.state import LORA_FILE, apply_to_unet, fold_state, read_manifest, write_task_state
 from lorachain.torch_env import torch
 from lorachain.training.adapters import (
     OutputErasure,
@@ -59,6 +65,7 @@ from lorachain.training.config import (
     derived_seed,
     task_seed,
 )
+from lorachain.training.embeddings import TrainableTokens, add_concept_tokens
 from lorachain.training.resume import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -122,6 +129,8 @@ class TaskSpec:
     concept: str | None
     run: dict
     output_dir: Path
+    concept_phrase: str | None = None  # how prompts name the concept ("sks", "palette knife")
+    init_words: str | None = None  # the concept's own words ("sneaker", "palette knife")
 
     @property
     def resume_dir(self) -> Path:
@@ -144,6 +153,7 @@ class TrainingData:
     time_ids: torch.Tensor | None
     noise_scheduler: object
     count: int
+    tokens: TrainableTokens | None = None  # embedding tuning: the prompt is encoded at every step
 
 
 @dataclass
@@ -156,8 +166,9 @@ class PreparedUNet:
     weight_dtype: torch.dtype
     lora_config: dict
     trainable: list  # the trained factors' parameters, in the optimizer's order
-    named_trainable: list  # (name, parameter) of the same, what a checkpoint stores
+    named_trainable: list  # (name, parameter) of the same and of the token rows, what a checkpoint stores
     erasure: OutputErasure | None
+    token_rows: list = field(default_factory=list)  # embedding tuning's trainable rows (own group)
 
 
 @dataclass
@@ -206,6 +217,11 @@ def _checked_task(
 ) -> TaskSpec:
     """The task as a :class:`TaskSpec`, after the checks that need no model."""
     task_index, previous_state = fields["task_index"], fields["previous_state"]
+    if method.embeddings is not None and not fields.get("concept_phrase"):
+        raise TrainingError(
+            f"task {task_index} ({fields['concept']}): {method_key}.embeddings needs the concept's phrase "
+            "(train_task's concept_phrase and init_words; train_task_from_file passes the task's)"
+        )
     if (task_index == 1) != (previous_state is None):
         raise TrainingError(f"task {task_index}: the previous state must be given exactly when task_index > 1")
     if not fields["train_images"]:
@@ -257,8 +273,19 @@ def _set_up_adapter(unet, method: ContinualMethod, layers, task: TaskSpec, confi
     return initial_adapters(method, layers, state, config, task.this_seed, task.slot)
 
 
-def _encode_training_data(pipe, images, task: TaskSpec, config: TrainingConfig, device) -> TrainingData:
-    """Posteriors and prompt embedding once per task, in fp32 (SDXL's VAE overflows in fp16)."""
+def _add_tokens(pipe, method: ContinualMethod, task: TaskSpec, method_key: str) -> TrainableTokens | None:
+    """Embedding tuning's new tokens in the text encoder(s), when the method asks for them."""
+    if method.embeddings is None:
+        return None
+    init_words = task.init_words or task.concept_phrase
+    return add_concept_tokens(pipe, method.embeddings, task.concept_phrase, init_words, task.train_prompt, method_key)
+
+
+def _encode_training_data(
+    pipe, images, task: TaskSpec, config: TrainingConfig, device, tokens: TrainableTokens | None = None
+) -> TrainingData:
+    """Posteriors and prompt embedding once per task, in fp32 (SDXL's VAE overflows in fp16). With
+    embedding tuning the prompt (rewritten to the concept token) is encoded again at every step."""
     from diffusers import DDPMScheduler
 
     pipe.to(device)
@@ -266,7 +293,7 @@ def _encode_training_data(pipe, images, task: TaskSpec, config: TrainingConfig, 
         pixels = torch.stack([image for image, _, _ in images]).to(device)
         posterior = pipe.vae.encode(pixels).latent_dist
         latent_mean, latent_std = posterior.mean.float(), posterior.std.float()
-        condition = encode_condition(pipe, task.train_prompt, device)
+        condition = encode_condition(pipe, task.train_prompt if tokens is None else tokens.prompt, device)
     return TrainingData(
         latent_mean=latent_mean,
         latent_std=latent_std,
@@ -275,6 +302,7 @@ def _encode_training_data(pipe, images, task: TaskSpec, config: TrainingConfig, 
         time_ids=sdxl_time_ids(condition, images, config.resolution, device),
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         count=len(images),
+        tokens=tokens,
     )
 
 
@@ -288,10 +316,20 @@ def _masked_gradient(mask: torch.Tensor):
 
 
 def _prepare_unet(
-    unet, adapters, row_masks, layers, method: ContinualMethod, task: TaskSpec, config: TrainingConfig, accelerator
+    unet,
+    adapters,
+    row_masks,
+    layers,
+    method: ContinualMethod,
+    task: TaskSpec,
+    config: TrainingConfig,
+    accelerator,
+    tokens: TrainableTokens | None = None,
 ) -> PreparedUNet:
-    """Inject the adapter, make its trained factors the only trainable parameters (fp32), hook the
-    row masks and output erasure, and let accelerate prepare the U-Net and the optimizer."""
+    """Inject the adapter, make its trained factors the only trainable parameters of the U-Net
+    (fp32), hook the row masks and output erasure, and let accelerate prepare the U-Net and the
+    optimizer. Embedding tuning's token rows join the optimizer as a second group at their own
+    learning rate."""
     device = accelerator.device
     unet.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
@@ -315,7 +353,15 @@ def _prepare_unet(
         if method.erasure_rate(task.slot) > 0
         else None
     )
-    optimizer = _optimizer(trainable, config)
+    token_rows = []
+    if tokens is None:
+        optimizer = _optimizer(trainable, config)
+    else:
+        named_tokens = tokens.named_parameters()
+        token_rows = [parameter for _, parameter in named_tokens]
+        named_trainable += named_tokens
+        groups = [{"params": trainable}, {"params": token_rows, "lr": method.embeddings.learning_rate}]
+        optimizer = _optimizer(groups, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
     unet.train()
     return PreparedUNet(
@@ -327,6 +373,7 @@ def _prepare_unet(
         trainable=trainable,
         named_trainable=named_trainable,
         erasure=erasure,
+        token_rows=token_rows,
     )
 
 
@@ -386,7 +433,8 @@ def _step_loss(step: int, data: TrainingData, model: PreparedUNet, generator: to
     else:
         target = noise
     time_ids = None if data.time_ids is None else data.time_ids[indices.to(device)]
-    kwargs = unet_kwargs(data.condition, config.batch_size, time_ids, model.weight_dtype)
+    condition = data.condition if data.tokens is None else data.tokens.condition(device)
+    kwargs = unet_kwargs(condition, config.batch_size, time_ids, model.weight_dtype)
     with model.accelerator.autocast():
         prediction = model.unet(noisy.to(model.weight_dtype), timesteps, **kwargs).sample
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
@@ -396,6 +444,8 @@ def _optimizer_step(model: PreparedUNet, loss, config: TrainingConfig) -> None:
     model.accelerator.backward(loss)
     if config.max_grad_norm:
         model.accelerator.clip_grad_norm_(model.trainable, config.max_grad_norm)
+        if model.token_rows:  # clipped on their own: the token rows do not shrink the LoRA's steps
+            torch.nn.utils.clip_grad_norm_(model.token_rows, config.max_grad_norm)
     model.optimizer.step()
     model.optimizer.zero_grad(set_to_none=True)
 
@@ -547,6 +597,8 @@ def train_task(
     loss_log: str | Path | None = None,
     progress: bool = True,
     slot: int | None = None,
+    concept_phrase: str | None = None,
+    init_words: str | None = None,
 ) -> dict:
     """Train task `task_index` on top of `previous_state` and write its state to `output_dir`.
     Returns the manifest written (plus `timings`, `bytes_written` and `resumed_from_step`, which
@@ -558,11 +610,16 @@ def train_task(
 
     `slot` is the concept slot methods with per-concept structure use (BlockLoRA's row block,
     Orthogonal Adaptation's basis columns): by default task_index - 1; the modular regime passes the
-    concept's index in its domain."""
+    concept's index in its domain.
+
+    `concept_phrase` (how prompts name the concept: an object's rare token, a style's phrase) and
+    `init_words` (the concept's own words: the class word, the style phrase) are what embedding
+    tuning needs (:func:`lorachain.embeddings.concept_words` of a task)."""
     timings = {}
     started = time.perf_counter()
     config = TrainingConfig.from_dict(training)
-    method_key = f"methods.{(run or {}).get('method', method_name)}"
+    label = (run or {}).get("method", method_name)
+    method_key = f"modular.adapters.{label}" if (run or {}).get("regime") == "modular" else f"methods.{label}"
     method = make_method(method_name, method_params, key=method_key)
     task = _checked_task(
         config=config,
@@ -579,6 +636,8 @@ def train_task(
         seed=seed,
         concept=concept,
         run=run or {},
+        concept_phrase=concept_phrase,
+        init_words=init_words,
     )
     accelerator = _accelerator(config)
 
@@ -586,10 +645,11 @@ def train_task(
     timings["load_s"] = time.perf_counter() - started
     fingerprint = _fingerprint(task, config, method)
     adapters, row_masks = _set_up_adapter(pipe.unet, method, layers, task, config)
-    data = _encode_training_data(pipe, images, task, config, accelerator.device)
+    tokens = _add_tokens(pipe, method, task, method_key)
+    data = _encode_training_data(pipe, images, task, config, accelerator.device, tokens)
     unet, pipeline_class = pipe.unet, type(pipe)
-    del pipe  # keep only the U-Net
-    model = _prepare_unet(unet, adapters, row_masks, layers, method, task, config, accelerator)
+    del pipe  # keep only the U-Net (and, with embedding tuning, the text encoders `tokens` holds)
+    model = _prepare_unet(unet, adapters, row_masks, layers, method, task, config, accelerator, tokens)
     del unet, adapters
     state = _restore(model, fingerprint, task, config, timings)
 
@@ -606,10 +666,15 @@ def train_task(
     if loss_log:
         _write_loss_log(loss_log, state.losses)
     manifest = _manifest(task, method, config, state.losses, pipeline_class)
-    bytes_written = write_task_state(task.output_dir, result, manifest, pipeline_class, model.lora_config)
+    embeddings = None if tokens is None else tokens.result()
+    bytes_written = write_task_state(
+        task.output_dir, result, manifest, pipeline_class, model.lora_config, embeddings=embeddings
+    )
     shutil.rmtree(task.resume_dir, ignore_errors=True)  # the task is complete: its checkpoint has served
     timings["write_s"] = time.perf_counter() - write_started
     timings["total_s"] = time.perf_counter() - started
+    if embeddings is not None:  # the record write_task_state added: token, file, sha256
+        manifest["embeddings"] = read_manifest(task.output_dir)["embeddings"]
     return {**manifest, "bytes_written": bytes_written, "timings": timings, "resumed_from_step": state.start_step}
 
 
@@ -640,12 +705,14 @@ def train_task_from_file(
     LoRA file `lora` (which must be beside it), the losses to `loss`. `checkpoint_every` joins the training
     block here: how often a job checkpoints does not change its result. Returns a summary."""
     from lorachain.data import read_tasks
+    from lorachain.embeddings import concept_words
 
     if Path(lora) != Path(state).parent / LORA_FILE:
         raise TrainingError(
             f"{lora}: a task's LoRA file is written beside its manifest, as {Path(state).parent / LORA_FILE}"
         )
     task = read_tasks(tasks)[position - 1]
+    phrase, init_words = concept_words(task)
     manifest = train_task(
         model_source=model,
         vae=vae,
@@ -662,6 +729,8 @@ def train_task_from_file(
         run=dict(run),
         concept=task.concept,
         loss_log=loss,
+        concept_phrase=phrase,
+        init_words=init_words,
     )
     return {key: manifest[key] for key in ("task_index", "slot", "concept", "final_loss", "bytes_written", "timings")}
 

@@ -28,7 +28,9 @@ from lorachain.methods import (  # noqa: F401  (registration)
     weighted_average,
 )
 from lorachain.methods.base import (
+    COMMON_PARAMS,
     ContinualMethod,
+    EmbeddingSettings,
     InitContext,
     MethodError,
     make_method,
@@ -48,8 +50,10 @@ from lorachain.methods.merge_base import (
 from lorachain.methods.registry import PluginError, load_plugins, schema_defs
 
 __all__ = [
+    "COMMON_PARAMS",
     "Concept",
     "ContinualMethod",
+    "EmbeddingSettings",
     "InitContext",
     "LayerAdapter",
     "MergeError",

@@ -19,12 +19,18 @@ Adding a method is one module with a subclass decorated by :func:`register_metho
 its parameters once (``params``: :class:`lorachain.params.Param`); defaults, the checks made when it
 is built and its block of the config schema (:mod:`lorachain.methods.registry`) come from there.
 A module outside lorachain can do the same and be named under the config's ``plugins``.
+
+Every method also accepts the parameters in :data:`COMMON_PARAMS`, declared once here: ``embeddings``
+(embedding-weight tuning: new concept tokens whose input embeddings train with the LoRA, see
+:class:`EmbeddingSettings` and docs/methods.md). A common parameter whose value is its default (off)
+is left out of ``params``, so a method block without it records exactly what it recorded before
+the parameter existed (manifests, checkpoint fingerprints and the chain check stay byte-identical).
 """
 
 from __future__ import annotations
 
 from abc import ABC
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 from lorachain.lazy_torch import torch
@@ -54,6 +60,69 @@ class InitContext:
     slot: int = 0  # the concept's slot: task index - 1 in a chain, the concept's index in the modular regime
 
 
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """Embedding-weight tuning of one concept (a method's ``embeddings`` parameter): `tokens` new
+    vectors named by `token_format` applied to the concept's phrase ("<sks>", then "<sks>_1", ...),
+    initialised from `init_word` (None: the concept's own words) and trained at `learning_rate`."""
+
+    tokens: int = 1
+    init_word: str | None = None
+    learning_rate: float = 5.0e-4
+    token_format: str = "<{}>"
+
+    @classmethod
+    def from_param(cls, value: dict | None) -> EmbeddingSettings | None:
+        return None if value is None else cls(**value)
+
+    def as_param(self) -> dict:
+        return asdict(self)
+
+    def token(self, phrase: str) -> str:
+        """The token of a concept phrase: token_format with the phrase's spaces as '-'."""
+        return self.token_format.format("-".join(phrase.split()))
+
+    def token_names(self, phrase: str) -> list[str]:
+        """The tokens of every vector: the token, then diffusers' multi-vector names token_1, ..."""
+        token = self.token(phrase)
+        return [token] + [f"{token}_{index}" for index in range(1, self.tokens)]
+
+
+EMBEDDINGS = Param(
+    "embeddings",
+    None,
+    {
+        "type": ["object", "null"],
+        "additionalProperties": False,
+        "properties": {
+            # No "default" here: the config check fills defaults in, and a block's own values are
+            # what its jobs' params record (EmbeddingSettings completes them).
+            "tokens": {"type": "integer", "minimum": 1, "description": "vectors per concept (default 1)"},
+            "init_word": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "description": "initial vectors' word(s); null: the concept's own (default null)",
+            },
+            "learning_rate": {
+                "type": "number",
+                "exclusiveMinimum": 0,
+                "description": "the new vectors' learning rate (default 5.0e-4)",
+            },
+            "token_format": {
+                "type": "string",
+                "pattern": "^[^{}]*\\{\\}[^{}]*$",
+                "description": "the token of a concept phrase, holding {} once (default '<{}>')",
+            },
+        },
+    },
+    "embedding-weight tuning (docs/methods.md): null (off) or a mapping "
+    "{tokens, init_word, learning_rate, token_format}",
+)
+# Parameters every method accepts besides its own (see the module docstring). Off by default, and
+# left out of the config schema's defaults and of `params` while off.
+COMMON_PARAMS: tuple[Param, ...] = (EMBEDDINGS,)
+
+
 def gaussian_adapter(ctx: InitContext) -> LayerAdapter:
     """peft's ``init_lora_weights="gaussian"``: A ~ N(0, (1/r)^2), B = 0."""
     A = torch.randn(ctx.rank, ctx.in_features, generator=ctx.generator, dtype=torch.float32) / ctx.rank
@@ -70,15 +139,25 @@ class ContinualMethod(ABC):
     param_specs: ClassVar[tuple[Param, ...]] = ()  # the accepted parameters, each declared once
 
     def __init__(self, **params):
-        values, problems = check_values(self.param_specs, params)
+        values, problems = check_values(self.all_param_specs(), params)
         if problems:
             raise MethodError("; ".join(with_owner(f"method {self.name!r}", problem) for problem in problems))
+        embeddings = values.pop(EMBEDDINGS.name)
+        self.embeddings = None if embeddings is None else EmbeddingSettings(**embeddings)
         self.params = values
+        if self.embeddings is not None:  # recorded complete: the manifest says what was trained
+            self.params[EMBEDDINGS.name] = self.embeddings.as_param()
         self.check_params()
 
     @classmethod
+    def all_param_specs(cls) -> tuple[Param, ...]:
+        """The method's own parameters and the common ones (:data:`COMMON_PARAMS`)."""
+        return tuple(cls.param_specs) + COMMON_PARAMS
+
+    @classmethod
     def parameters(cls) -> dict:
-        """Accepted parameters and their defaults."""
+        """Accepted parameters of the method's own and their defaults (the common parameters,
+        off by default, are not filled in: see :data:`COMMON_PARAMS`)."""
         return defaults(cls.param_specs)
 
     def check_params(self) -> None:

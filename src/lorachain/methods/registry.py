@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 
-from lorachain.methods.base import method_class, method_names
+from lorachain.methods.base import COMMON_PARAMS, method_class, method_names
 from lorachain.methods.merge_base import merge_class, merge_names
 from lorachain.params import Param
 
@@ -37,9 +37,12 @@ class PluginError(ValueError):
     """A plugin that cannot be imported; the message names the config key."""
 
 
-def _then(fixed: Sequence[str], params: Iterable[Param], with_default: bool) -> dict:
+def _then(fixed: Sequence[str], params: Iterable[Param], with_default: bool, common: Iterable[Param] = ()) -> dict:
+    """The properties a block of one class allows: `fixed` names, the class's own parameters and
+    the `common` ones (every method's, off by default: their defaults are not filled in)."""
     properties = {name: {} for name in fixed}
     properties.update({param.name: param.fragment(with_default) for param in params})
+    properties.update({param.name: param.fragment(with_default=False) for param in common})
     return {"additionalProperties": False, "properties": properties}
 
 
@@ -55,7 +58,8 @@ def method_block() -> dict:
         "required": ["method"],
         "properties": {"method": {"type": "string", "enum": names}},
         "allOf": [
-            {"if": _if_method(name), "then": _then(["method"], method_class(name).param_specs, True)} for name in names
+            {"if": _if_method(name), "then": _then(["method"], method_class(name).param_specs, True, COMMON_PARAMS)}
+            for name in names
         ],
     }
 

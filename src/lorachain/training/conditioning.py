@@ -38,6 +38,11 @@ def is_sdxl(pipe) -> bool:
 @torch.no_grad()
 def encode_condition(pipe, prompt: str, device) -> dict:
     """U-Net conditioning for one prompt: encoder states, plus SDXL's pooled embedding."""
+    return encode_condition_with_grad(pipe, prompt, device)
+
+
+def encode_condition_with_grad(pipe, prompt: str, device) -> dict:
+    """:func:`encode_condition` with autograd on: what embedding tuning differentiates at every step."""
     if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
