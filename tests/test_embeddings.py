@@ -322,6 +322,44 @@ def test_concept_token_mask_finds_every_vector_of_the_token(sd1_state, tiny_sd1_
     assert marked == pipe.tokenizer.convert_tokens_to_ids(["<sks>", "<sks>_1"]) + ids[-2:-1]
 
 
+def test_gradient_fusion_recording_uses_the_concepts_token_rows(sd1_state, tiny_sd1_dir, synthetic_tasks, tmp_path):
+    """Mix-of-Show's recording of an ED-LoRA concept: its embeddings loaded, its prompt rewritten,
+    and the concept rows are its token's vectors and the class word (3 of 77 per step)."""
+    from lorachain.data.selection import Task
+    from lorachain.merging.fusion import is_cross_attention_kv, load_grams
+    from lorachain.modular import record_layer_inputs
+
+    task = Task(
+        concept="colorful_sneaker",
+        kind="object",
+        token="sks",
+        class_name="sneaker",
+        train_images=synthetic_tasks[2][1],
+        train_prompt="a photo of sks sneaker",
+        eval_prompts=[],
+        reference_images=[],
+    )
+    result = record_layer_inputs(
+        model_source=str(tiny_sd1_dir),
+        vae=None,
+        state_dir=sd1_state,
+        method_name="naive",
+        method_params={"embeddings": EMBEDDINGS},
+        task=task,
+        target_modules=["to_k", "to_v"],
+        resolution=64,
+        timesteps=2,
+        seed=0,
+        output=tmp_path / "grams.safetensors",
+        recording="sampling-concept",
+    )
+    assert result["restricted_layers"] > 0
+    grams = load_grams(tmp_path / "grams.safetensors")
+    for layer, (_, rows) in grams.items():
+        if is_cross_attention_kv(layer):
+            assert rows == 2 * 3, layer  # 2 steps x ("<sks>", "<sks>_1", "sneaker")
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -345,6 +383,14 @@ def test_two_states_with_one_token_are_an_error_naming_both(sd1_state, tiny_sd1_
         load_state_embeddings(pipe, [sd1_state, other])
     assert str(other / EMBEDDINGS_FILE) in str(error.value) and str(sd1_state / EMBEDDINGS_FILE) in str(error.value)
     assert "'<sks>'" in str(error.value)
+    # One after the other into the same pipeline: the same error; the same state again: nothing more.
+    pipe = load_pipeline(tiny_sd1_dir)
+    assert load_state_embeddings(pipe, [sd1_state]) == {"sks": "<sks>"}
+    size = len(pipe.tokenizer)
+    assert load_state_embeddings(pipe, [sd1_state, sd1_state]) == {"sks": "<sks>"} and len(pipe.tokenizer) == size
+    with pytest.raises(StateError) as error:
+        load_state_embeddings(pipe, [other])
+    assert str(other / EMBEDDINGS_FILE) in str(error.value) and str(sd1_state / EMBEDDINGS_FILE) in str(error.value)
 
 
 def test_state_with_embeddings_sampled_without_them_is_an_error(sd1_state, tiny_sd1_dir, tmp_path):

@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 _PROMPT_MAP = "_lorachain_prompt_map"
+_LOADED = "_lorachain_loaded_embeddings"  # token -> (embeddings file, sha256) loaded into a pipeline
 
 
 def attach_prompt_map(pipe, mapping: dict[str, str]) -> None:
@@ -76,12 +77,14 @@ def load_state_embeddings(pipe, state_dirs) -> dict[str, str]:
     """Load the concept embeddings of the states in `state_dirs` (task or concept directories;
     those whose manifest records none are skipped) into `pipe` with diffusers' own
     ``load_textual_inversion`` (SDXL: once per text encoder), attach their phrase -> token map
-    (:func:`attach_prompt_map`) and return it. Two states with the same token, or a token the
-    pipeline's tokenizer already holds, are an error naming the files."""
+    (:func:`attach_prompt_map`) and return it. Loading a state's embeddings into a pipeline that
+    already holds them (the same file's bytes) does nothing more. Two states with the same token,
+    or a token the pipeline's tokenizer already holds otherwise, are an error naming the files."""
     from lorachain.state import EMBEDDINGS_FILE, ENCODER_KEYS, StateError, read_manifest, read_state_embeddings
 
     mapping: dict[str, str] = {}
     owners: dict[str, Path] = {}
+    before = dict(getattr(pipe, _LOADED, {}) or {})
     loaded = []
     for directory in state_dirs:
         directory = Path(directory)
@@ -90,18 +93,26 @@ def load_state_embeddings(pipe, state_dirs) -> dict[str, str]:
         if embeddings is None:
             continue
         path = directory / EMBEDDINGS_FILE
+        if embeddings.token in owners and owners[embeddings.token] == path:
+            continue  # the same state named twice
         if embeddings.token in owners:
             raise StateError(
                 f"{path}: concept token {embeddings.token!r} is also the token of {owners[embeddings.token]}; "
                 "two states with the same token cannot be loaded into one pipeline (retrain one with another "
                 "embeddings.token_format or concept token)"
             )
-        if any(embeddings.token in tokenizer.get_vocab() for tokenizer in _tokenizers(pipe)):
-            raise StateError(
-                f"{path}: concept token {embeddings.token!r} is already in the pipeline's tokenizer "
-                "(loaded before, or a word of the base model); load each state's embeddings once"
-            )
         owners[embeddings.token] = path
+        digest = manifest["embeddings"]["sha256"]
+        if embeddings.token in before and before[embeddings.token][1] == digest:
+            mapping[embeddings.phrase] = embeddings.token  # loaded before: the same vectors
+            continue
+        if any(embeddings.token in tokenizer.get_vocab() for tokenizer in _tokenizers(pipe)):
+            known = f" (loaded from {before[embeddings.token][0]})" if embeddings.token in before else ""
+            raise StateError(
+                f"{path}: concept token {embeddings.token!r} is already in the pipeline's tokenizer{known}; "
+                "two states with the same token cannot be loaded into one pipeline"
+            )
+        before[embeddings.token] = (path, digest)
         loaded.append(embeddings)
     for embeddings in loaded:
         for attribute, key in ENCODER_KEYS.items():
@@ -115,6 +126,7 @@ def load_state_embeddings(pipe, state_dirs) -> dict[str, str]:
                 embeddings.vectors[key], token=embeddings.token, text_encoder=encoder, tokenizer=tokenizer
             )
         mapping[embeddings.phrase] = embeddings.token
+    setattr(pipe, _LOADED, before)
     attach_prompt_map(pipe, mapping)
     return mapping
 
