@@ -13,7 +13,10 @@ Prints, from the workflow's own result files:
 
 With ``--modular-runs DIR DIR DIR`` (the results directories of modular runs that differ only in
 ``modular.seed``), it prints instead every merge's mean over the k concepts of each metric, per k,
-with intervals over those runs, and the merge and recording times (their mean over runs).
+with intervals over those runs, and the merge and recording times (their mean over runs); and,
+for every composition table of those runs (``results/tables/<set>-composition-<name>-by-k.csv``),
+every column (each placeholder's scores, the minimum and mean over members, the text metrics) per
+merge and k, the base model's included, with intervals over the runs.
 """
 
 from __future__ import annotations
@@ -129,6 +132,19 @@ def modular_runs_findings(runs: list[Path], domain: str, metrics: list[str]) -> 
         print(f"  {merge:<22} k={k}: {row['merge_s']:.3f} / {record}")
 
 
+def composition_runs_findings(runs: list[Path]) -> None:
+    """Every composition's by-k points over the runs: per column, merge and k, the mean and its
+    interval over runs (the base model's at k = 0)."""
+    for path in sorted((runs[0] / "tables").glob("*-composition-*-by-k.csv")):
+        frame = pd.concat([pd.read_csv(run / "tables" / path.name).assign(run=i) for i, run in enumerate(runs)])
+        print(f"\n## {path.name.removesuffix('-by-k.csv')} over {len(runs)} runs (intervals over runs)")
+        for column, by_column in frame.groupby("column", sort=False):
+            print(f"\n### {column}")
+            for merge, by_merge in by_column.groupby("merge", sort=False):
+                cells = [f"k={k}: {text(interval(group['score']))}" for k, group in by_merge.groupby("k")]
+                print(f"  {merge:<22} " + "  ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", type=Path, default=Path("results"))
@@ -137,6 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.modular_runs:
         modular_runs_findings(args.modular_runs, "objects", args.metrics)
+        composition_runs_findings(args.modular_runs)
         return
     for domain, metric in (("objects", "dino"), ("styles", "csd")):
         if (args.results / domain / "matrices.csv").is_file():

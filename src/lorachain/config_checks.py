@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from lorachain import plan
+from lorachain.composition import CompositionError, check_positions, parse_composition
 from lorachain.methods import MergeError, MethodError, PluginError, load_plugins, make_merge, make_method, schema_defs
 from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
 from lorachain.models.widths import narrowest_targeted_width, unet_config
@@ -320,9 +321,32 @@ def modular_problems(config: dict) -> list[str]:
     return problems
 
 
+def composition_problems(config: dict) -> list[str]:
+    """Each composition names a set that a regime trains, prompts naming the same placeholders,
+    and groups of concepts that regime trains on that set."""
+    problems = []
+    modular_sets, domains = plan.modular_sets(config), list(config["domains"])
+    for name, block in (config.get("compositions") or {}).items():
+        try:
+            composition = parse_composition(name, block)
+            if composition.set not in domains + modular_sets:
+                raise CompositionError(
+                    f"config key compositions.{name}.set: {composition.set!r} is neither a domain nor a modular set "
+                    f"({', '.join(dict.fromkeys(domains + modular_sets))})"
+                )
+            if composition.set in domains:
+                check_positions(composition, config["domains"][composition.set]["num_tasks"], "the continual regime")
+            if composition.set in modular_sets:
+                check_positions(composition, plan.set_size(config, composition.set), "the modular regime")
+        except CompositionError as error:
+            problems.append(str(error))
+    return problems
+
+
 def check_config(config: dict) -> None:
     """Everything the schema cannot check, all problems at once; run while the Snakefile parses."""
     problems = domain_problems(config) + modular_problems(config) + registered_block_problems(config)
+    problems += composition_problems(config)
     problems += model_source_problems(config, plan.encoders_in_use(config))
     if "world" in config:
         problems += check_world_block(config["world"])

@@ -244,14 +244,18 @@ def merge_and_sample(
     merge_record: str | Path,
     eval_prompts: dict | None = None,
     gram_records: list | None = None,
+    compositions: dict | None = None,
+    compositions_dir: str | Path | None = None,
 ) -> dict:
-    """Merge the first k concepts (k = len(concept_dirs)) and sample the merged model on them.
+    """Merge the first k concepts (k = len(concept_dirs)) and sample the merged model on them
+    (and, with `compositions_dir`, on the composed prompts of `compositions` within those k).
     Writes the sample set (PNG + index.csv) to `output_dir` and the merge time and what was merged
     to `merge_record` (JSON). The merge is timed alone: reading the LoRA files is not part of it.
     A merge on recorded layer inputs also records ``record_s``, the k concepts' recording jobs'
     time (from `gram_records`, the records beside the gram files), so the merge's cost can be
     given with and without recording."""
     from lorachain.data import read_tasks
+    from lorachain.embeddings import load_state_embeddings
     from lorachain.methods import make_merge
     from lorachain.sample import SamplingConfig, load_model_for_sampling, sample_tasks
     from lorachain.state import FoldedState, apply_to_unet
@@ -294,7 +298,14 @@ def merge_and_sample(
     del loaded
     apply_to_unet(pipe.unet, FoldedState(tasks_done=k, merged=delta))
     del delta
+    load_state_embeddings(pipe, concept_dirs)  # the concepts' tokens, where trained with embedding tuning
     result = sample_tasks(pipe, list(enumerate(tasks[:k], start=1)), config, output_dir, identity)
+    if compositions_dir is not None:
+        from lorachain.composition import parse_compositions
+        from lorachain.sample import sample_compositions
+
+        parsed = parse_compositions(compositions)
+        result |= sample_compositions(pipe, parsed, tasks, k, config, compositions_dir, identity)
     record = {
         "merge": identity.get("method"),
         "method": merge_name,
@@ -427,10 +438,12 @@ def merge_and_sample_job(
     record,
     eval_prompts: dict | None = None,
     recordings: list | None = None,
+    compositions: dict | None = None,
+    composition_samples=None,
 ) -> dict:
     """The merge_and_sample job: merge label `merge` (merge method `method`) of the concepts in
-    `concept_dirs`, sampled into `samples`; the merge's time, its concepts' recording time and its
-    inputs go to `record`."""
+    `concept_dirs`, sampled into `samples` (and its composed prompts into `composition_samples`);
+    the merge's time, its concepts' recording time and its inputs go to `record`."""
     return merge_and_sample(
         concept_dirs=list(concept_dirs),
         gram_files=list(grams) or None,
@@ -446,6 +459,8 @@ def merge_and_sample_job(
         merge_record=record,
         eval_prompts={kind: list(templates) for kind, templates in (eval_prompts or {}).items()},
         gram_records=list(recordings or []) or None,
+        compositions=compositions,
+        compositions_dir=composition_samples,
     )
 
 

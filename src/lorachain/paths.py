@@ -1,7 +1,8 @@
 """Where every file of a run lives: the one home of the path templates that the workflow's rules,
 its input functions and the library share. Templates hold Snakemake wildcards in braces
 (``{domain}``, ``{method}``, ``{order}``, ``{seed}``, ``{task}``, ``{adapter}``, ``{concept}``,
-``{merge}``, ``{k}``, ``{metric}``, ``{recording}``); ``str.format`` fills them in the library. Import-light.
+``{merge}``, ``{k}``, ``{metric}``, ``{recording}``, ``{composition}``); ``str.format`` fills them
+in the library. Import-light.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ SAMPLES_DIR = f"{RESULTS}/{RUN}/samples/after{{task}}"
 RUN_SCORES = f"{RESULTS}/{RUN}/scores.csv"
 BASE_SAMPLES_DIR = f"{RESULTS}/{{domain}}/base/samples"
 BASE_SCORES = f"{RESULTS}/{{domain}}/base/scores.csv"
+# Composed prompts (lorachain.composition), sampled beside each sample set and scored with it.
+COMPOSITIONS_DIR = f"{RESULTS}/{RUN}/compositions/after{{task}}"
+RUN_COMPOSITION_SCORES = f"{RESULTS}/{RUN}/composition-scores.csv"
+BASE_COMPOSITIONS_DIR = f"{RESULTS}/{{domain}}/base/compositions"
+BASE_COMPOSITION_SCORES = f"{RESULTS}/{{domain}}/base/composition-scores.csv"
 REFERENCE_EMBEDDINGS = f"{RESULTS}/{{domain}}/references.safetensors"
 MATRICES = f"{RESULTS}/{{domain}}/matrices.csv"
 TABLE = f"{RESULTS}/tables/{{domain}}"  # .csv and .md
@@ -50,6 +56,9 @@ GRAMS = f"{CONCEPT_DIR}/{GRAMS_FILE}"
 GRAMS_RECORD = f"{CONCEPT_DIR}/{GRAMS_RECORD_FILE}"
 MERGE_DIR = f"{MODULAR_DIR}/merges/{{merge}}/k{{k}}"
 MERGE_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/scores.csv"
+MERGE_COMPOSITIONS_DIR = f"{MERGE_DIR}/compositions"
+MERGE_COMPOSITION_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/composition-scores.csv"
+COMPOSITION_TABLE = f"{RESULTS}/tables/{{domain}}-composition-{{composition}}"  # .csv, .md and -by-k.csv
 MODULAR_TABLE = f"{RESULTS}/tables/{{domain}}-modular"  # .csv and .md
 MODULAR_POINTS = f"{MODULAR_TABLE}-by-k.csv"  # every merge's alignment and prior drift at every k
 ABLATION_TABLE = f"{RESULTS}/tables/{{domain}}-ablation"  # .csv and .md: BlockLoRA's Table 3 layout

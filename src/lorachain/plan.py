@@ -229,6 +229,54 @@ def grid_sample_dirs(config: dict, domain: str) -> dict:
     )
 
 
+# ------------------------------------------------------------------------------ compositions
+
+
+def compositions_of(config: dict, name: str) -> dict:
+    """The composition blocks whose set is `name` (a continual domain or a modular set), canonical:
+    what a sampling job of that set gets."""
+    return canonical(
+        {label: block for label, block in (config.get("compositions") or {}).items() if block["set"] == name}
+    )
+
+
+def composition_labels(config: dict, name: str) -> list[str]:
+    return list(compositions_of(config, name))
+
+
+def run_composition_dirs(config: dict, run: dict) -> list[str]:
+    """The composition sample sets of one run: after task 1..T (empty where no group is learned)."""
+    num_tasks = config["domains"][run["domain"]]["num_tasks"]
+    return [paths.COMPOSITIONS_DIR.format(**run, task=task_label(task)) for task in range(1, num_tasks + 1)]
+
+
+def domain_run_composition_scores(config: dict, domain: str) -> dict:
+    """Every run's composition scores of a continual domain that has compositions ({} otherwise)."""
+    if not compositions_of(config, domain):
+        return {}
+    return canonical(
+        {
+            f"{method}|{order}|{seed}": paths.RUN_COMPOSITION_SCORES.format(
+                domain=domain, method=method, order=order, seed=seed
+            )
+            for method, order, seed in runs(config)
+        }
+    )
+
+
+def composition_outputs(config: dict, name: str) -> list[str]:
+    """The modular results of each composition of set `name`: its table, its by-k points, its
+    figure and its image grid."""
+    figures = paths.FIGURES.format(domain=name)
+    outputs = []
+    for label in composition_labels(config, name):
+        table = paths.COMPOSITION_TABLE.format(domain=name, composition=label)
+        outputs += [f"{table}.csv", f"{table}.md", f"{table}-by-k.csv"]
+        outputs += [f"{figures}/composition-{label}.{suffix}" for suffix in ("png", "pdf")]
+        outputs.append(f"{figures}/composition-{label}-grid.png")
+    return outputs
+
+
 # ------------------------------------------------------------------------------ modular regime
 
 
@@ -388,6 +436,7 @@ def modular_outputs(config: dict, domain: str) -> list[str]:
         outputs += [f"{figures}/modular-prior-drift.{suffix}" for suffix in ("png", "pdf")]
     if modular(config).get("ablation"):
         outputs += [f"{paths.ABLATION_TABLE.format(domain=domain)}.{suffix}" for suffix in ("csv", "md")]
+    outputs += composition_outputs(config, domain)
     if set_size(config, domain) >= 2:
         outputs += [
             f"{figures}/diagnostics-{adapter}-{kind}.png"

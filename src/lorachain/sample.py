@@ -11,6 +11,7 @@ with the same noises, for the prior-drift metrics (docs/metrics.md#prior-drift).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
@@ -173,42 +174,17 @@ def sample_tasks(
     a failed job leaves no partial sample set behind and never touches an earlier one. Prompts pass
     through :func:`lorachain.embeddings.model_prompt` (the index keeps them as written); a state
     trained with embedding tuning must have its tokens loaded into `pipe`."""
-    from lorachain.embeddings import check_embeddings_loaded, model_prompt
-
-    check_embeddings_loaded(pipe)
-    output_dir = Path(output_dir)
-    set_scheduler(pipe, config.scheduler)
-    device = device_for_sampling()
-    pipe.to(device)
-    noises = initial_noises(config, pipe.unet.config.in_channels, 2 ** (len(pipe.vae.config.block_out_channels) - 1))
     jobs = [
         (index, task, prompt_index, prompt, sample)
         for index, task in tasks
         for prompt_index, prompt in prompts_of(task, config.prior_samples)
         for sample in range(config.num_samples)
     ]
-    staging = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     rows = []
     started = time.perf_counter()
-    for first in range(0, len(jobs), config.batch_size):
-        batch = jobs[first : first + config.batch_size]
-        latents = torch.stack([noises[sample] for *_, sample in batch]).to(device, pipe.unet.dtype)
-        # A generator is passed for schedulers that add noise while sampling (ancestral ones);
-        # the default (Euler) is deterministic given the initial latents.
-        generator = torch.Generator("cpu").manual_seed(config.noise_seed + first)
-        images = pipe(
-            prompt=[model_prompt(pipe, prompt) for _, _, _, prompt, _ in batch],
-            latents=latents,
-            num_inference_steps=config.steps,
-            guidance_scale=config.guidance_scale,
-            height=config.resolution,
-            width=config.resolution,
-            generator=generator,
-            output_type="pil",
-        ).images
-        for (index, task, prompt_index, prompt, sample), image in zip(batch, images):
+    with staged_directory(output_dir) as staging:
+        images = render_prompts(pipe, [(prompt, sample) for *_, prompt, sample in jobs], config)
+        for (index, task, prompt_index, prompt, sample), image in zip(jobs, images):
             name = _image_name(index, prompt_index, sample)
             (staging / name).parent.mkdir(exist_ok=True)
             image.save(staging / name)
@@ -226,12 +202,95 @@ def sample_tasks(
                     "noise_seed": config.noise_seed,
                 }
             )
-    elapsed = time.perf_counter() - started
-    write_index(staging / INDEX_FILE, rows)
+        elapsed = time.perf_counter() - started
+        write_index(staging / INDEX_FILE, rows)
+    return {"images": len(rows), "sample_s": elapsed, "images_per_s": len(rows) / elapsed if elapsed else float("nan")}
+
+
+@contextlib.contextmanager
+def staged_directory(output_dir: str | Path):
+    """A temporary sibling of `output_dir` to write a sample set into; it replaces `output_dir` only
+    when the block ends without an error, so a failed job leaves no partial set behind and never
+    touches an earlier one."""
+    output_dir = Path(output_dir)
+    staging = output_dir.with_name(f".{output_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
     if output_dir.exists():
         shutil.rmtree(output_dir)
     os.replace(staging, output_dir)
-    return {"images": len(rows), "sample_s": elapsed, "images_per_s": len(rows) / elapsed if elapsed else float("nan")}
+
+
+@torch.no_grad()
+def render_prompts(pipe, jobs: list[tuple[str, int]], config: SamplingConfig):
+    """The images of (prompt, noise index) pairs, in order, batched by ``sampling.batch_size``,
+    each from the paired initial noise of its index; prompts pass through
+    :func:`lorachain.embeddings.model_prompt` (concept phrases -> the tokens loaded into `pipe`), and
+    a state trained with embedding tuning must have its tokens loaded into `pipe`."""
+    from lorachain.embeddings import check_embeddings_loaded, model_prompt
+
+    check_embeddings_loaded(pipe)
+    set_scheduler(pipe, config.scheduler)
+    device = device_for_sampling()
+    pipe.to(device)
+    noises = initial_noises(config, pipe.unet.config.in_channels, 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    for first in range(0, len(jobs), config.batch_size):
+        batch = jobs[first : first + config.batch_size]
+        latents = torch.stack([noises[sample] for _, sample in batch]).to(device, pipe.unet.dtype)
+        # A generator is passed for schedulers that add noise while sampling (ancestral ones);
+        # the default (Euler) is deterministic given the initial latents.
+        generator = torch.Generator("cpu").manual_seed(config.noise_seed + first)
+        yield from pipe(
+            prompt=[model_prompt(pipe, prompt) for prompt, _ in batch],
+            latents=latents,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            height=config.resolution,
+            width=config.resolution,
+            generator=generator,
+            output_type="pil",
+        ).images
+
+
+def sample_compositions(pipe, compositions: list, tasks: list, k: int, config, output_dir, identity):
+    """Sample every composed prompt of `compositions` (:class:`lorachain.composition.Composition`)
+    within the first k concepts with the paired noises into
+    `output_dir` (PNG + index.csv; written under a temporary name and renamed at the end, as the
+    sample sets are). No composition applies: an index without rows. Returns timings."""
+    from lorachain.composition import COMPOSITION_COLUMNS, SEPARATOR, composed_prompts
+
+    prompts = composed_prompts(compositions, tasks, k)
+    jobs = [(item, sample) for item in prompts for sample in range(config.num_samples)]
+    rows = []
+    started = time.perf_counter()
+    with staged_directory(output_dir) as staging:
+        images = render_prompts(pipe, [(item.prompt, sample) for item, sample in jobs], config)
+        for (item, sample), image in zip(jobs, images):
+            name = f"{item.composition}/g{item.label}-p{item.prompt_index}-n{sample}.png"
+            (staging / name).parent.mkdir(exist_ok=True)
+            image.save(staging / name)
+            rows.append(
+                {
+                    **identity,
+                    "path": name,
+                    "composition": item.composition,
+                    "group": item.label,
+                    "placeholders": SEPARATOR.join(item.placeholders),
+                    "positions": item.label,
+                    "concepts": SEPARATOR.join(item.concepts),
+                    "prompt_index": item.prompt_index,
+                    "prompt": item.prompt,
+                    "plain_prompt": item.plain_prompt,
+                    "sample": sample,
+                    "noise_seed": config.noise_seed,
+                }
+            )
+        with open(staging / INDEX_FILE, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=COMPOSITION_COLUMNS, extrasaction="raise")
+            writer.writeheader()
+            writer.writerows(rows)
+    return {"composition_images": len(rows), "composition_s": time.perf_counter() - started}
 
 
 def write_index(path: str | Path, rows: list[dict]) -> None:
@@ -297,9 +356,13 @@ def sample_after_task(
     vae: str | None,
     output_dir: str | Path,
     identity: dict,
+    compositions: dict | None = None,
+    compositions_dir: str | Path | None = None,
 ) -> dict:
     """One sampling job: the state after task `task_index` of a run on tasks 1..task_index, or,
-    with `task_index` None, the base model on every task of the file. Returns timings."""
+    with `task_index` None, the base model on every task of the file. With `compositions_dir`, the
+    composed prompts of `compositions` (config blocks, :mod:`lorachain.composition`) whose groups
+    it has learned go there too. Returns timings."""
     from lorachain.data import read_tasks
 
     started = time.perf_counter()
@@ -311,6 +374,11 @@ def sample_after_task(
     pipe = load_model_for_sampling(model_source, vae, state_dir, method_name, method_params, config.precision)
     load_s = time.perf_counter() - started
     result = sample_tasks(pipe, list(enumerate(tasks[:last], start=1)), config, output_dir, identity)
+    if compositions_dir is not None:
+        from lorachain.composition import parse_compositions
+
+        parsed = parse_compositions(compositions)
+        result |= sample_compositions(pipe, parsed, tasks, last, config, compositions_dir, identity)
     return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
 
 
@@ -326,8 +394,11 @@ def sample_state_job(
     vae: str | None,
     run: dict,
     samples,
+    compositions: dict | None = None,
+    composition_samples=None,
 ) -> dict:
-    """The sample_state job: the state after task `task_index` of run `run` on tasks 1..task_index."""
+    """The sample_state job: the state after task `task_index` of run `run` on tasks 1..task_index,
+    and the composed prompts of the groups it has learned into `composition_samples`."""
     identity = {**run, "model": run["method"], "method": method, "after_task": task_index}
     return sample_after_task(
         tasks_file=tasks,
@@ -340,11 +411,24 @@ def sample_state_job(
         vae=vae,
         output_dir=samples,
         identity=identity,
+        compositions=compositions,
+        compositions_dir=composition_samples,
     )
 
 
-def sample_base_job(*, tasks, sampling: dict, model: str, vae: str | None, domain: str, samples) -> dict:
-    """The sample_base job: the base model on every task of the domain's reference task file."""
+def sample_base_job(
+    *,
+    tasks,
+    sampling: dict,
+    model: str,
+    vae: str | None,
+    domain: str,
+    samples,
+    compositions: dict | None = None,
+    composition_samples=None,
+) -> dict:
+    """The sample_base job: the base model on every task of the domain's reference task file (and
+    every composed prompt of its compositions into `composition_samples`)."""
     identity = {"model": "base", "method": "base", "domain": domain, "order": "", "seed": "", "after_task": 0}
     return sample_after_task(
         tasks_file=tasks,
@@ -357,4 +441,6 @@ def sample_base_job(*, tasks, sampling: dict, model: str, vae: str | None, domai
         vae=vae,
         output_dir=samples,
         identity=identity,
+        compositions=compositions,
+        compositions_dir=composition_samples,
     )

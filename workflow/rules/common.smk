@@ -4,8 +4,12 @@ from lorachain import plan
 from lorachain.metrics.catalog import ALL_METRICS, METRIC_ENCODER
 from lorachain.paths import (
     ABLATION_TABLE,
+    BASE_COMPOSITION_SCORES,
+    BASE_COMPOSITIONS_DIR,
     BASE_SAMPLES_DIR,
     BASE_SCORES,
+    COMPOSITION_TABLE,
+    COMPOSITIONS_DIR,
     CONCEPT_DIR,
     DIAGNOSTICS_DIR,
     FIGURES,
@@ -16,6 +20,8 @@ from lorachain.paths import (
     LORA_FILE,
     LOSS_FILE,
     MATRICES,
+    MERGE_COMPOSITION_SCORES,
+    MERGE_COMPOSITIONS_DIR,
     MERGE_DIR,
     MERGE_SCORES,
     MODULAR_POINTS,
@@ -23,6 +29,7 @@ from lorachain.paths import (
     REFERENCE_EMBEDDINGS,
     RESULTS,
     RUN,
+    RUN_COMPOSITION_SCORES,
     RUN_SCORES,
     SAMPLES_DIR,
     STATE_FILE,
@@ -70,6 +77,7 @@ wildcard_constraints:
     adapter="|".join(MODULAR.get("adapters", {})) or "(?!)",
     merge="|".join(MODULAR.get("merges", {})) or "(?!)",
     recording=plan.recording_pattern(),
+    composition="|".join(config.get("compositions") or {}) or "(?!)",
 
 
 def run_of(wildcards):
@@ -170,6 +178,47 @@ def domain_run_scores(wildcards):
 
 def grid_sample_dirs(wildcards):
     return plan.grid_sample_dirs(config, wildcards.domain)
+
+
+# ------------------------------------------------------------------------------ compositions
+
+
+def compositions_of(wildcards):
+    return plan.compositions_of(config, wildcards.domain)
+
+
+def run_composition_dirs(wildcards):
+    return plan.run_composition_dirs(config, run_of(wildcards))
+
+
+def domain_run_composition_scores(wildcards):
+    return plan.domain_run_composition_scores(config, wildcards.domain)
+
+
+def base_composition_scores(wildcards):
+    """The base model's composition scores, where the domain has compositions."""
+    return [BASE_COMPOSITION_SCORES.format(domain=wildcards.domain)] if compositions_of(wildcards) else []
+
+
+def merge_composition_dirs(wildcards):
+    return [
+        MERGE_COMPOSITIONS_DIR.format(domain=wildcards.domain, merge=wildcards.merge, k=k)
+        for k in merge_sizes(config, wildcards.domain)
+    ]
+
+
+def modular_composition_scores(wildcards):
+    return canonical(
+        {merge: MERGE_COMPOSITION_SCORES.format(domain=wildcards.domain, merge=merge) for merge in MODULAR["merges"]}
+    )
+
+
+def modular_composition_samples(wildcards):
+    """The composition sample sets of every merge at the largest k (the grid's)."""
+    k = merge_sizes(config, wildcards.domain)[-1]
+    return canonical(
+        {merge: MERGE_COMPOSITIONS_DIR.format(domain=wildcards.domain, merge=merge, k=k) for merge in MODULAR["merges"]}
+    )
 
 
 # ------------------------------------------------------------------------------ modular regime

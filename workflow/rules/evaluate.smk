@@ -45,10 +45,12 @@ rule score_run:
     input:
         encoder_inputs,
         samples=run_sample_dirs,
+        compositions=run_composition_dirs,
         references=REFERENCE_EMBEDDINGS,
         base_samples=BASE_SAMPLES_DIR,
     output:
-        RUN_SCORES,
+        scores=RUN_SCORES,
+        composition_scores=RUN_COMPOSITION_SCORES,
     log:
         f"{LOGS}/{RUN}/scores.log",
     benchmark:
@@ -63,7 +65,6 @@ rule score_run:
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
-        scores=lambda wildcards, output: output[0],
     script:
         "../scripts/score_run.py"
 
@@ -73,10 +74,12 @@ rule score_base:
     input:
         encoder_inputs,
         samples=BASE_SAMPLES_DIR,
+        compositions=BASE_COMPOSITIONS_DIR,
         references=REFERENCE_EMBEDDINGS,
         base_samples=BASE_SAMPLES_DIR,
     output:
-        BASE_SCORES,
+        scores=BASE_SCORES,
+        composition_scores=BASE_COMPOSITION_SCORES,
     log:
         f"{LOGS}/{{domain}}/base/scores.log",
     benchmark:
@@ -91,6 +94,5 @@ rule score_base:
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
-        scores=lambda wildcards, output: output[0],
     script:
         "../scripts/score_base.py"

@@ -79,6 +79,7 @@ rule merge_and_sample:
         recordings=merged_gram_records,
     output:
         samples=directory(f"{MERGE_DIR}/samples"),
+        composition_samples=directory(MERGE_COMPOSITIONS_DIR),
         record=f"{MERGE_DIR}/merge.json",
     log:
         f"{LOGS}/{{domain}}/modular/{{merge}}/k{{k}}.log",
@@ -100,6 +101,7 @@ rule merge_and_sample:
         identity=merge_identity,
         merge="{merge}",
         eval_prompts=canonical(MODULAR.get("eval_prompts", {})),
+        compositions=compositions_of,
     script:
         "../scripts/merge_and_sample.py"
 
@@ -109,10 +111,12 @@ rule score_merges:
     input:
         encoder_inputs,
         samples=merge_sample_dirs,
+        compositions=merge_composition_dirs,
         references=REFERENCE_EMBEDDINGS,
         base_samples=BASE_SAMPLES_DIR,
     output:
-        MERGE_SCORES,
+        scores=MERGE_SCORES,
+        composition_scores=MERGE_COMPOSITION_SCORES,
     log:
         f"{LOGS}/{{domain}}/modular/{{merge}}/scores.log",
     benchmark:
@@ -127,7 +131,6 @@ rule score_merges:
         encoders=encoder_blocks,
         revision=revision(config, "scoring"),
         batch_size=config["metrics"]["batch_size"],
-        scores=lambda wildcards, output: output[0],
     script:
         "../scripts/score_merges.py"
 
@@ -237,3 +240,48 @@ rule lora_diagnostics:
         "../../envs/lorachain.yaml"
     script:
         "../scripts/lora_diagnostics.py"
+
+
+rule modular_composition:
+    """One composition of a modular set over every merge: a table (merge x metric) at the largest k
+    and by k, a figure, and an image grid of its groups (subject x style) per merge and the base."""
+    input:
+        lambda wildcards: list(modular_composition_scores(wildcards).values()),
+        lambda wildcards: list(modular_composition_samples(wildcards).values()),
+        base_scores=BASE_COMPOSITION_SCORES,
+        base_samples=BASE_COMPOSITIONS_DIR,
+    output:
+        table=report(
+            f"{COMPOSITION_TABLE}.csv",
+            caption="../report/composition_table.rst",
+            category="Modular",
+            subcategory="{domain}",
+        ),
+        markdown_table=f"{COMPOSITION_TABLE}.md",
+        points=f"{COMPOSITION_TABLE}-by-k.csv",
+        figure=report(
+            f"{FIGURES}/composition-{{composition}}.png",
+            caption="../report/composition_figure.rst",
+            category="Modular",
+            subcategory="{domain}",
+        ),
+        figure_pdf=f"{FIGURES}/composition-{{composition}}.pdf",
+        grid=report(
+            f"{FIGURES}/composition-{{composition}}-grid.png",
+            caption="../report/composition_grid.rst",
+            category="Modular",
+            subcategory="{domain}",
+        ),
+    log:
+        f"{LOGS}/tables/{{domain}}-composition-{{composition}}.log",
+    conda:
+        "../../envs/lorachain.yaml"
+    params:
+        scores=modular_composition_scores,
+        samples=modular_composition_samples,
+        # the rows' order: derived from `input`, so not recorded (reordering the YAML reruns nothing)
+        merge_order=lambda wildcards, input: list(MODULAR["merges"]),
+        composition="{composition}",
+        domain="{domain}",
+    script:
+        "../scripts/modular_composition.py"

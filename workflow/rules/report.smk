@@ -1,8 +1,11 @@
 rule continual_table:
-    """S, F (both conventions) and P per method and metric, mean and std over runs."""
+    """S, F (both conventions) and P per method and metric, mean and std over runs (and the
+    composition metric's rows where the domain has compositions)."""
     input:
         lambda wildcards: list(domain_run_scores(wildcards).values()),
+        lambda wildcards: list(domain_run_composition_scores(wildcards).values()),
         base_scores=BASE_SCORES,
+        base_composition_scores=base_composition_scores,
     output:
         table=report(
             f"{TABLE}.csv",
@@ -18,6 +21,7 @@ rule continual_table:
         "../../envs/lorachain.yaml"
     params:
         run_scores=domain_run_scores,
+        run_composition_scores=domain_run_composition_scores,
         # the rows' order (the config's): derived from `input`, so Snakemake does not record it and
         # reordering the YAML reruns nothing; a new or removed method changes the inputs
         methods=lambda wildcards, input: list(config["methods"]),

@@ -1,11 +1,13 @@
 rule sample_state:
-    """Sample the model after task i of a run on every task j <= i (evaluation prompts, fixed noises)."""
+    """Sample the model after task i of a run on every task j <= i (evaluation prompts, fixed noises),
+    and on the composed prompts of every group of concepts it has learned."""
     input:
         model_inputs,
         state_chain_files,
         tasks=TASKS,
     output:
-        directory(SAMPLES_DIR),
+        samples=directory(SAMPLES_DIR),
+        composition_samples=directory(COMPOSITIONS_DIR),
     log:
         f"{LOGS}/{RUN}/samples-after{{task}}.log",
     benchmark:
@@ -25,7 +27,7 @@ rule sample_state:
         model=model_source(config),
         vae=config["model"].get("vae"),
         run=run_identity,
-        samples=lambda wildcards, output: output[0],
+        compositions=compositions_of,
     script:
         "../scripts/sample_state.py"
 
@@ -36,7 +38,8 @@ rule sample_base:
         model_inputs,
         tasks=reference_tasks,
     output:
-        directory(BASE_SAMPLES_DIR),
+        samples=directory(BASE_SAMPLES_DIR),
+        composition_samples=directory(BASE_COMPOSITIONS_DIR),
     log:
         f"{LOGS}/{{domain}}/base/samples.log",
     benchmark:
@@ -52,6 +55,6 @@ rule sample_base:
         model=model_source(config),
         vae=config["model"].get("vae"),
         domain="{domain}",
-        samples=lambda wildcards, output: output[0],
+        compositions=compositions_of,
     script:
         "../scripts/sample_base.py"

@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from lorachain.metrics.catalog import IMAGE_METRICS, METRIC_ENCODER, PRIOR_METRICS, encoders_for
+from lorachain.metrics.catalog import IMAGE_METRICS, METRIC_ENCODER, PRIOR_METRICS, TEXT_METRICS, encoders_for
 from lorachain.torch_env import torch
 
 SCORE_COLUMNS = (
@@ -257,6 +257,59 @@ def _score_row(first, after, task, concept, metric, value, n_images, n_reference
     }
 
 
+def member_metrics(metrics: list | dict, position: int, source: str) -> list[str]:
+    """The image metrics that score the member at `position` (its own domain's)."""
+    return [metric for metric in metrics_of_task(metrics, position, source) if metric in IMAGE_METRICS]
+
+
+def score_compositions(frames: list, references: dict, encoders: dict, metrics, sources: list, batch_size=32) -> list:
+    """Score rows of composition sample sets: for every (state, composition, group, prompt) each
+    member by its image metrics against its own references, and the text metrics on the prompt.
+    ``metrics``: one list, or position -> list for a mixed set (as the concept scores take)."""
+    from lorachain.composition import SEPARATOR, WHOLE_PROMPT, CompositionError
+
+    every = metric_union(metrics)
+    text_metrics = [metric for metric in every if metric in TEXT_METRICS]
+    rows = []
+    for frame, source in zip(frames, sources):
+        if frame.empty:
+            continue
+        frame = frame.reset_index(drop=True)
+        images = _open_images(list(frame["path"]))
+        wanted = [m for m in every if m in TEXT_METRICS or m in IMAGE_METRICS]
+        embeddings = {name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(wanted)}
+        text = _embed_texts(frame, text_metrics, encoders, batch_size)
+        keys = ["after_task", "composition", "group", "prompt_index"]
+        for (after, composition, group, prompt_index), part in frame.groupby(keys, sort=True):
+            first = part.iloc[0]
+            positions = torch.as_tensor(part.index.to_list())
+            base = {key: first[key] for key in ("model", "method", "domain", "order", "seed")}
+            base.update(after_task=int(after), composition=composition, group=group, prompt_index=int(prompt_index))
+            members = zip(first["placeholders"].split(SEPARATOR), first["positions"].split(SEPARATOR))
+            for (member, position), concept in zip(members, first["concepts"].split(SEPARATOR)):
+                for metric in member_metrics(metrics, int(position), source):
+                    key = f"{METRIC_ENCODER[metric]}/{concept}"
+                    if key not in references:
+                        raise CompositionError(f"{source}: no reference embeddings {key!r}; rerun embed_references")
+                    value = mean_pairwise_cosine(embeddings[METRIC_ENCODER[metric]][positions], references[key])
+                    rows.append(_composition_row(base, member, int(position), concept, metric, value, len(part)))
+            for metric in text_metrics:
+                generated = embeddings["clip"][positions]
+                if metric == "clip_t":
+                    value = mean_matched_cosine(generated, torch.stack([text[p] for p in part["prompt"]]))
+                else:
+                    value = clip_score(generated, torch.stack([text[clipscore_text(p)] for p in part["plain_prompt"]]))
+                rows.append(_composition_row(base, WHOLE_PROMPT, 0, "", metric, value, len(part)))
+    return rows
+
+
+def _composition_row(
+    base: dict, member: str, position: int, concept: str, metric: str, value: float, n_images: int
+) -> dict:
+    return {**base, "member": member, "position": position, "concept": concept, "metric": metric, "score": value,
+            "n_images": n_images}  # fmt: skip
+
+
 def base_prior_embeddings(base_frame, encoders: dict, metrics: list[str], batch_size: int = 32) -> dict:
     """``{encoder}/{concept}`` -> (noise indices, embeddings) of the base model's class-prompt
     images, for the prior-drift metrics of `metrics`."""
@@ -331,10 +384,14 @@ def score_samples(
     batch_size: int,
     output,
     base_samples=None,
+    composition_dirs=None,
+    composition_output=None,
 ) -> dict:
     """What the scoring jobs share: the sample sets `sample_dirs`, one scores CSV; the prior-drift
-    metrics compare with the base model's sample set `base_samples`. Returns timings, including the
-    share of the job spent loading the embedding models."""
+    metrics compare with the base model's sample set `base_samples`. With `composition_output`, the
+    composition sample sets `composition_dirs` are scored with the same encoders into that CSV
+    (:func:`lorachain.composition.score_compositions`). Returns timings, including the share of the
+    job spent loading the embedding models."""
     from lorachain.sample import INDEX_FILE, read_index
 
     started = time.perf_counter()
@@ -354,8 +411,18 @@ def score_samples(
         batch_size,
         base_priors,
     )
-    score_s = time.perf_counter() - score_started
     write_scores(rows, output)
+    if composition_output is not None:
+        from lorachain.composition import read_composition_index, write_composition_scores
+
+        composed = [read_composition_index(directory) for directory in composition_dirs or []]
+        sources = [str(Path(d) / INDEX_FILE) for d in composition_dirs or []]
+        write_composition_scores(
+            score_compositions(composed, reference_embeddings, encoders, metrics, sources, batch_size),
+            composition_output,
+        )
+        frames += composed
+    score_s = time.perf_counter() - score_started
     total_s = time.perf_counter() - started
     images = sum(len(frame) for frame in frames)
     return {
@@ -374,12 +441,22 @@ def _sample_dirs(samples) -> list:
 
 
 def score_job(
-    *, samples, references, metrics: list | dict, encoders: dict, batch_size: int, scores, base_samples=None
+    *,
+    samples,
+    references,
+    metrics: list | dict,
+    encoders: dict,
+    batch_size: int,
+    scores,
+    base_samples=None,
+    compositions=None,
+    composition_scores=None,
 ) -> dict:
     """The score_run, score_base and score_merges jobs (one scores CSV of the sample sets
     `samples`): every sample set of one run (after task 1..T), the base model's sample set of a
     domain, or the sample sets of one merge label (one per merge size k). `base_samples` is the
-    base model's sample set (the prior-drift reference; score_base scores against its own)."""
+    base model's sample set (the prior-drift reference; score_base scores against its own);
+    `compositions` the matching composition sample sets, scored into `composition_scores`."""
     return score_samples(
         sample_dirs=_sample_dirs(samples),
         references=references,
@@ -388,6 +465,8 @@ def score_job(
         batch_size=batch_size,
         output=scores,
         base_samples=base_samples,
+        composition_dirs=None if compositions is None else _sample_dirs(compositions),
+        composition_output=composition_scores,
     )
 
 

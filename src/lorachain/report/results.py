@@ -26,10 +26,13 @@ def continual_table_job(
     table,
     markdown,
     matrices,
+    run_composition_scores: dict | None = None,
+    base_composition_scores: list | None = None,
 ) -> list[dict]:
     """The continual_table job: check that every (method, order, seed) run has a complete matrix,
     write the long matrix file `matrices` and the summary table (CSV `table`, Markdown `markdown`;
-    rows in the order of `methods`). Returns the table's rows."""
+    rows in the order of `methods`). A domain with compositions adds their rows (the composition
+    metric: :func:`lorachain.report.composition.continual_composition_rows`). Returns the table's rows."""
     from lorachain.metrics.scoring import read_scores
 
     expected = {(method, order, seed) for method in methods for order in orders for seed in seeds}
@@ -42,6 +45,14 @@ def continual_table_job(
     base = read_scores(base_scores)
     runs = [(order, seed) for order in orders for seed in seeds]
     summary = continual.summary_table(matrix_frame, base, methods, metrics, num_tasks, runs)
+    if run_composition_scores:
+        import pandas as pd
+
+        from lorachain.report.composition import continual_composition_rows
+
+        base_composed = (base_composition_scores or [None])[0]
+        composed = continual_composition_rows(run_composition_scores, base_composed, methods, runs, num_tasks)
+        summary = pd.concat([summary, composed[summary.columns]], ignore_index=True)
     summary.insert(0, "domain", domain)
     for path in (table, markdown, matrices):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
