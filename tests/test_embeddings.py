@@ -458,8 +458,13 @@ def test_world_concept_with_and_without_embedding_tuning(pretrained_world, tmp_p
     """One object concept of the demo's world trained with the demo's training block, LoRA only
     and LoRA + embeddings (defaults: one token, lr 5e-4), sampled with the demo's sampling block
     and scored by the world's DINO and CLIP-I. Prints the scores and the seconds per training job
-    (pytest -s). What the world shows (reported, not tuned): both learn the concept; see the
-    assertion for what holds robustly."""
+    (pytest -s).
+
+    What the seeded world shows (defaults, not tuned; concept band_green_cross, "a photo of sks
+    cross"): base DINO -0.063 / CLIP-I 0.136; LoRA 0.068 / 0.234; LoRA + embeddings 0.084 / 0.299.
+    Asserted: both learn the concept (above the base by MARGIN on both metrics), embedding tuning
+    raises CLIP-I above LoRA-only's by MARGIN (+0.065 here) and does not lower DINO by more than
+    MARGIN (+0.016 here: within the margin, so not claimed as a gain)."""
     import yaml
 
     from lorachain.data.domains import select_domain_tasks
@@ -516,7 +521,11 @@ def test_world_concept_with_and_without_embedding_tuning(pretrained_world, tmp_p
             + " ".join(f"{m} {values[m]:.3f}" for m in metrics)
             + train
         )
+    margin = 0.02  # cosine, as tests/test_signal.py
     for name in ("lora", "lora+embeddings"):
         for metric in metrics:
             gain = results[name][metric] - results["base"][metric]
-            assert gain > 0.02, f"{name}: {metric} gained {gain:+.3f} over the base model by training"
+            assert gain > margin, f"{name}: {metric} gained {gain:+.3f} over the base model by training"
+    embeddings, lora = results["lora+embeddings"], results["lora"]
+    assert embeddings["clip_i"] - lora["clip_i"] > margin, (embeddings, lora)
+    assert embeddings["dino"] - lora["dino"] > -margin, (embeddings, lora)
