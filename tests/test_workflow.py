@@ -86,7 +86,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "sample_base": 3,  # objects, styles and the mixed set
         "embed_references": 3,  # once per domain or set, reused by every scoring job
         "score_run": runs,
-        "score_base": 2,
+        "score_base": 3,  # the mixed set's too: its composition's base row
         "continual_table": 2,
         "plot_metric": 2 * 5,  # domains x their 5 default metrics
         "image_grid": 2,
@@ -102,8 +102,9 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "modular_ablation": 2,  # Table 3's layout, per set
         "modular_prior_drift": 2,
         "lora_diagnostics": 7 * 2,
+        "modular_composition": 2,  # stylized (mixed15) and pairs (objects)
         "all": 1,
-        "total": 1801,
+        "total": 1804,
     }
     # real models are hub ids: nothing is built or downloaded
     assert "build_tiny_model" not in counts and "build_tiny_encoder" not in counts
@@ -181,6 +182,9 @@ def test_paper_grid_task_t_depends_on_task_t_minus_1_of_the_same_run(tmp_path):
         (lambda c: c["metrics"].update(csd={"tiny": True, "checkpoint": "x.pth"}), "csd"),
         (lambda c: c["domains"]["objects"].update(metrics=["dino", "fid"]), "fid"),
         (lambda c: c["methods"].update(base={"method": "naive"}), "base"),
+        (lambda c: c["compositions"]["together"].update(groups=[[1, 4]]), "compositions.together.groups"),
+        (lambda c: c["compositions"]["stylized"]["prompts"].append("a {subject} alone"), "missing ['style']"),
+        (lambda c: c["compositions"]["together"].update(sett="objects"), "sett"),
     ],
 )
 def test_invalid_config_fails_the_dry_run_naming_the_key(tmp_path, edit, message):
