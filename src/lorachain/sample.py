@@ -174,6 +174,9 @@ def sample_tasks(
     a failed job leaves no partial sample set behind and never touches an earlier one. Prompts pass
     through :func:`lorachain.embeddings.model_prompt` (the index keeps them as written); a state
     trained with embedding tuning must have its tokens loaded into `pipe`."""
+    from lorachain.embeddings import check_embeddings_loaded
+
+    check_embeddings_loaded(pipe)  # now, before anything is sampled (render_prompts checks lazily)
     jobs = [
         (index, task, prompt_index, prompt, sample)
         for index, task in tasks
