@@ -137,7 +137,7 @@ def composition_grid(samples: dict, title: str, path) -> Path:
     second's; every cell the first prompt and the first noise (the paired design)."""
     from PIL import Image
 
-    from lorachain.report.figures import _pyplot
+    from lorachain.report.figures import _pyplot, _save
 
     plt = _pyplot()
     frames = {label: read_composition_index(directory) for label, directory in samples.items()}
@@ -164,11 +164,9 @@ def composition_grid(samples: dict, title: str, path) -> Path:
                 if c == 0:
                     axis.set_ylabel(row, fontsize=6)
     figure.suptitle(title, fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150, bbox_inches="tight", metadata={"Software": None})
+    (written,) = _save(figure, Path(path).with_suffix(""), formats=("png",))
     plt.close(figure)
-    return path
+    return written
 
 
 def modular_composition_job(
