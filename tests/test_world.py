@@ -247,8 +247,8 @@ def test_the_findings_overlay_adds_runs_and_the_ablations_to_the_demo(tmp_path):
 
     demo, findings = counts(demo.stdout), counts(findings.stdout)
     assert findings["train_task"] == 3 * demo["train_task"] == 3 * 2 * 4 * 3
-    # three ablation adapters, on the 3 objects and on the mixed set's 3 concepts
-    assert findings["train_concept"] == demo["train_concept"] + 3 * (3 + 3)
+    # three ablation adapters and ED-LoRA (LoRA + token embeddings), on the 3 objects and on the mixed set's 3
+    assert findings["train_concept"] == demo["train_concept"] + 4 * (3 + 3)
     assert findings["modular_ablation"] == 2 and "modular_ablation" not in demo  # Table 3's layout, per set
     assert findings["pretrain_world"] == demo["pretrain_world"] == 1
 
