@@ -150,7 +150,7 @@ def test_the_rehearsal_command_writes_a_config_that_dry_runs(tmp_path):
     assert dry.returncode == 0, dry.stderr[-3000:]
     counts = job_counts(dry.stdout)
     assert counts["train_task"] == 4 * 2 * 2 and "build_tiny_model" not in counts
-    assert counts["train_concept"] == 6 * (2 + 2)  # 6 adapter kinds; 2 objects, the mixed set's 2 concepts
+    assert counts["train_concept"] == 7 * (2 + 2)  # 7 adapter kinds; 2 objects, the mixed set's 2 concepts
     again = [
         *command[:4],
         str(tmp_path / "again"),

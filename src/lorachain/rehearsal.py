@@ -20,9 +20,12 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from lorachain import plan
+from lorachain.composition import parse_composition
+
 # The sizes of a rehearsal (everything else is the paper's): one order, one seed, two tasks per
 # domain, two modular concepts merged together, a few steps at 64 px, fp32, AdamW (bitsandbytes
-# needs a GPU). Every job is mostly imports, so the job count is what costs: 93 jobs.
+# needs a GPU). Every job is mostly imports, so the job count is what costs: 173 jobs.
 REHEARSAL_SIZES = {
     "num_tasks": 2,
     "modular_concepts": 2,
@@ -56,6 +59,7 @@ SUBSTITUTABLE = {
     "modular.merge_sizes",
     "modular.mixes.*.*",
     "modular.layer_inputs.timesteps",
+    "compositions.*.groups",
 }
 
 
@@ -120,7 +124,35 @@ def rehearsal_config(paper: dict, stand_ins: dict[str, Path], dreambooth_root: s
         for counts in config["modular"].get("mixes", {}).values():  # one concept of each kind
             counts.update(dict.fromkeys(counts, 1))
         config["modular"].setdefault("layer_inputs", {})["timesteps"] = REHEARSAL_SIZES["layer_inputs_timesteps"]
+    for block in (config.get("compositions") or {}).values():
+        block["groups"] = _rehearsal_groups(paper, config, block)
     return config
+
+
+def _members(config: dict, name: str) -> list[tuple[str, int]]:
+    """(domain, rank within that domain) of each position of a set: a modular set's, or the
+    continual domain's own tasks."""
+    if name in plan.modular_mixes(config):
+        members = plan.set_members(config, name)
+        return [(domain, members[: index + 1].count(domain)) for index, domain in enumerate(members)]
+    size = config["domains"][name]["num_tasks"]
+    if name in plan.modular_domains(config):
+        size = min(size, plan.set_size(config, name))
+    return [(name, rank) for rank in range(1, size + 1)]
+
+
+def _rehearsal_groups(paper: dict, config: dict, block: dict) -> list[list[int]]:
+    """A composition's groups moved into the rehearsal's smaller set: each member keeps its domain
+    and its rank there; a group with a member the rehearsal does not train is left out. None left:
+    the first positions of the set, one per member."""
+    composition = parse_composition("rehearsal", block)
+    before, after = _members(paper, composition.set), _members(config, composition.set)
+    moved = [
+        [after.index(before[position - 1]) + 1 for position in group]
+        for group in composition.groups
+        if all(before[position - 1] in after for position in group)
+    ]
+    return moved or [list(range(1, len(composition.placeholders) + 1))]
 
 
 def substituted_keys(paper, rehearsal, path: str = "") -> set[str]:
