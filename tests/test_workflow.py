@@ -566,6 +566,7 @@ def test_demo_failure_of_a_bad_dataset_names_the_directory(tmp_path):
             "objects": {"dataset": {"layout": "dreambooth", "root": str(tmp_path / "nowhere")}, "num_tasks": 2}
         }
         config.pop("modular")
+        config.pop("compositions")  # they name the modular sets and the styles
 
     result = snakemake("--cores", "1", "--configfile", str(write_config(tmp_path, point_at_missing)), workdir=tmp_path)
     assert result.returncode != 0
@@ -643,6 +644,7 @@ def plugin_config(tmp_path: Path, **damped) -> Path:
     def edit(config):
         config.update(plugins=[str(plugin)], methods={"damped": {"method": "damped", **damped}})
         config.pop("modular")
+        config["compositions"].pop("stylized")  # on the modular mixed set; two subjects compose in the chain
 
     return write_config(tmp_path, edit)
 

@@ -179,6 +179,7 @@ def test_the_world_rules_build_a_reduced_world_that_loads_through_the_real_path(
     config["domains"]["objects"].update(num_tasks=2, task_pool=3)
     config["domains"]["styles"]["num_tasks"] = 2
     config["modular"].update(concepts=2, merge_sizes=[1, 2])
+    config["compositions"]["together"]["groups"] = [[1, 2]]  # 2 objects
     path = tmp_path / "world.yaml"
     path.write_text(yaml.safe_dump(config))
     result = _snakemake("resources/world/evaluation.json", "--cores", "2", f"--configfile={path}", workdir=tmp_path)
