@@ -190,3 +190,47 @@ def test_the_continual_composition_rows_are_P_at_learning_S_at_the_end_and_their
     assert values["pair: min dino"] == pytest.approx({"P": 0.55, "S": 0.45, "F": 0.10})
     assert values["pair: mean dino"] == pytest.approx({"P": 0.65, "S": 0.55, "F": 0.10})
     assert set(values) == {"pair: min dino", "pair: mean dino"}
+
+
+def test_the_modular_table_holds_every_group_at_the_largest_k_and_the_curve_follows_the_same_groups(tmp_path):
+    """Group 1+2 exists from k = 2, group 2+3 only at k = 3: the table's k = 3 row averages both,
+    the by-k points follow 1+2 alone (so the curve against k is not a change of groups)."""
+    import pandas as pd
+
+    from lorachain.composition import SCORE_COLUMNS
+    from lorachain.report.composition import modular_composition_table
+
+    def write(path, model, entries):
+        rows = [
+            {
+                "model": model,
+                "method": model,
+                "domain": "objects",
+                "order": 0,
+                "seed": 0,
+                "after_task": k,
+                "composition": "pair",
+                "group": group,
+                "prompt_index": 0,
+                "member": member,
+                "position": 0,
+                "concept": "",
+                "metric": "dino",
+                "score": score,
+                "n_images": 1,
+            }  # fmt: skip
+            for k, group, scores in entries
+            for member, score in zip("ab", scores)
+        ]
+        pd.DataFrame(rows, columns=list(SCORE_COLUMNS)).to_csv(path, index=False)
+        return str(path)
+
+    base = write(tmp_path / "base.csv", "base", [(0, "1+2", (0.0, 0.0)), (0, "2+3", (0.1, 0.1))])
+    merge = write(tmp_path / "m.csv", "m", [(2, "1+2", (0.5, 0.3)), (3, "1+2", (0.4, 0.2)), (3, "2+3", (0.8, 0.6))])
+    table, points = modular_composition_table({"m": merge}, base, "pair", ["m"])
+    row = table.set_index("merge").loc["m"]
+    assert row["k"] == 3 and row["min dino"] == pytest.approx((0.2 + 0.6) / 2)
+    assert table.set_index("merge").loc["base", "min dino"] == pytest.approx(0.05)
+    curve = points[points["column"] == "min dino"].set_index(["merge", "k"])["score"]
+    assert curve[("m", 2)] == pytest.approx(0.3) and curve[("m", 3)] == pytest.approx(0.2)
+    assert curve[("base", 0)] == pytest.approx(0.0)

@@ -35,9 +35,10 @@ def _columns(summary, placeholders: list[str]) -> list[tuple[str, str]]:
     return columns + [("mean", metric) for metric in metrics if metric in TEXT_METRICS]
 
 
-def composition_values(summary, columns, composition: str) -> dict[tuple[int, str], float]:
-    """{(k, column name): mean over groups and prompts} of one model's summary."""
-    part = summary[summary["composition"] == composition]
+def composition_values(summary, columns, groups=None) -> dict[tuple[int, str], float]:
+    """{(k, column name): mean over groups and prompts} of one model's summary of one composition
+    (over `groups` only, when given)."""
+    part = summary if groups is None else summary[summary["group"].isin(groups)]
     means = part.groupby(["after_task", "statistic", "metric"])["score"].mean()
     return {
         (int(k), column_name(statistic, metric)): float(means[(k, statistic, metric)])
@@ -48,32 +49,33 @@ def composition_values(summary, columns, composition: str) -> dict[tuple[int, st
 
 
 def modular_composition_table(scores: dict, base_scores, composition: str, merge_order: list[str]):
-    """(table at the largest k, by-k points): rows base then the merges in `merge_order`."""
+    """(table, by-k points), rows base then the merges in `merge_order`. The table holds every
+    group at the largest k; the points hold, at every k, the groups that the smallest k already
+    holds, so a curve against k follows the same groups."""
     import pandas as pd
 
-    summaries = {label: member_summary(read_composition_scores(path)) for label, path in scores.items()}
-    base = member_summary(read_composition_scores(base_scores))
-    base = base[base["composition"] == composition]
-    every = pd.concat([base, *summaries.values()], ignore_index=True)
-    every = every[every["composition"] == composition]
-    if every.empty:
+    def of_composition(path):
+        summary = member_summary(read_composition_scores(path))
+        return summary[summary["composition"] == composition]
+
+    summaries = {BASE: of_composition(base_scores), **{label: of_composition(scores[label]) for label in merge_order}}
+    merged = pd.concat([summaries[label] for label in merge_order], ignore_index=True)
+    if merged.empty:
         raise ValueError(f"composition {composition!r}: no scores in {sorted(scores.values())}; was it sampled?")
+    every = pd.concat([summaries[BASE], merged], ignore_index=True)
     placeholders = list(dict.fromkeys(s for s in every["statistic"] if s not in ("min", "mean")))
     columns = _columns(every, placeholders)
     names = [column_name(s, m) for s, m in columns]
-    points = []
-    base_values = composition_values(base, columns, composition)
-    for label in [BASE, *merge_order]:
-        values = base_values if label == BASE else composition_values(summaries[label], columns, composition)
+    largest, smallest = int(merged["after_task"].max()), int(merged["after_task"].min())
+    followed = sorted(set(merged.loc[merged["after_task"] == smallest, "group"]))
+    points, rows = [], []
+    for label, summary in summaries.items():
+        values = composition_values(summary, columns, followed)
         points += [{"merge": label, "k": k, "column": name, "score": v} for (k, name), v in sorted(values.items())]
+        at_largest = composition_values(summary, columns)
+        k = 0 if label == BASE else largest
+        rows.append({"merge": label, "k": k, **{name: at_largest.get((k, name), math.nan) for name in names}})
     points = pd.DataFrame(points, columns=["merge", "k", "column", "score"])
-    largest = int(points[points["merge"] != BASE]["k"].max())
-    rows = []
-    for label in [BASE, *merge_order]:
-        part = points[(points["merge"] == label) & ((points["k"] == largest) | (points["merge"] == BASE))]
-        row = {"merge": label, "k": 0 if label == BASE else largest}
-        row.update({name: float(part[part["column"] == name]["score"].mean()) for name in names})
-        rows.append(row)
     return pd.DataFrame(rows, columns=["merge", "k", *names]), points
 
 
