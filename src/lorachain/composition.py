@@ -275,18 +275,7 @@ def member_summary(scores):
     (``min``, ``mean`` or a placeholder name) and ``score``."""
     import pandas as pd
 
-    keys = [
-        "model",
-        "method",
-        "domain",
-        "order",
-        "seed",
-        "after_task",
-        "composition",
-        "group",
-        "prompt_index",
-        "metric",
-    ]
+    keys = [*SCORE_COLUMNS[: SCORE_COLUMNS.index("member")], "metric"]  # a state, group and prompt
     if scores.empty:
         return pd.DataFrame(columns=[*keys, "statistic", "score"])
     grouped = scores.groupby(keys, sort=True)["score"]
