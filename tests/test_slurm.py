@@ -196,8 +196,11 @@ def test_slurm_run_writes_the_continual_and_the_modular_table(slurm_run):
     expected = sorted(
         (method, metric) for method in config["methods"] for metric in DEFAULT_METRICS[block["dataset"]["layout"]]
     )
+    composed = [row for row in rows if ": " in row["metric"]]  # the composition's rows ("pairs: min dino")
+    rows = [row for row in rows if ": " not in row["metric"]]
     assert sorted((row["method"], row["metric"]) for row in rows) == expected
-    assert all(row["n_runs"] == "1" and math.isfinite(float(row["S_mean"])) for row in rows), rows
+    assert all(row["n_runs"] == "1" and math.isfinite(float(row["S_mean"])) for row in rows + composed), rows
+    assert {row["method"] for row in composed} == set(config["methods"])
     with (workdir / "results" / "tables" / f"{SLURM_DOMAIN}-modular.csv").open() as handle:
         merges = [row["merge"] for row in csv.DictReader(handle)]
     assert merges == list(config["modular"]["merges"])
