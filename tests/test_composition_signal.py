@@ -33,7 +33,7 @@ def stylized(pretrained_world, tmp_path_factory):
     stylization prompt."""
     import pandas as pd
 
-    from lorachain.composition import member_summary, parse_compositions, read_composition_index
+    from lorachain.composition import member_summary, read_composition_index
     from lorachain.data.domains import select_domain_tasks
     from lorachain.methods import make_merge
     from lorachain.metrics.scoring import embed_references, load_encoders, load_references, score_compositions
@@ -79,9 +79,7 @@ def stylized(pretrained_world, tmp_path_factory):
         )
         states.append(output)
     merged = make_merge("blocklora", {}).merge([load_concept(state)[0] for state in states])
-    compositions = parse_compositions(
-        {"stylized": {"set": "mixed", "prompts": [TEMPLATE], "groups": {"subject": [1], "style": [2]}}}
-    )
+    compositions = {"stylized": {"set": "mixed", "prompts": [TEMPLATE], "groups": {"subject": [1], "style": [2]}}}
     config = SamplingConfig.from_dict(DEMO["sampling"])
     result = {}
     for name, state in (("base", None), ("subject", states[0]), ("style", states[1]), ("merge", None)):

@@ -257,7 +257,7 @@ def merge_and_sample(
     from lorachain.data import read_tasks
     from lorachain.embeddings import load_state_embeddings
     from lorachain.methods import make_merge
-    from lorachain.sample import SamplingConfig, load_model_for_sampling, sample_tasks
+    from lorachain.sample import SamplingConfig, load_model_for_sampling, sample_compositions, sample_tasks
     from lorachain.state import FoldedState, apply_to_unet
 
     started = time.perf_counter()
@@ -301,11 +301,7 @@ def merge_and_sample(
     load_state_embeddings(pipe, concept_dirs)  # the concepts' tokens, where trained with embedding tuning
     result = sample_tasks(pipe, list(enumerate(tasks[:k], start=1)), config, output_dir, identity)
     if compositions_dir is not None:
-        from lorachain.composition import parse_compositions
-        from lorachain.sample import sample_compositions
-
-        parsed = parse_compositions(compositions)
-        result |= sample_compositions(pipe, parsed, tasks, k, config, compositions_dir, identity)
+        result |= sample_compositions(pipe, compositions, tasks, k, config, compositions_dir, identity)
     record = {
         "merge": identity.get("method"),
         "method": merge_name,

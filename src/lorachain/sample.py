@@ -256,14 +256,14 @@ def render_prompts(pipe, jobs: list[tuple[str, int]], config: SamplingConfig):
         ).images
 
 
-def sample_compositions(pipe, compositions: list, tasks: list, k: int, config, output_dir, identity):
-    """Sample every composed prompt of `compositions` (:class:`lorachain.composition.Composition`)
-    within the first k concepts with the paired noises into
-    `output_dir` (PNG + index.csv; written under a temporary name and renamed at the end, as the
-    sample sets are). No composition applies: an index without rows. Returns timings."""
-    from lorachain.composition import COMPOSITION_COLUMNS, SEPARATOR, composed_prompts
+def sample_compositions(pipe, compositions: dict | None, tasks: list, k: int, config, output_dir, identity):
+    """Sample every composed prompt of `compositions` (config blocks, :mod:`lorachain.composition`)
+    within the first k of `tasks` with the paired noises into `output_dir` (PNG + index.csv;
+    written under a temporary name and renamed at the end, as the sample sets are). No composition
+    applies: an index without rows. Returns timings."""
+    from lorachain.composition import COMPOSITION_COLUMNS, SEPARATOR, composed_prompts, parse_compositions
 
-    prompts = composed_prompts(compositions, tasks, k)
+    prompts = composed_prompts(parse_compositions(compositions), tasks, k)
     jobs = [(item, sample) for item in prompts for sample in range(config.num_samples)]
     rows = []
     started = time.perf_counter()
@@ -289,16 +289,14 @@ def sample_compositions(pipe, compositions: list, tasks: list, k: int, config, o
                     "noise_seed": config.noise_seed,
                 }
             )
-        with open(staging / INDEX_FILE, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=COMPOSITION_COLUMNS, extrasaction="raise")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_index(staging / INDEX_FILE, rows, COMPOSITION_COLUMNS)
     return {"composition_images": len(rows), "composition_s": time.perf_counter() - started}
 
 
-def write_index(path: str | Path, rows: list[dict]) -> None:
+def write_index(path: str | Path, rows: list[dict], columns=INDEX_COLUMNS) -> None:
+    """A sample set's index (a composition sample set's: its own `columns`)."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=INDEX_COLUMNS, extrasaction="raise")
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="raise")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -378,10 +376,7 @@ def sample_after_task(
     load_s = time.perf_counter() - started
     result = sample_tasks(pipe, list(enumerate(tasks[:last], start=1)), config, output_dir, identity)
     if compositions_dir is not None:
-        from lorachain.composition import parse_compositions
-
-        parsed = parse_compositions(compositions)
-        result |= sample_compositions(pipe, parsed, tasks, last, config, compositions_dir, identity)
+        result |= sample_compositions(pipe, compositions, tasks, last, config, compositions_dir, identity)
     return {**result, "load_s": load_s, "total_s": time.perf_counter() - started}
 
 

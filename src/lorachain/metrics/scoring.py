@@ -158,18 +158,28 @@ def _embed_texts(frame, metrics, encoders, batch_size) -> dict:
     return dict(zip(texts, encoders["clip"].embed_texts(texts, batch_size=batch_size))) if texts else {}
 
 
-def _concept_score(metric, generated, group, text, references, source) -> tuple[float, int]:
+def _text_score(metric, generated, group, text) -> float:
+    """clip_t or clip_score of the images of `group` (index rows) with their own prompts."""
     if metric == "clip_t":
-        return mean_matched_cosine(generated, torch.stack([text[p] for p in group["prompt"]])), 0
-    if metric == "clip_score":
-        return clip_score(generated, torch.stack([text[clipscore_text(p)] for p in group["plain_prompt"]])), 0
-    key = f"{METRIC_ENCODER[metric]}/{group.iloc[0]['concept']}"
+        return mean_matched_cosine(generated, torch.stack([text[p] for p in group["prompt"]]))
+    return clip_score(generated, torch.stack([text[clipscore_text(p)] for p in group["plain_prompt"]]))
+
+
+def _reference_score(metric, generated, concept, references, source) -> tuple[float, int]:
+    """An image metric of the images against `concept`'s reference embeddings (and their count)."""
+    key = f"{METRIC_ENCODER[metric]}/{concept}"
     if key not in references:
         raise ScoreError(
             f"{source}: no reference embeddings {key!r}; "
             "the references were embedded for other tasks or metrics, rerun embed_references"
         )
     return mean_pairwise_cosine(generated, references[key]), len(references[key])
+
+
+def _concept_score(metric, generated, group, text, references, source) -> tuple[float, int]:
+    if metric in TEXT_METRICS:
+        return _text_score(metric, generated, group, text), 0
+    return _reference_score(metric, generated, group.iloc[0]["concept"], references, source)
 
 
 def _prior_score(metric, generated, group, base_priors, source) -> tuple[float, int]:
@@ -266,18 +276,18 @@ def score_compositions(frames: list, references: dict, encoders: dict, metrics, 
     """Score rows of composition sample sets: for every (state, composition, group, prompt) each
     member by its image metrics against its own references, and the text metrics on the prompt.
     ``metrics``: one list, or position -> list for a mixed set (as the concept scores take)."""
-    from lorachain.composition import SEPARATOR, WHOLE_PROMPT, CompositionError
+    from lorachain.composition import SEPARATOR, WHOLE_PROMPT
 
     every = metric_union(metrics)
     text_metrics = [metric for metric in every if metric in TEXT_METRICS]
+    needed = encoders_for([m for m in every if m in TEXT_METRICS or m in IMAGE_METRICS])
     rows = []
     for frame, source in zip(frames, sources):
         if frame.empty:
             continue
         frame = frame.reset_index(drop=True)
         images = _open_images(list(frame["path"]))
-        wanted = [m for m in every if m in TEXT_METRICS or m in IMAGE_METRICS]
-        embeddings = {name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(wanted)}
+        embeddings = {name: encoders[name].embed_images(images, batch_size=batch_size) for name in needed}
         text = _embed_texts(frame, text_metrics, encoders, batch_size)
         keys = ["after_task", "composition", "group", "prompt_index"]
         for (after, composition, group, prompt_index), part in frame.groupby(keys, sort=True):
@@ -288,17 +298,11 @@ def score_compositions(frames: list, references: dict, encoders: dict, metrics, 
             members = zip(first["placeholders"].split(SEPARATOR), first["positions"].split(SEPARATOR))
             for (member, position), concept in zip(members, first["concepts"].split(SEPARATOR)):
                 for metric in member_metrics(metrics, int(position), source):
-                    key = f"{METRIC_ENCODER[metric]}/{concept}"
-                    if key not in references:
-                        raise CompositionError(f"{source}: no reference embeddings {key!r}; rerun embed_references")
-                    value = mean_pairwise_cosine(embeddings[METRIC_ENCODER[metric]][positions], references[key])
+                    generated = embeddings[METRIC_ENCODER[metric]][positions]
+                    value, _ = _reference_score(metric, generated, concept, references, source)
                     rows.append(_composition_row(base, member, int(position), concept, metric, value, len(part)))
             for metric in text_metrics:
-                generated = embeddings["clip"][positions]
-                if metric == "clip_t":
-                    value = mean_matched_cosine(generated, torch.stack([text[p] for p in part["prompt"]]))
-                else:
-                    value = clip_score(generated, torch.stack([text[clipscore_text(p)] for p in part["plain_prompt"]]))
+                value = _text_score(metric, embeddings["clip"][positions], part, text)
                 rows.append(_composition_row(base, WHOLE_PROMPT, 0, "", metric, value, len(part)))
     return rows
 
@@ -390,7 +394,7 @@ def score_samples(
     """What the scoring jobs share: the sample sets `sample_dirs`, one scores CSV; the prior-drift
     metrics compare with the base model's sample set `base_samples`. With `composition_output`, the
     composition sample sets `composition_dirs` are scored with the same encoders into that CSV
-    (:func:`lorachain.composition.score_compositions`). Returns timings, including the share of the
+    (:func:`score_compositions`). Returns timings, including the share of the
     job spent loading the embedding models."""
     from lorachain.sample import INDEX_FILE, read_index
 
