@@ -114,18 +114,24 @@ def lora_file_record(path: str | Path) -> dict:
 def check_lora_file(task_dir: str | Path, manifest: dict, data: bytes) -> None:
     """`data` (the task's LoRA file, read once) is what its manifest recorded: the byte count, and
     the sha256 where recorded."""
-    task_dir = Path(task_dir).absolute()
-    lora = task_dir / LORA_FILE
     recorded = manifest.get("bytes", {}).get("lora") if isinstance(manifest.get("bytes"), dict) else None
+    digest = manifest.get("sha256", {}).get("lora") if isinstance(manifest.get("sha256"), dict) else None
+    _check_recorded_file(task_dir, LORA_FILE, data, recorded, digest)
+
+
+def _check_recorded_file(task_dir, name: str, data: bytes, recorded: int | None, digest: str | None) -> None:
+    """`data` (the file `name` of a task, read once) has the byte count and the sha256 that the
+    task's manifest recorded (each checked where recorded)."""
+    task_dir = Path(task_dir).absolute()
+    path, manifest = task_dir / name, task_dir / STATE_FILE
     if recorded is not None and len(data) != recorded:
         raise StateError(
-            f"{lora}: {len(data)} bytes, but {task_dir / STATE_FILE} recorded {recorded} bytes when the task finished "
+            f"{path}: {len(data)} bytes, but {manifest} recorded {recorded} bytes when the task finished "
             f"(the file was truncated, replaced or damaged); {_rerun_hint(task_dir)}"
         )
-    digest = manifest.get("sha256", {}).get("lora") if isinstance(manifest.get("sha256"), dict) else None
     if digest is not None and (actual := hashlib.sha256(data).hexdigest()) != digest:
         raise StateError(
-            f"{lora}: sha256 {actual[:16]}..., but {task_dir / STATE_FILE} recorded {digest[:16]}... when the task "
+            f"{path}: sha256 {actual[:16]}..., but {manifest} recorded {digest[:16]}... when the task "
             f"finished (the file was changed or damaged since); {_rerun_hint(task_dir)}"
         )
 
@@ -159,12 +165,7 @@ def read_state_embeddings(task_dir: str | Path, manifest: dict) -> ConceptEmbedd
     task_dir = Path(task_dir).absolute()
     path = task_dir / EMBEDDINGS_FILE
     data = path.read_bytes()
-    if len(data) != record["bytes"] or hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise StateError(
-            f"{path}: {len(data)} bytes with sha256 {hashlib.sha256(data).hexdigest()[:16]}..., but "
-            f"{task_dir / STATE_FILE} recorded {record['bytes']} bytes and {record['sha256'][:16]}... when the task "
-            f"finished (the file was changed or damaged since); {_rerun_hint(task_dir)}"
-        )
+    _check_recorded_file(task_dir, EMBEDDINGS_FILE, data, record["bytes"], record["sha256"])
     vectors = load(data)
     expected = {key for key in ENCODER_KEYS.values() if key in vectors}
     if not vectors or set(vectors) != expected or {v.shape[0] for v in vectors.values()} != {record["vectors"]}:
