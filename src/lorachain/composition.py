@@ -96,9 +96,6 @@ class Composition:
         """The groups whose members are all among the first k concepts."""
         return [group for group in self.groups if max(group) <= k]
 
-    def smallest_k(self) -> int:
-        return min(max(group) for group in self.groups)
-
 
 def placeholders_of(template: str) -> list[str]:
     """The named placeholders of a template, in order of first appearance."""
@@ -162,10 +159,6 @@ def _groups(key: str, given, placeholders: list[str]) -> list[tuple[int, ...]]:
 
 def parse_compositions(block: dict | None) -> list[Composition]:
     return [parse_composition(name, entry) for name, entry in (block or {}).items()]
-
-
-def compositions_of(block: dict | None, set_name: str) -> list[Composition]:
-    return [composition for composition in parse_compositions(block) if composition.set == set_name]
 
 
 def check_positions(composition: Composition, size: int, regime: str) -> None:

@@ -16,7 +16,6 @@ from lorachain.composition import SEPARATOR, member_summary, read_composition_in
 from lorachain.metrics.catalog import IMAGE_METRICS, TEXT_METRICS
 
 BASE = "base"
-IDENTITY_PREFERENCE = ("dino", "clip_i", "csd")
 
 
 def column_name(statistic: str, metric: str) -> str:
