@@ -1,0 +1,3 @@
+from lorachain.cli import main
+
+raise SystemExit(main())
