@@ -169,6 +169,15 @@ class ContinualMethod(ABC):
     def fold(self, merged: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor | None:
         return delta.clone() if merged is None else merged + delta
 
+    def folded_terms(self, adapters: list[LayerAdapter]) -> list[tuple[float, LayerAdapter]] | None:
+        """What :meth:`fold` makes of one layer's task adapters (in chain order) as a weighted sum
+        of their low-rank products, sum_i c_i scale_i B_i A_i, or None where the fold is not known to
+        be such a sum (an exporter then re-factorises the dense delta). The base fold adds every
+        delta; a subclass with a fold of its own declares its terms, or stays None."""
+        if type(self).fold is not ContinualMethod.fold:
+            return None
+        return [(1.0, adapter) for adapter in adapters]
+
     def row_mask(self, ctx: InitContext) -> torch.Tensor | None:
         """(out_features, 1) 0/1 mask of the rows of B this task may change (None: all rows)."""
         return None

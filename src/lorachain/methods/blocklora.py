@@ -173,6 +173,11 @@ class BlockLoRAMerge(MergeMethod):
                 )
         return supports
 
+    def low_rank_terms(self, layer, concepts, weights):
+        # B_i is zero outside its rows R_i, so alpha_i s_i B_i[R_i] A_i is alpha_i s_i B_i A_i
+        self.check_disjoint(layer, concepts)
+        return [(weight, concept.adapters[layer]) for concept, weight in zip(concepts, weights)]
+
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):
         supports = self.check_disjoint(layer, concepts)
         # Each concept contributes only its own rows: alpha_i s_i B_i[R_i] A_i, so a merge costs one

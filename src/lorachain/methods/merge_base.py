@@ -32,7 +32,7 @@ from numbers import Real
 from typing import ClassVar
 
 from lorachain.lazy_torch import torch
-from lorachain.lora import Concept, check_compatible
+from lorachain.lora import Concept, LayerAdapter, check_compatible
 from lorachain.params import Param, check_values, defaults, with_owner
 
 _REGISTRY: dict[str, type["MergeMethod"]] = {}
@@ -171,6 +171,14 @@ class MergeMethod(ABC):
     def merge(self, concepts: Sequence[Concept]) -> dict[str, torch.Tensor]:
         """layer -> merged dense delta (W - W0), float32."""
         return dict(self.iter_merge(concepts))
+
+    def low_rank_terms(
+        self, layer: str, concepts: Sequence[Concept], weights: list[float]
+    ) -> list[tuple[float, LayerAdapter]] | None:
+        """The merged delta of `layer` as the exact weighted sum of the concepts' low-rank products,
+        sum_i c_i scale_i B_i A_i (after the same checks as :meth:`merge_layer`), or None where the
+        merge is not such a sum (an exporter then re-factorises the dense delta)."""
+        return None
 
     @abstractmethod
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]) -> torch.Tensor:

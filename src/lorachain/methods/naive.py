@@ -16,3 +16,6 @@ class Naive(ContinualMethod):
 
     def fold(self, merged, delta):
         return merged  # nothing is merged: the trained adapter itself carries the model
+
+    def folded_terms(self, adapters):
+        return []  # nothing is merged; the live adapter is the whole model

@@ -24,3 +24,6 @@ class WeightedAverage(MergeMethod):
 
     def merge_layer(self, layer: str, index: int, concepts: Sequence[Concept], weights: list[float]):
         return linear_combination([concept.adapters[layer] for concept in concepts], weights)
+
+    def low_rank_terms(self, layer, concepts, weights):
+        return [(weight, concept.adapters[layer]) for concept, weight in zip(concepts, weights)]
