@@ -310,10 +310,11 @@ def rehearsal_run(rehearsal_runs) -> dict:
 
 
 # ------------------------------------------------------------------------- the miniature world
-# The world of config/demo.yaml, built by the workflow's own rules (pipeline, DINO, CLIP: about 6
-# minutes on 2 cores), once per session. LORACHAIN_WORLD names a directory those rules built
+# The world of config/demo.yaml, built by the workflow's own rules (pipeline, DINO, CLIP, CSD: about
+# 7 minutes on 2 cores), once per session. LORACHAIN_WORLD names a directory those rules built
 # (resources/world of a demo run) to reuse instead; it must belong to the same world.
-WORLD_PARTS = ("pipeline", "dino", "clip")
+WORLD_PARTS = ("pipeline", "dino", "clip")  # directories with a built marker
+WORLD_FILES = ("csd/checkpoint.pth",)  # the published CSD checkpoint layout: a file, no marker
 
 
 @pytest.fixture(scope="session")
@@ -332,7 +333,7 @@ def pretrained_world(tmp_path_factory) -> Path:
         world = Path(os.environ["LORACHAIN_WORLD"])
     else:
         workdir = tmp_path_factory.mktemp("world")
-        targets = [f"resources/world/{part}" for part in WORLD_PARTS]
+        targets = [f"resources/world/{part}" for part in WORLD_PARTS + WORLD_FILES]
         command = snakemake_command(
             *targets,
             "--profile",
@@ -349,4 +350,6 @@ def pretrained_world(tmp_path_factory) -> Path:
     for part in WORLD_PARTS:
         found = json.loads((world / part / BUILT_MARKER).read_text())["world"]
         assert found == expected, f"{world / part}: built for world {found}, config/demo.yaml is {expected}"
+    for part in WORLD_FILES:
+        assert (world / part).is_file(), f"{world / part}: missing (the world's CSD rule builds it)"
     return world
