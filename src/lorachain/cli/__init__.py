@@ -14,6 +14,10 @@ Subcommands:
     and sizes substituted (:mod:`lorachain.rehearsal`), and prints the Snakemake command that runs
     it end to end on a CPU.
 
+``lorachain export STATE_DIR | --merge NAME (--concepts DIR ... | --config FILE) --out DIR``
+    Writes a continual state or a modular merge as a diffusers LoRA file, the same in kohya keys
+    and/or a fused U-Net (``--format``), with a model card (:mod:`lorachain.export`, docs/export.md).
+
 Exit codes: 0 done, 2 unusable input (fewer than two files, unreadable or incompatible files; the
 message names the file), as argparse does for bad arguments. Each subcommand is a module of
 this package (:data:`SUBCOMMANDS`).
@@ -24,11 +28,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from lorachain.cli import inspect, rehearsal
+from lorachain.cli import export, inspect, rehearsal
 from lorachain.cli.common import EXIT_BAD_INPUT
 
 # Each subcommand is a module with register(commands) (its parser, handler=run) and run(args) -> int.
-SUBCOMMANDS = (inspect, rehearsal)
+SUBCOMMANDS = (inspect, rehearsal, export)
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
 
 
