@@ -14,6 +14,12 @@ Subcommands:
     and sizes substituted (:mod:`lorachain.rehearsal`), and prints the Snakemake command that runs
     it end to end on a CPU.
 
+``lorachain train | sample | merge``
+    One experiment without Snakemake (:mod:`lorachain.cli.train`, :mod:`lorachain.cli.sample`,
+    :mod:`lorachain.cli.merge`): train one task of a chain (``--previous``) or one modular concept
+    (``--slot``), sample a state or the base model, merge concept states and sample the merge; the
+    workflow config's blocks (``--config``) or flags, checked as the dry-run checks them.
+
 ``lorachain export STATE_DIR | --merge NAME (--concepts DIR ... | --config FILE) --out DIR``
     Writes a continual state or a modular merge as a diffusers LoRA file, the same in kohya keys
     and/or a fused U-Net (``--format``), with a model card (:mod:`lorachain.export`, docs/export.md).
@@ -28,11 +34,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from lorachain.cli import export, inspect, rehearsal
+from lorachain.cli import export, inspect, merge, rehearsal, sample, train
 from lorachain.cli.common import EXIT_BAD_INPUT
 
 # Each subcommand is a module with register(commands) (its parser, handler=run) and run(args) -> int.
-SUBCOMMANDS = (inspect, rehearsal, export)
+SUBCOMMANDS = (inspect, rehearsal, train, sample, merge, export)
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
 
 
