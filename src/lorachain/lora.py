@@ -22,7 +22,22 @@ published LoRAs use:
 Scale of a layer (delta = scale * B @ A): alpha / r, or alpha / sqrt(r) when the config says
 ``use_rslora``. alpha comes from, in this order: the config's ``alpha_pattern`` entry for the layer,
 the config's ``lora_alpha``, the layer's ``.alpha`` tensor, else alpha = r (scale 1). r is read off
-A's shape; layers of different ranks are an error unless the config has a ``rank_pattern``.
+A's shape; layers of different ranks are an error unless the config has a ``rank_pattern`` or every
+layer has its own ``.alpha`` (kohya files).
+
+Third-party layouts are normalised to that one first, by diffusers' and peft's own converters:
+
+* kohya / A1111 files (``lora_unet_<module_path>.lora_down.weight`` / ``.lora_up.weight`` /
+  ``.alpha``, text-encoder keys ``lora_te*_``): ``StableDiffusionLoraLoaderMixin.lora_state_dict``
+  (diffusers' ``_convert_non_diffusers_lora_to_diffusers``) then ``convert_unet_state_dict_to_peft``;
+  each kohya ``.alpha`` becomes the ``<layer>.alpha`` of the layer its ``lora_down`` converted to
+  (by the same converter), so the layer's scale is kohya's alpha / r. kohya's DoRA ``dora_scale``
+  keys are refused (diffusers would drop them silently). Block names are not checked against an
+  architecture here (a file alone does not name one): :func:`check_compatible` refuses files that
+  adapt different layers, and :func:`check_fits_unet` a file whose layers a given U-Net lacks.
+* peft files (``PeftModel.save_pretrained``: ``base_model.model.<layer>.lora_A.weight`` in
+  ``adapter_model.safetensors``): the prefix is stripped; with no config in the file's metadata,
+  the ``adapter_config.json`` beside it gives r, lora_alpha and the patterns.
 
 Keys of other components (``text_encoder.*``, ``text_encoder_2.*``) are ignored and listed in
 :attr:`LoraFile.notes`: every merge method works on the U-Net. Anything else that is not a plain
@@ -52,6 +67,7 @@ _B_SUFFIX = ".lora_B.weight"
 _ALPHA_SUFFIX = ".alpha"
 _UNET_PREFIX = "unet."
 _LAYER_PREFIXES = ("unet.", "base_model.model.")  # stripped (in this order, each at most once)
+_PER_LAYER_ALPHA = "per-layer .alpha tensors"
 _OTHER_COMPONENTS = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
 
 
@@ -186,11 +202,17 @@ def parse_lora(data: bytes, path: str | Path, *, strict: bool = False) -> LoraFi
     tensors, raw_metadata = _load_tensors(path, data)
     if strict:
         _check_strict_keys(path, tensors)
+    elif _is_kohya(tensors):
+        tensors = _kohya_to_peft(path, tensors)
     config = _adapter_config(path, raw_metadata)
+    if not config and not strict and any(key.startswith("base_model.model.") for key in tensors):
+        config = _sidecar_config(path)
     factors, notes = _group_factors(path, tensors)
     adapters, ranks, alphas, sources = _layer_adapters(path, factors, config)
     distinct_ranks = sorted(set(ranks.values()))
-    if len(distinct_ranks) > 1 and not (config.get("rank_pattern") or {}):
+    # Ranks may differ where the config has a rank_pattern, or where every layer carries its own alpha (kohya).
+    per_layer_alphas = sources == {_PER_LAYER_ALPHA}
+    if len(distinct_ranks) > 1 and not (config.get("rank_pattern") or {}) and not per_layer_alphas:
         first = min(ranks)
         other = next(layer for layer in sorted(ranks) if ranks[layer] != ranks[first])
         raise LoraFileError(
@@ -208,6 +230,75 @@ def parse_lora(data: bytes, path: str | Path, *, strict: bool = False) -> LoraFi
         metadata=config,
         notes=notes,
     )
+
+
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+PEFT_CONFIG_NAME = "adapter_config.json"  # what PeftModel.save_pretrained writes beside the weights
+
+
+def _is_kohya(tensors: dict) -> bool:
+    return any(key.startswith(_KOHYA_PREFIXES) for key in tensors)
+
+
+def _kohya_to_peft(path: Path, tensors: dict) -> dict:
+    """A kohya / A1111 state dict in this module's layout (``unet.<layer>.lora_A.weight``, ``.lora_B.weight``,
+    ``<layer>.alpha``; text-encoder keys under ``text_encoder*.``), converted by diffusers."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    other = sorted(key for key in tensors if not key.startswith(_KOHYA_PREFIXES))
+    if other:
+        raise LoraFileError(
+            f"{path}: mixes kohya keys (lora_unet_*, lora_te*_) with other keys such as {other[0]!r}; "
+            "no converter reads such a file"
+        )
+    if dora := sorted(key for key in tensors if key.endswith(".dora_scale")):
+        raise LoraFileError(f"{path}: key {dora[0]!r} is a DoRA magnitude; DoRA LoRAs are not supported by the merges")
+    try:
+        state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
+    except (ValueError, KeyError) as error:  # an up without a down, an unknown key, ...
+        message = str(error).strip().splitlines()[-1] if str(error).strip() else repr(error)
+        raise LoraFileError(f"{path}: not a kohya LoRA file diffusers can convert ({message})") from None
+    converted = {key: value for key, value in state_dict.items() if not key.startswith(_UNET_PREFIX)}
+    converted |= _peft_keys({key: value for key, value in state_dict.items() if key.startswith(_UNET_PREFIX)})
+    for alpha_key, alpha in (network_alphas or {}).items():
+        if alpha_key.startswith(_UNET_PREFIX):
+            converted[_UNET_PREFIX + _kohya_alpha_layer(alpha_key) + _ALPHA_SUFFIX] = torch.tensor(float(alpha))
+    return converted
+
+
+def _peft_keys(unet_state_dict: dict) -> dict:
+    """diffusers' (old-style) U-Net LoRA keys as peft keys: ``unet.<layer>.lora_A.weight``."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    unprefixed = {key[len(_UNET_PREFIX) :]: value for key, value in unet_state_dict.items()}
+    return {_UNET_PREFIX + key: value for key, value in convert_unet_state_dict_to_peft(unprefixed).items()}
+
+
+def _kohya_alpha_layer(alpha_key: str) -> str:
+    """The layer of a diffusers network-alpha key. diffusers names the alpha after its down key cut at
+    ``.lora.`` (``unet.<path>.alpha`` for ``<path>.lora.down.weight``; the whole down key for the
+    attention's ``to_q_lora.down.weight``), so rebuild that down key and convert it as the factor was."""
+    down_key = alpha_key[: -len(_ALPHA_SUFFIX)]
+    if not down_key.endswith(".down.weight"):
+        down_key += ".lora.down.weight"
+    (peft_key,) = _peft_keys({down_key: None})
+    return peft_key[len(_UNET_PREFIX) : -len(_A_SUFFIX)]
+
+
+def _sidecar_config(path: Path) -> dict:
+    """The LoraConfig of a peft file from the ``adapter_config.json`` beside it ({} when there is none)."""
+    sidecar = path.parent / PEFT_CONFIG_NAME
+    if not sidecar.is_file():
+        return {}
+    try:
+        config = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise LoraFileError(f"{sidecar}: the peft config beside {path.name} is not readable JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise LoraFileError(f"{sidecar}: holds {type(config).__name__}, not a JSON object (peft's LoraConfig)")
+    if config.get("use_dora"):
+        raise LoraFileError(f"{sidecar}: use_dora is true; DoRA LoRAs are not supported by the merges")
+    return config
 
 
 def _check_strict_keys(path: Path, tensors: dict) -> None:
@@ -238,9 +329,10 @@ def _group_factors(path: Path, tensors: dict) -> tuple[dict, list[str]]:
                 break
         else:
             raise LoraFileError(
-                f"{path}: key {key!r} is not a LoRA factor (expected <layer>{_A_SUFFIX}, <layer>{_B_SUFFIX} or "
-                f"<layer>{_ALPHA_SUFFIX}); DoRA magnitudes, LoRA biases and other extras "
-                "are not supported by the merges"
+                f"{path}: key {key!r} is not a LoRA factor (expected the diffusers / peft layout <layer>{_A_SUFFIX}, "
+                f"<layer>{_B_SUFFIX} or <layer>{_ALPHA_SUFFIX}, or kohya's lora_unet_<layer>.lora_down.weight / "
+                ".lora_up.weight / .alpha); DoRA magnitudes, LoRA biases and other extras are not supported "
+                "by the merges"
             )
     if ignored:
         components = sorted({key.split(".", 1)[0] for key in ignored})
@@ -293,7 +385,7 @@ def _layer_alpha(path: Path, layer: str, parts: dict, config: dict, rank: int) -
         alpha_key, alpha_tensor = parts["alpha"]
         if alpha_tensor.numel() != 1:
             raise LoraFileError(f"{path}: key {alpha_key!r} has {alpha_tensor.numel()} values; an alpha is one number")
-        return float(alpha_tensor.reshape(())), "per-layer .alpha tensors"
+        return float(alpha_tensor.reshape(())), _PER_LAYER_ALPHA
     return float(rank), "none stored: alpha = rank"
 
 
@@ -353,3 +445,22 @@ def check_compatible(items: Sequence, need_equal_rank: bool = False) -> None:
                     f"{_label(first)} and {_label(other)} differ at layer {layer!r}: rank {reference.A.shape[0]} "
                     f"vs {adapter.A.shape[0]}; this merge needs LoRAs of equal rank"
                 )
+
+
+def check_fits_unet(lora: LoraFile | Concept, unet) -> None:
+    """Raise :class:`LoraFileError` unless every layer of `lora` is a linear layer of `unet` whose
+    weight has the delta's shape (a LoRA of another architecture, e.g. an SDXL kohya file against an
+    SD-1 U-Net, names blocks or widths this U-Net does not have). The message names the file and layer."""
+    modules = dict(unet.named_modules())
+    for layer, adapter in sorted(lora.adapters.items()):
+        weight = getattr(modules.get(layer), "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise LoraFileError(
+                f"{_label(lora)}: layer {layer!r} is not a linear layer of this {type(unet).__name__} "
+                f"({len(lora.adapters)} layers in the file); a LoRA for another base architecture cannot be applied"
+            )
+        if tuple(weight.shape) != (adapter.B.shape[0], adapter.A.shape[1]):
+            raise LoraFileError(
+                f"{_label(lora)}: layer {layer!r} has delta shape (out, in) {(adapter.B.shape[0], adapter.A.shape[1])}"
+                f" but the U-Net's weight is {tuple(weight.shape)}; a LoRA for another base architecture"
+            )

@@ -72,7 +72,9 @@ def register(commands) -> None:
         description="Compare LoRA files as the BlockLoRA paper's Figure 4 does: layer-wise cosine similarity "
         "of the deltas and the fraction of entries with sign conflicts when merging the first k files.",
     )
-    inspect.add_argument("files", nargs="+", metavar="LORA", help="LoRA safetensors files (diffusers / peft layout)")
+    inspect.add_argument(
+        "files", nargs="+", metavar="LORA", help="LoRA safetensors files (diffusers, peft or kohya / A1111 layout)"
+    )
     inspect.add_argument(
         "--names", nargs="+", metavar="NAME", help="one label per file (default: shortest distinguishing path)"
     )
