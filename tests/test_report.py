@@ -5,6 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from lorachain import provenance
 from lorachain.continual import SummaryError
 from lorachain.metrics.scoring import write_scores
 from lorachain.report.results import continual_table_job, plot_metric_job
@@ -94,7 +95,12 @@ def test_table_has_one_row_per_method_and_metric(tmp_path, score_files):
         ("magmax", "dino"),
         ("magmax", "clip_t"),
     ]
-    assert (written["n_runs"] == 2).all() and written.drop(columns=["domain", "method", "metric"]).notna().all().all()
+    scores = written.drop(columns=["domain", "method", "metric", *provenance.COLUMNS])
+    assert (written["n_runs"] == 2).all() and scores.notna().all().all()
+    # the provenance columns close the CSV (not the Markdown): this process's versions
+    assert list(written.columns[-len(provenance.COLUMNS) :]) == list(provenance.COLUMNS)
+    assert (written["diffusers"] == provenance.versions()["diffusers"]).all()
+    assert "diffusers" not in (tmp_path / "tables" / "objects.md").read_text()
     naive = written.iloc[0]
     # a[j, i] = 0.5 + 0.1 j - 0.05 (i - j): S = mean_j a[j, 3], P = mean_j a[j, j], F = mean_{j<3} 0.05 (3 - j)
     assert naive["S_mean"] == pytest.approx(0.5 + 0.2 - 0.05) and naive["P_mean"] == pytest.approx(0.7)

@@ -30,6 +30,7 @@ import json
 import time
 from pathlib import Path
 
+from lorachain import provenance
 from lorachain.torch_env import torch
 
 
@@ -312,6 +313,7 @@ def merge_and_sample(
         "record_s": record_s,
         "read_s": read_s,
         "concepts": [str(d) for d in concept_dirs],
+        "provenance": provenance.record(model_source),
     }
     Path(merge_record).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return {**result, "merge_s": merge_s, "read_s": read_s, "total_s": time.perf_counter() - started}

@@ -62,6 +62,8 @@ COMPOSITION_TABLE = f"{RESULTS}/tables/{{domain}}-composition-{{composition}}"  
 MODULAR_TABLE = f"{RESULTS}/tables/{{domain}}-modular"  # .csv and .md
 MODULAR_POINTS = f"{MODULAR_TABLE}-by-k.csv"  # every merge's alignment and prior drift at every k
 ABLATION_TABLE = f"{RESULTS}/tables/{{domain}}-ablation"  # .csv and .md: BlockLoRA's Table 3 layout
+# .csv and .md: versions, commit and model revision of every state and table (no domain has a '-')
+PROVENANCE_TABLE = f"{RESULTS}/tables/run-provenance"
 DIAGNOSTICS_DIR = f"{MODULAR_DIR}/diagnostics/{{adapter}}"
 
 BENCHMARKS = f"{RESULTS}/benchmarks"

@@ -16,6 +16,7 @@ import os
 from lorachain import paths
 from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, PRIOR_METRICS, TINY_ENCODER_ENTRY, encoders_for
 from lorachain.paths import task_label
+from lorachain.provenance import pin_revision
 from lorachain.world.ids import CONTENTS_VERSION, SPEC_KEYS, world_id
 from lorachain.world.spec import world_block as with_world_defaults
 
@@ -57,11 +58,12 @@ def parameters_of(block: dict, leave_out=("method",)) -> dict:
 
 
 def model_source(config: dict) -> str:
-    """What training loads: a hub id / local directory, or the tiny pipeline the workflow builds."""
+    """What training loads: a hub id (pinned by model.revision: owner/name@revision) / local
+    directory, or the tiny pipeline the workflow builds."""
     model = config["model"]
     if "tiny" in model:
-        return paths.TINY_MODEL.format(architecture=model["tiny"])
-    return model["pretrained"]
+        return pin_revision(paths.TINY_MODEL.format(architecture=model["tiny"]), model.get("revision"))
+    return pin_revision(model["pretrained"], model.get("revision"))  # owner/name@revision, see loading
 
 
 def world_outputs(config: dict) -> set[str]:
@@ -447,10 +449,12 @@ def modular_outputs(config: dict, domain: str) -> list[str]:
 
 
 def all_outputs(config: dict) -> list[str]:
-    """What `rule all` asks for: every domain's results, then the modular regime's."""
+    """What `rule all` asks for: every domain's results, then the modular regime's, then the
+    run's provenance table."""
     world = [paths.WORLD_EVALUATION] if "world" in config else []
     continual = [path for name in config["domains"] for path in domain_outputs(config, name)]
-    return world + continual + [path for name in modular_sets(config) for path in modular_outputs(config, name)]
+    modular_ = [path for name in modular_sets(config) for path in modular_outputs(config, name)]
+    return world + continual + modular_ + [f"{paths.PROVENANCE_TABLE}.{suffix}" for suffix in ("csv", "md")]
 
 
 def world_block(config: dict) -> dict:

@@ -189,6 +189,18 @@ def record(model_source: str | Path | None, revision: str | None = None) -> dict
     }
 
 
+def table_columns(model_source: str | Path | None) -> dict:
+    """The provenance columns of a table written now from results of `model_source`."""
+    return columns(record(model_source))
+
+
+def add_columns(frame, model_source: str | Path | None):
+    """`frame` (a pandas table) with the provenance columns (COLUMNS) appended, the same on every row."""
+    for name, value in table_columns(model_source).items():
+        frame[name] = value
+    return frame
+
+
 def columns(provenance: dict) -> dict:
     """A record as flat table columns (COLUMNS): the versions, git_commit, git_dirty and
     model_revision (the hub commit, or ``local:<fingerprint prefix>`` for a local directory)."""

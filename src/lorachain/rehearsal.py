@@ -38,6 +38,7 @@ REHEARSAL_SIZES = {
 SUBSTITUTABLE = {
     "model.pretrained",
     "model.vae",
+    "model.revision",
     "domains.*.dataset.root",
     "domains.*.num_tasks",
     "orders",
@@ -109,6 +110,8 @@ def rehearsal_config(paper: dict, stand_ins: dict[str, Path], dreambooth_root: s
             for part in parents:
                 block = block[part]
             block[last] = str(path)
+    if "model.pretrained" in stand_ins:
+        config["model"].pop("revision", None)  # the stand-in is a local directory: no hub revision
     roots = {"dreambooth": str(Path(dreambooth_root).absolute()), "unlearncanvas": str(stand_ins["unlearncanvas"])}
     for block in config["domains"].values():
         block["dataset"]["root"] = roots[block["dataset"]["layout"]]

@@ -44,6 +44,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lorachain import provenance
 from lorachain.methods import ContinualMethod, LayerAdapter, make_method
 from lorachain.state import LORA_FILE, apply_to_unet, fold_state, read_manifest, write_task_state
 from lorachain.torch_env import torch
@@ -573,6 +574,8 @@ def _manifest(
         "final_loss": losses[-1] if losses else None,
         "mean_loss_last_10pct": sum(tail) / len(tail) if tail else None,
         "lora_file": LORA_FILE,
+        # versions, code commit and the model's resolved revision: the same on one machine and checkout
+        "provenance": provenance.record(task.model_source),
     }
 
 

@@ -165,6 +165,7 @@ rule modular_results:
         merge_order=lambda wildcards, input: list(MODULAR["merges"]),
         metrics=metrics_of,
         domain="{domain}",
+        model=model_source(config),  # the provenance columns name its revision
     script:
         "../scripts/modular_results.py"
 
@@ -283,5 +284,6 @@ rule modular_composition:
         merge_order=lambda wildcards, input: list(MODULAR["merges"]),
         composition="{composition}",
         domain="{domain}",
+        model=model_source(config),  # the provenance columns name its revision
     script:
         "../scripts/modular_composition.py"

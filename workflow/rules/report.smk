@@ -1,3 +1,7 @@
+from lorachain.paths import PROVENANCE_TABLE
+from lorachain.report import provenance as provenance_report
+
+
 rule continual_table:
     """S, F (both conventions) and P per method and metric, mean and std over runs (and the
     composition metric's rows where the domain has compositions)."""
@@ -30,6 +34,7 @@ rule continual_table:
         orders=config["orders"],
         seeds=config["seeds"],
         domain="{domain}",
+        model=model_source(config),  # the provenance columns name its revision
     script:
         "../scripts/continual_table.py"
 
@@ -96,3 +101,27 @@ rule image_grid:
         output=lambda wildcards, output: output[0],
     script:
         "../scripts/image_grid.py"
+
+
+rule provenance_table:
+    """Package versions, lorachain commit and model revision of every state and table of the run;
+    a group of states (or the tables) produced by different versions is flagged `mixed`."""
+    input:
+        lambda wildcards: [path for files in provenance_report.state_groups(config).values() for path in files],
+        tables=provenance_report.table_files(config),
+    output:
+        table=report(
+            f"{PROVENANCE_TABLE}.csv",
+            caption="../report/provenance.rst",
+            category="Provenance",
+            labels={"format": "CSV"},
+        ),
+        markdown_table=f"{PROVENANCE_TABLE}.md",
+    log:
+        f"{LOGS}/tables/run-provenance.log",
+    conda:
+        "../../envs/lorachain.yaml"
+    params:
+        states=lambda wildcards: provenance_report.state_groups(config),
+    script:
+        "../scripts/provenance_table.py"

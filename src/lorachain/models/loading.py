@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from lorachain.files import loading_error_prefix
+from lorachain.provenance import split_revision
 from lorachain.torch_env import torch
 
 
@@ -27,14 +28,19 @@ def _resolve(source: str, key: str) -> tuple[str, bool]:
 
 
 def _from_pretrained(cls, source: str, key: str, **kwargs):
+    # a hub id pinned by the config's revision key arrives as owner/name@revision
+    source, revision = split_revision(source)
     resolved, local = _resolve(source, key)
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false")
+    if revision:
+        kwargs["revision"] = revision
     try:
         return cls.from_pretrained(resolved, local_files_only=local or offline, **kwargs)
     except (OSError, ValueError) as error:
         where = "directory" if local else "hub id (offline: only the local cache is searched)" if offline else "hub id"
         prefix, fix = loading_error_prefix(source, key)
-        raise ModelError(f"{prefix}: cannot load {source!r} as a {where}: {error}{fix}") from error
+        pinned = f" at revision {revision!r}" if revision else ""
+        raise ModelError(f"{prefix}: cannot load {source!r}{pinned} as a {where}: {error}{fix}") from error
 
 
 def load_pipeline(source: str | Path, vae: str | None = None, torch_dtype=torch.float32, key: str = "model.pretrained"):

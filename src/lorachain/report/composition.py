@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from lorachain import provenance
 from lorachain.composition import SEPARATOR, member_summary, read_composition_index, read_composition_scores
 from lorachain.metrics.catalog import IMAGE_METRICS, TEXT_METRICS
 
@@ -172,18 +173,19 @@ def composition_grid(samples: dict, title: str, path) -> Path:
 
 def modular_composition_job(
     *, domain, composition, scores: dict, base_scores, samples: dict, base_samples, merge_order: list, table,
-    markdown_table, points, figure, figure_pdf, grid,
+    markdown_table, points, figure, figure_pdf, grid, model=None,
 ) -> list[dict]:  # fmt: skip
     """The modular_composition job: one composition of a modular set over every merge."""
     frame, by_k = modular_composition_table(scores, base_scores, composition, merge_order)
     for path in (table, markdown_table, points):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(table, index=False, float_format="%.6f")
-    by_k.to_csv(points, index=False, float_format="%.6f")
     Path(markdown_table).write_text(markdown(frame, domain, composition))
     plot_composition(frame, by_k, composition, Path(figure).with_suffix(""))
     with_base = {BASE: base_samples, **{label: samples[label] for label in merge_order}}
     composition_grid(with_base, f"{domain}: {composition} (prompt 0, noise 0)", grid)
+    provenance.add_columns(frame, model)  # after the Markdown and the figure, which show scores only
+    frame.to_csv(table, index=False, float_format="%.6f")
+    by_k.to_csv(points, index=False, float_format="%.6f")
     return frame.to_dict(orient="records")
 
 

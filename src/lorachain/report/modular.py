@@ -23,6 +23,7 @@ import json
 import math
 from pathlib import Path
 
+from lorachain import provenance
 from lorachain.metrics.catalog import PRIOR_METRICS
 from lorachain.report import figures
 
@@ -321,7 +322,7 @@ def _figure_stem(png, pdf) -> Path:
 
 
 def modular_results_job(
-    *, domain, scores, records, merges, merge_order, metrics, table, markdown, points, curve, curve_pdf
+    *, domain, scores, records, merges, merge_order, metrics, table, markdown, points, curve, curve_pdf, model=None
 ) -> list[dict]:
     """The modular_results job: the table (CSV `table`, Markdown `markdown`; merges in
     `merge_order`), every merge's alignment by k (CSV `points`) and the image-alignment curve
@@ -332,10 +333,11 @@ def modular_results_job(
         domain=domain, scores=scores, records=records, merges=merges, merge_order=merge_order, metrics=metrics
     )
     Path(table).parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(table, index=False, float_format="%.6f")
     by_k.to_csv(points, index=False, float_format="%.6f")
     Path(markdown).write_text(markdown_table(summary, domain))
     image_metric = summary["image_metric"].iloc[0]
+    provenance.add_columns(summary, model)  # in the CSV only: the Markdown shows the scores
+    summary.to_csv(table, index=False, float_format="%.6f")
     label = f"image alignment ({_label(image_metric)})"
     plot_curve(by_k, "image_alignment", label, f"{domain}: image alignment of merged concepts", stem)
     return summary.to_dict(orient="records")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lorachain import continual
+from lorachain import continual, provenance
 from lorachain.report import figures
 
 
@@ -28,11 +28,14 @@ def continual_table_job(
     matrices,
     run_composition_scores: dict | None = None,
     base_composition_scores: list | None = None,
+    model: str | None = None,
 ) -> list[dict]:
     """The continual_table job: check that every (method, order, seed) run has a complete matrix,
     write the long matrix file `matrices` and the summary table (CSV `table`, Markdown `markdown`;
     rows in the order of `methods`). A domain with compositions adds their rows (the composition
-    metric: :func:`lorachain.report.composition.continual_composition_rows`). Returns the table's rows."""
+    metric: :func:`lorachain.report.composition.continual_composition_rows`). The table ends with the
+    provenance columns (:data:`lorachain.provenance.COLUMNS`; `model`: the base model's source).
+    Returns the table's rows."""
     from lorachain.metrics.scoring import read_scores
 
     expected = {(method, order, seed) for method in methods for order in orders for seed in seeds}
@@ -57,12 +60,13 @@ def continual_table_job(
     for path in (table, markdown, matrices):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     matrix_frame.to_csv(matrices, index=False, float_format="%.6f")
-    summary.to_csv(table, index=False, float_format="%.6f")
     Path(markdown).write_text(
         continual.markdown_table(
             summary, f"{domain}: continual summary over {len(runs)} run(s) per method, T = {num_tasks}"
         )
     )
+    provenance.add_columns(summary, model)  # in the CSV only: the Markdown shows the scores
+    summary.to_csv(table, index=False, float_format="%.6f")
     return summary.to_dict(orient="records")
 
 
