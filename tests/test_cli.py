@@ -9,6 +9,7 @@ errors, with exit code 2.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -288,6 +289,20 @@ def test_merge_of_two_concepts_equals_the_workflow_jobs(tiny_sd1_dir, synthetic_
     assert len(ours) == 1 + 2 * 2 and ours == sample_set(tmp_path / "lib/merge/samples")
     assert b"a photo of colorful sneaker" not in ours["index.csv"] and b"teapot in the snow" in ours["index.csv"]
     assert (tmp_path / "cli/merge/merge.json").is_file()
+
+    cli(
+        "merge",
+        tmp_path / "cli/concept01",
+        tmp_path / "cli/concept02",
+        "--merge",
+        "weighted_average",
+        "--export",
+        tmp_path / "exported",
+        "--no-sample",
+    )
+    record = json.loads((tmp_path / "exported/export.json").read_text())
+    assert record["method"]["name"] == "weighted_average" and record["exact"]
+    assert not (tmp_path / "exported/samples").exists()
 
 
 # ------------------------------------------------------------------------------ errors

@@ -5,7 +5,8 @@ merge_and_sample job calls: the k concepts given (in slot order, as the workflow
 merged by a merge entry (``modular.merges.<label>`` of --config, or a merge method's name with its
 defaults) and sampled on the modular regime's prompts with the paired noises. Writes
 ``<out>/samples`` (a sample set) and ``<out>/merge.json`` (what was merged, the merge's time), the
-layout of the workflow's merge directories.
+layout of the workflow's merge directories; with ``--export DIR`` the merged result as LoRA files
+too, through :func:`lorachain.export.export_merge` (what ``lorachain export --merge`` writes).
 """
 
 from __future__ import annotations
@@ -78,10 +79,33 @@ def _tasks(args: argparse.Namespace, config: dict, manifests: list[dict]) -> lis
     return [hand_made_task(m["concept"], m["train_prompt"]) for m in manifests]
 
 
+def _export(args: argparse.Namespace, config: dict, name: str, params: dict) -> dict | None:
+    """The merged result as LoRA files (diffusers and kohya keys, :func:`lorachain.export.export_merge`)."""
+    if args.export is None:
+        return None
+    from lorachain import plan
+    from lorachain.export import export_merge, summary_lines
+
+    record = export_merge(
+        list(args.concepts),
+        name,
+        params,
+        args.export,
+        merge_key=f"modular.merges.{args.merge}",
+        base_model=plan.model_source(config),
+    )
+    print("\n".join(summary_lines(record, args.export)))
+    return record
+
+
 def _merge(args: argparse.Namespace) -> dict:
     from lorachain import plan
     from lorachain.modular import merge_and_sample
 
+    if args.no_sample and args.export is None:
+        raise CliError("--no-sample leaves nothing to do without --export DIR (the merged LoRA files)")
+    if args.out is None and not args.no_sample:
+        raise CliError("--out DIR is missing: where the merged model's samples/ and merge.json go")
     manifests = _concepts(args.concepts)
     config = load_config(args.config)
     set_model(config, args, default=manifests[0]["base_model"])
@@ -95,6 +119,9 @@ def _merge(args: argparse.Namespace) -> dict:
     run = manifests[0].get("run", {})
     order = args.order if args.order is not None else (first_order(config) if args.domain else "")
     identity = {"model": args.merge, "method": name, "domain": args.domain or run.get("domain", ""), "order": order}
+    exported = _export(args, config, name, params)
+    if args.no_sample:
+        return {"exported": exported["files"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with task_file(tasks, args.tasks) as path:
@@ -116,9 +143,11 @@ def _merge(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lorachain.export import ExportError
+
     try:
         summary = _merge(args)
-    except user_errors() as error:
+    except (*user_errors(), ExportError) as error:
         return fail("merge", str(error))
     print(json.dumps(summary, indent=2, default=str))
     return 0
@@ -130,13 +159,18 @@ def register(commands) -> None:
         help="merge concept states with a merge method and sample the merged model",
         description="Merge the concept states given (trained with lorachain train --slot, or the workflow's "
         "modular concepts, in slot order) and sample the merged model on the modular regime's prompts: "
-        "<out>/samples and <out>/merge.json, as the workflow's merge_and_sample job writes.",
+        "<out>/samples and <out>/merge.json, as the workflow's merge_and_sample job writes; with --export "
+        "the merged LoRA files too (lorachain.export).",
     )
     merge.add_argument("concepts", nargs="+", metavar="CONCEPT_DIR", help="concept state directories, in order")
     merge.add_argument(
         "--merge", required=True, metavar="LABEL", help="a label of modular.merges, or a merge method's name"
     )
-    merge.add_argument("--out", required=True, metavar="DIR", help="where samples/ and merge.json go")
+    merge.add_argument("--out", metavar="DIR", help="where samples/ and merge.json go")
+    merge.add_argument(
+        "--export", metavar="DIR", help="also write the merged result as LoRA files here (as lorachain export)"
+    )
+    merge.add_argument("--no-sample", action="store_true", help="only --export: write no samples")
     add_config_arguments(merge)
     add_task_arguments(
         merge,
