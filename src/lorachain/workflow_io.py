@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from lorachain.devices import gpu_slots
 from lorachain.methods import load_plugins
 
 KEPT_LOGS = 9  # earlier failed attempts kept beside a job's log: <log>.1 (the latest) .. <log>.9
@@ -88,9 +89,11 @@ def job_arguments(snakemake) -> dict:
 
 def run_job(snakemake, entry_point: str) -> None:
     """The whole of a workflow script: import `entry_point` ("module:function") inside the job's
-    log, with the config's method plugins registered and torch held to the job's threads; call it
-    with :func:`job_arguments`; print what it returns."""
-    with job_log(snakemake.log[0]):
+    log, with the config's method plugins registered, torch held to the job's threads and, for a
+    job with a ``gpu`` resource, GPUs of its own (:func:`lorachain.devices.gpu_slots`, taken before
+    anything starts CUDA); call it with :func:`job_arguments`; print what it returns."""
+    gpus = int(dict(snakemake.resources.items()).get("gpu", 0) or 0)
+    with job_log(snakemake.log[0]), gpu_slots(gpus):
         # torch reads these when it starts; modules that import torch lazily start it later
         for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[variable] = str(snakemake.threads)
