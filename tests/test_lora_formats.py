@@ -194,3 +194,17 @@ def test_kohya_file_of_another_architecture_is_refused(tmp_path, sd1_unet):
     cross = {layer: a for layer, a in sdxl.adapters.items() if layer.endswith("attn2.to_k")}
     with pytest.raises(LoraFileError, match=r"sdxl\.safetensors: layer '.*attn2\.to_k' has delta shape \(out, in\)"):
         check_fits_unet(replace(sdxl, adapters=cross), sd1_base)
+
+
+def test_inspect_with_a_base_model_refuses_a_file_of_another_architecture(tmp_path, sd1_unet, tiny_sd1_dir, capsys):
+    sd1 = write_kohya(tmp_path / "sd1.safetensors", sd1_unet)
+    diffusers_file = write_diffusers(tmp_path / "diffusers", sd1_unet)
+    assert main(["inspect", str(sd1), str(diffusers_file), "--base", str(tiny_sd1_dir)]) == 0
+    sdxl_unet = unet_with_lora("sdxl")
+    sdxl = [write_kohya(tmp_path / f"sdxl{i}.safetensors", sdxl_unet) for i in range(2)]
+    capsys.readouterr()
+    assert main(["inspect", *map(str, sdxl), "--base", str(tiny_sd1_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "sdxl0.safetensors: layer '" in error and f"(--base {tiny_sd1_dir})" in error
+    assert main(["inspect", *map(str, sdxl), "--base", str(tmp_path)]) == 2
+    assert f"--base {tmp_path}: no diffusers U-Net config there" in capsys.readouterr().err

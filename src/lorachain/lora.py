@@ -464,3 +464,14 @@ def check_fits_unet(lora: LoraFile | Concept, unet) -> None:
                 f"{_label(lora)}: layer {layer!r} has delta shape (out, in) {(adapter.B.shape[0], adapter.A.shape[1])}"
                 f" but the U-Net's weight is {tuple(weight.shape)}; a LoRA for another base architecture"
             )
+
+
+def unet_skeleton(model_source: str | Path):
+    """The U-Net of a diffusers pipeline (directory or hub id), built from its config on the meta
+    device: its layer names and shapes for :func:`check_fits_unet`, without reading any weights."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    config = UNet2DConditionModel.load_config(str(model_source), subfolder="unet")
+    with init_empty_weights():
+        return UNet2DConditionModel.from_config(config)

@@ -15,13 +15,23 @@ def run(args: argparse.Namespace) -> int:
     if args.names is not None and len(args.names) != len(args.files):
         return fail("inspect", f"--names has {len(args.names)} name(s) for {len(args.files)} file(s)")
 
-    from lorachain.lora import LoraFileError, check_compatible, read_lora
+    from lorachain.lora import LoraFileError, check_compatible, check_fits_unet, read_lora, unet_skeleton
 
     try:
         files = [read_lora(path) for path in args.files]
         check_compatible(files)
     except LoraFileError as error:
         return fail("inspect", str(error))
+    if args.base is not None:
+        try:
+            unet = unet_skeleton(args.base)
+        except (OSError, ValueError) as error:
+            return fail("inspect", f"--base {args.base}: no diffusers U-Net config there ({error})")
+        try:
+            for lora in files:
+                check_fits_unet(lora, unet)
+        except LoraFileError as error:
+            return fail("inspect", f"{error} (--base {args.base})")
 
     from lorachain.merging.diagnostics import (
         cosine_tables,
@@ -79,4 +89,9 @@ def register(commands) -> None:
         "--names", nargs="+", metavar="NAME", help="one label per file (default: shortest distinguishing path)"
     )
     inspect.add_argument("--out", metavar="DIR", help="write CSV tables and PNG plots here")
+    inspect.add_argument(
+        "--base",
+        metavar="MODEL",
+        help="a diffusers pipeline (directory or hub id): refuse files whose layers its U-Net does not have",
+    )
     inspect.set_defaults(handler=run)
