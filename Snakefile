@@ -5,7 +5,7 @@ from snakemake.utils import min_version
 
 from lorachain.cluster_checks import check_slurm_profile
 from lorachain.config_checks import check_config, validate_config
-from lorachain.plan import all_outputs
+from lorachain.plan import all_outputs, export_outputs
 
 min_version("9.0")
 
@@ -27,6 +27,7 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/modular.smk"
+include: "workflow/rules/export.smk"
 
 
 report: "workflow/report/workflow.rst"
@@ -40,3 +41,10 @@ rule all:
     """Every domain's tables, heatmaps, curves and image grid (and so every state, sample and score)."""
     input:
         all_outputs(config),
+
+
+rule export:
+    """`snakemake export`: every continual run's final state and every merge at its largest k as
+    diffusers / kohya LoRA files (and fused U-Nets): config block `export`. Not part of `all`."""
+    input:
+        export_outputs(config),

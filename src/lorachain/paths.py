@@ -37,6 +37,7 @@ RUN = "{domain}/{method}/order{order}-seed{seed}"
 TASK_DIR = f"{RESULTS}/{RUN}/task{{task}}"
 SAMPLES_DIR = f"{RESULTS}/{RUN}/samples/after{{task}}"
 RUN_SCORES = f"{RESULTS}/{RUN}/scores.csv"
+EXPORT_DIR = f"{RESULTS}/{RUN}/export"  # `snakemake export`: the run's final state (lorachain.export)
 BASE_SAMPLES_DIR = f"{RESULTS}/{{domain}}/base/samples"
 BASE_SCORES = f"{RESULTS}/{{domain}}/base/scores.csv"
 # Composed prompts (lorachain.composition), sampled beside each sample set and scored with it.
@@ -57,6 +58,7 @@ GRAMS_RECORD = f"{CONCEPT_DIR}/{GRAMS_RECORD_FILE}"
 MERGE_DIR = f"{MODULAR_DIR}/merges/{{merge}}/k{{k}}"
 MERGE_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/scores.csv"
 MERGE_COMPOSITIONS_DIR = f"{MERGE_DIR}/compositions"
+MERGE_EXPORT_DIR = f"{MERGE_DIR}/export"  # `snakemake export`: the merge at the largest k
 MERGE_COMPOSITION_SCORES = f"{MODULAR_DIR}/merges/{{merge}}/composition-scores.csv"
 COMPOSITION_TABLE = f"{RESULTS}/tables/{{domain}}-composition-{{composition}}"  # .csv, .md and -by-k.csv
 MODULAR_TABLE = f"{RESULTS}/tables/{{domain}}-modular"  # .csv and .md

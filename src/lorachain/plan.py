@@ -457,6 +457,27 @@ def all_outputs(config: dict) -> list[str]:
     return world + continual + modular_ + [f"{paths.PROVENANCE_TABLE}.{suffix}" for suffix in ("csv", "md")]
 
 
+def final_state(config: dict, run: dict) -> str:
+    """The manifest of a run's last task (what `snakemake export` exports of the run)."""
+    last = config["domains"][run["domain"]]["num_tasks"]
+    return f"{paths.task_dir(**run, task=last)}/{paths.STATE_FILE}"
+
+
+def export_outputs(config: dict) -> list[str]:
+    """What `snakemake export` asks for (not part of `rule all`): the final state of every continual
+    run and every merge at its set's largest k, exported as config block `export` says."""
+    exports = [
+        paths.EXPORT_DIR.format(domain=domain, method=method, order=order, seed=seed)
+        for domain in config["domains"]
+        for method, order, seed in runs(config)
+    ]
+    for name in modular_sets(config):
+        k = max(merge_sizes(config, name))
+        merges = modular(config)["merges"]
+        exports += [paths.MERGE_EXPORT_DIR.format(domain=name, merge=merge, k=k) for merge in merges]
+    return exports
+
+
 def world_block(config: dict) -> dict:
     """The world's contents block, canonical (its training settings are separate rule params)."""
     if "world" not in config:
