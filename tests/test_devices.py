@@ -170,3 +170,47 @@ def test_run_job_pins_a_gpu_job_to_its_slot(tmp_path, pool):
     log = (tmp_path / "job.log").read_text()
     assert '"5"' in log and "GPU slot(s) [0]: CUDA_VISIBLE_DEVICES=5" in log
     assert VISIBLE not in os.environ
+
+
+SNAKEFILE = """
+rule all:
+    input: expand("out{i}.txt", i=range(3))
+
+rule job:
+    output: "out{i}.txt"
+    log: "logs/{i}.log"
+    resources: gpu=1
+    script: "job.py"
+"""
+
+# The job holds its slot until all three hold theirs (so they provably ran together); its output
+# is the device it saw.
+SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from lorachain.workflow_io import run_job
+
+def hold():
+    Path("started", str(os.getpid())).touch()
+    deadline = time.monotonic() + 120
+    while len(list(Path("started").iterdir())) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+sys.modules["gpu_job"] = sys.modules[__name__]
+run_job(snakemake, "gpu_job:hold")
+Path(snakemake.output[0]).write_text(Path(snakemake.log[0]).read_text())
+"""
+
+
+def test_snakemake_jobs_run_together_each_on_its_own_device(tmp_path, pool):
+    """A real Snakemake run of three gpu=1 jobs at once (--resources gpu=3) through run_job."""
+    env = pool("0,1,2")
+    (tmp_path / "Snakefile").write_text(SNAKEFILE)
+    (tmp_path / "job.py").write_text(SCRIPT)
+    (tmp_path / "started").mkdir()
+    command = [sys.executable, "-m", "snakemake", "--cores", "3", "--resources", "gpu=3", "--quiet"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    seen = [(tmp_path / f"out{i}.txt").read_text() for i in range(3)]
+    assert sorted(text.rsplit("\n", 2)[-2] for text in seen) == ['"0"', '"1"', '"2"']
