@@ -103,8 +103,9 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "modular_prior_drift": 2,
         "lora_diagnostics": 7 * 2,
         "modular_composition": 2,  # stylized (mixed15) and pairs (objects)
+        "provenance_table": 1,  # one for the run
         "all": 1,
-        "total": 1804,
+        "total": 1805,
     }
     # real models are hub ids: nothing is built or downloaded
     assert "build_tiny_model" not in counts and "build_tiny_encoder" not in counts
@@ -438,7 +439,7 @@ def replan(workdir: Path, tmp_path: Path, edit) -> list[tuple[str, dict]]:
     return [] if "Nothing to be done" in result.stdout + result.stderr else planned_jobs(result.stdout)
 
 
-REPORT_RULES = {"continual_table", "plot_metric", "image_grid", "all"}
+REPORT_RULES = {"continual_table", "plot_metric", "image_grid", "provenance_table", "all"}
 
 
 @pytest.mark.slow

@@ -122,6 +122,7 @@ rule provenance_table:
     conda:
         "../../envs/lorachain.yaml"
     params:
-        states=lambda wildcards: provenance_report.state_groups(config),
+        # derived from `input`, so Snakemake does not record it: reordering the YAML reruns nothing
+        states=lambda wildcards, input: provenance_report.state_groups(config),
     script:
         "../scripts/provenance_table.py"
