@@ -306,3 +306,22 @@ def test_the_cli_exports_a_state_and_a_merge_and_names_bad_input(sd1, tmp_path, 
     assert {DIFFUSERS_FILE, KOHYA_FILE} <= {p.name for p in (tmp_path / "m").iterdir()}
     assert main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "nowhere/state.json: state manifest missing" in capsys.readouterr().err
+
+
+def test_the_cli_finds_a_merge_by_config_label_and_refuses_a_k_that_was_not_run(sd1, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from lorachain.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the config's paths are relative to the workflow's directory
+    write_concepts(tmp_path / "results" / "objects" / "modular" / "adapters" / "blocks", sd1, count=2)
+    config = {
+        "domains": {"objects": {}},
+        "modular": {"concepts": 2, "merges": {"bl": {"method": "blocklora", "adapters": "blocks", "weights": "mean"}}},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["export", "--config", "config.yaml", "--merge", "bl", "--out", "out", "--format", "diffusers"]) == 0
+    record = json.loads((tmp_path / "out" / RECORD_FILE).read_text())
+    assert record["method"]["params"] == {"weights": "mean"} and record["rank"]["max"] == 2 * RANK
+    assert main(["export", "--config", "config.yaml", "--merge", "bl", "--k", "3", "--out", "x"]) == 2
+    assert "--k 3 is not among the merge sizes" in capsys.readouterr().err

@@ -28,7 +28,7 @@ class ExportedLayer:
 
     A: torch.Tensor  # (rank, in_features)
     B: torch.Tensor  # (out_features, rank)
-    norm: float  # ||dW||_F
+    norm: float  # ||dW||_F (0 where exact: not computed)
     residual: float
 
     @property
@@ -83,7 +83,8 @@ def concatenated(terms: list[tuple[float, LayerAdapter]]) -> ExportedLayer:
         raise ExportError("a layer with no nonzero term")  # callers leave such layers out
     B = torch.cat([c * adapter.scale * adapter.B.float() for c, adapter in kept], dim=1)
     A = torch.cat([adapter.A.float() for _, adapter in kept], dim=0)
-    return ExportedLayer(A=A.contiguous(), B=B.contiguous(), norm=float(torch.linalg.norm(B @ A)), residual=0.0)
+    # exact: no residual, so the delta's norm (an out x in product to form) is not needed
+    return ExportedLayer(A=A.contiguous(), B=B.contiguous(), norm=0.0, residual=0.0)
 
 
 def svd_factors(layer: str, delta: torch.Tensor, settings: SvdSettings) -> ExportedLayer:
