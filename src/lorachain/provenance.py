@@ -97,8 +97,8 @@ def pin_revision(source: str, revision: str | None, key: str = "model.revision")
         return str(source)
     if not is_hub_id(str(source)):
         raise ProvenanceError(
-            f"config key {key}: {revision!r} pins a hub revision, but the model {str(source)!r} is not a hub id "
-            f"(owner/name) but a local path; remove {key} (a local directory is what it is)"
+            f"config key {key}: {revision!r} pins a hub revision, but the model {str(source)!r} is a local path, "
+            f"not a hub id (owner/name); remove {key} (a local directory has no revisions)"
         )
     return f"{source}@{revision}"
 
