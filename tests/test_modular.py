@@ -3,12 +3,14 @@ Table 1 / Figure 5 assembly."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 
 import pandas as pd
 import pytest
 from test_chain import TRAINING, factors
 
+from lorachain import provenance
 from lorachain.torch_env import torch
 
 
@@ -382,9 +384,14 @@ def test_modular_table_reports_the_largest_k_and_the_curve(tmp_path):
         points=tmp_path / "points.csv",
         curve=tmp_path / "curve.png",
         curve_pdf=tmp_path / "curve.pdf",
+        model=str(tmp_path),  # a local "model": its revision is a fingerprint
     )
     row = modular_results_job(**job)[0]
     assert row["k"] == 2 and row["merge_s"] == pytest.approx(0.02) and row["image_metric"] == "clip_i"
+    # the CSV closes with the provenance columns: this process's versions and the model's fingerprint
+    written = pd.read_csv(tmp_path / "t.csv")
+    assert list(written.columns[-len(provenance.COLUMNS) :]) == list(provenance.COLUMNS)
+    assert row["peft"] == importlib.metadata.version("peft") and row["model_revision"].startswith("local:")
     assert row["image_alignment"] == pytest.approx((0.5 + 0.1 - 0.1 + 0.5 + 0.2 - 0.1) / 2)
     # both text conventions, each average labelled by what it averages
     assert row["text_alignment"] == pytest.approx(0.3) and row["text_clipscore"] == pytest.approx(0.75)
