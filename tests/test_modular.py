@@ -105,6 +105,7 @@ def test_merge_and_sample_applies_the_exact_merged_delta(concepts, tiny_sd1_dir,
     assert list(index["prompt"][:2]) == ["a sks thing in a jail", "a photo of thing"]
     record = json.loads((tmp_path / "merge.json").read_text())
     assert record["k"] == 2 and record["merge_type"] == "instant" and record["merge_s"] >= 0
+    assert record["provenance"] == json.loads(json.dumps(provenance.record(str(tiny_sd1_dir))))  # the base's
 
 
 def test_a_blockwise_merge_with_alpha_one_gives_each_concept_its_own_models_outputs_on_its_rows(concepts, tiny_sd1_dir):
