@@ -88,19 +88,24 @@ def concatenated(terms: list[tuple[float, LayerAdapter]]) -> ExportedLayer:
 
 
 def svd_factors(layer: str, delta: torch.Tensor, settings: SvdSettings) -> ExportedLayer:
-    """The truncated SVD of one layer's delta, the singular values split evenly between the factors;
-    the residual is the discarded singular values' norm (Eckart-Young)."""
-    delta = delta.detach().to("cpu", torch.float32)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    rank = settings.layer_rank(layer, tuple(delta.shape), S)
-    root = S[:rank].sqrt()
-    squares = S.double() ** 2
-    return ExportedLayer(
-        A=(root[:, None] * Vh[:rank]).contiguous(),
-        B=(U[:, :rank] * root[None, :]).contiguous(),
-        norm=math.sqrt(float(squares.sum())),
-        residual=math.sqrt(float(squares[rank:].sum())),
-    )
+    """The truncated SVD of one layer's delta, through the eigendecomposition of its Gram matrix on
+    the narrower side in float64 (on a CPU several times faster than torch.linalg.svd of the delta,
+    the same leading singular vectors): B A = U_k U_k^T dW (rows) or dW V_k V_k^T (columns), the
+    orthonormal factor on the narrow side. The residual is measured on the float32 factors written."""
+    dense = delta.detach().to("cpu", torch.float64)
+    columns = dense.shape[0] > dense.shape[1]  # project onto the leading right singular vectors
+    narrow = dense.T if columns else dense
+    eigenvalues, vectors = torch.linalg.eigh(narrow @ narrow.T)
+    singular = eigenvalues.flip(0).clamp_min(0).sqrt()
+    rank = settings.layer_rank(layer, tuple(dense.shape), singular)
+    basis = vectors.flip(1)[:, :rank]
+    if columns:
+        B, A = dense @ basis, basis.T
+    else:
+        B, A = basis, basis.T @ dense
+    B, A = B.to(torch.float32).contiguous(), A.to(torch.float32).contiguous()
+    residual = float(torch.linalg.norm(dense - B.double() @ A.double()))
+    return ExportedLayer(A=A, B=B, norm=float(torch.linalg.norm(dense)), residual=residual)
 
 
 def overall_error(layers: dict[str, ExportedLayer]) -> float:
