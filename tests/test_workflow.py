@@ -90,6 +90,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "continual_table": 2,
         "plot_metric": 2 * 5,  # domains x their 5 default metrics
         "image_grid": 2,
+        "loss_curves": 2,  # one training-loss figure per domain
         # the modular regime on objects (10 concepts) and on mixed15 (10 objects + 5 styles):
         # 7 adapter kinds each; 12 merges at 6 merge sizes on objects, at 7 on mixed15 (15 added)
         "prepare_mix": 1,
@@ -105,7 +106,7 @@ def test_paper_grid_dry_run_job_counts(tmp_path):
         "modular_composition": 2,  # stylized (mixed15) and pairs (objects)
         "provenance_table": 1,  # one for the run
         "all": 1,
-        "total": 1805,
+        "total": 1807,
     }
     # real models are hub ids: nothing is built or downloaded
     assert "build_tiny_model" not in counts and "build_tiny_encoder" not in counts
@@ -439,7 +440,7 @@ def replan(workdir: Path, tmp_path: Path, edit) -> list[tuple[str, dict]]:
     return [] if "Nothing to be done" in result.stdout + result.stderr else planned_jobs(result.stdout)
 
 
-REPORT_RULES = {"continual_table", "plot_metric", "image_grid", "provenance_table", "all"}
+REPORT_RULES = {"continual_table", "plot_metric", "image_grid", "loss_curves", "provenance_table", "all"}
 
 
 @pytest.mark.slow

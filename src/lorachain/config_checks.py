@@ -22,6 +22,7 @@ from lorachain.composition import CompositionError, check_positions, parse_compo
 from lorachain.methods import MergeError, MethodError, PluginError, load_plugins, make_merge, make_method, schema_defs
 from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
 from lorachain.models.widths import narrowest_targeted_width, unet_config
+from lorachain.training.tracking import tracker_problem
 from lorachain.world.spec import check_world_block
 
 # What PyYAML (YAML 1.1) reads as text although it looks like a number: an exponent without a
@@ -343,11 +344,19 @@ def composition_problems(config: dict) -> list[str]:
     return problems
 
 
+def tracking_problems(config: dict) -> list[str]:
+    """A training tracker that is not installed (training.tracking.log_with), before any job runs."""
+    log_with = ((config.get("training") or {}).get("tracking") or {}).get("log_with", "tensorboard")
+    problem = tracker_problem(log_with)
+    return [problem] if problem else []
+
+
 def check_config(config: dict) -> None:
     """Everything the schema cannot check, all problems at once; run while the Snakefile parses."""
     problems = domain_problems(config) + modular_problems(config) + registered_block_problems(config)
     problems += composition_problems(config)
     problems += model_source_problems(config, plan.encoders_in_use(config))
+    problems += tracking_problems(config)
     if "world" in config:
         problems += check_world_block(config["world"])
     if problems:

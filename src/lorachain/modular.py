@@ -354,6 +354,7 @@ def train_concept_job(
     state,
     lora,
     loss,
+    tracking: dict | None = None,
 ) -> dict:
     """The train_concept job: concept `concept_index` (1-based) of the domain's reference task file,
     trained from the base model independently of the other concepts (task 1 of its own chain, slot
@@ -377,6 +378,7 @@ def train_concept_job(
         state=state,
         lora=lora,
         loss=loss,
+        tracking=tracking,
     )
 
 

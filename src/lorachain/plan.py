@@ -38,8 +38,9 @@ def stage_block(config: dict, name: str, leave_out=()) -> dict:
 
 
 def training_block(config: dict) -> dict:
-    """What a task's result depends on: everything in `training` but how often it checkpoints."""
-    return stage_block(config, "training", leave_out=("checkpoint_every",))
+    """What a task's result depends on: everything in `training` but how often it checkpoints and
+    how it is tracked (training.tracking): the rules pass both as unrecorded params."""
+    return stage_block(config, "training", leave_out=("checkpoint_every", "tracking"))
 
 
 def revision(config: dict, stage: str):
@@ -213,6 +214,19 @@ def domain_run_scores(config: dict, domain: str) -> dict:
         {
             f"{method}|{order}|{seed}": paths.RUN_SCORES.format(domain=domain, method=method, order=order, seed=seed)
             for method, order, seed in runs(config)
+        }
+    )
+
+
+def domain_loss_logs(config: dict, domain: str) -> dict:
+    """Every task's loss.csv of every run of a domain, "method|order|seed|task" -> path (the
+    domain's loss figure)."""
+    num_tasks = config["domains"][domain]["num_tasks"]
+    return canonical(
+        {
+            f"{method}|{order}|{seed}|{task}": f"{paths.task_dir(domain, method, order, seed, task)}/{paths.LOSS_FILE}"
+            for method, order, seed in runs(config)
+            for task in range(1, num_tasks + 1)
         }
     )
 
@@ -420,9 +434,11 @@ def prior_metric(config: dict, domain: str) -> str | None:
 
 
 def domain_outputs(config: dict, domain: str) -> list[str]:
-    """Tables, figures and the image grid of one domain (what the report shows)."""
+    """Tables, figures (the runs' training loss included) and the image grid of one domain (what the
+    report shows)."""
     table, figures = paths.TABLE.format(domain=domain), paths.FIGURES.format(domain=domain)
     outputs = [f"{table}.csv", f"{table}.md", f"{figures}/grid.png"]
+    outputs += [f"{figures}/losses.{suffix}" for suffix in ("png", "pdf")]  # the runs' training loss
     for metric in domain_metrics(config, domain):
         for kind in ("heatmap", "curve"):
             outputs += [f"{figures}/{kind}-{metric}.{suffix}" for suffix in ("png", "pdf")]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorachain.data.selection import Task
+from lorachain.progress import progress
 from lorachain.torch_env import torch
 
 INDEX_FILE = "index.csv"
@@ -238,22 +239,24 @@ def render_prompts(pipe, jobs: list[tuple[str, int]], config: SamplingConfig):
     device = device_for_sampling()
     pipe.to(device)
     noises = initial_noises(config, pipe.unet.config.in_channels, 2 ** (len(pipe.vae.config.block_out_channels) - 1))
-    for first in range(0, len(jobs), config.batch_size):
-        batch = jobs[first : first + config.batch_size]
-        latents = torch.stack([noises[sample] for _, sample in batch]).to(device, pipe.unet.dtype)
-        # A generator is passed for schedulers that add noise while sampling (ancestral ones);
-        # the default (Euler) is deterministic given the initial latents.
-        generator = torch.Generator("cpu").manual_seed(config.noise_seed + first)
-        yield from pipe(
-            prompt=[model_prompt(pipe, prompt) for prompt, _ in batch],
-            latents=latents,
-            num_inference_steps=config.steps,
-            guidance_scale=config.guidance_scale,
-            height=config.resolution,
-            width=config.resolution,
-            generator=generator,
-            output_type="pil",
-        ).images
+    with progress(len(jobs), "sampling", unit="img") as bar:  # images/s and ETA in the job's log
+        for first in range(0, len(jobs), config.batch_size):
+            batch = jobs[first : first + config.batch_size]
+            latents = torch.stack([noises[sample] for _, sample in batch]).to(device, pipe.unet.dtype)
+            # A generator is passed for schedulers that add noise while sampling (ancestral ones);
+            # the default (Euler) is deterministic given the initial latents.
+            generator = torch.Generator("cpu").manual_seed(config.noise_seed + first)
+            yield from pipe(
+                prompt=[model_prompt(pipe, prompt) for prompt, _ in batch],
+                latents=latents,
+                num_inference_steps=config.steps,
+                guidance_scale=config.guidance_scale,
+                height=config.resolution,
+                width=config.resolution,
+                generator=generator,
+                output_type="pil",
+            ).images
+            bar.update(len(batch))
 
 
 def sample_compositions(pipe, compositions: dict | None, tasks: list, k: int, config, output_dir, identity):

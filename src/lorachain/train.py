@@ -34,14 +34,13 @@ and callers use are re-exported here. :func:`train_task_job` is the ``train_task
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorachain import provenance
@@ -78,6 +77,17 @@ from lorachain.training.resume import (
     restore_checkpoint,
     run_fingerprint,
     save_checkpoint,
+)
+from lorachain.training.tracking import (
+    LossLog,
+    StepTracker,
+    TrackingConfig,
+    accelerator_options,
+    check_tracker,
+    gradient_norm,
+    publish_loss_log,
+    tracking_directory,
+    validation_images,
 )
 
 __all__ = [
@@ -205,12 +215,15 @@ def _optimizer(params, config: TrainingConfig):
     )
 
 
-def _accelerator(config: TrainingConfig):
+def _accelerator(config: TrainingConfig, tracking_options: dict | None = None):
+    """The task's accelerator; `tracking_options` are the tracker's (:func:`accelerator_options`)."""
     from accelerate import Accelerator
 
     if config.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise TrainingError("config key training.mixed_precision: fp16 needs a CUDA GPU; use 'no' (or 'bf16') on a CPU")
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    return Accelerator(
+        mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available(), **(tracking_options or {})
+    )
 
 
 def _checked_task(
@@ -441,14 +454,20 @@ def _step_loss(step: int, data: TrainingData, model: PreparedUNet, generator: to
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
-def _optimizer_step(model: PreparedUNet, loss, config: TrainingConfig) -> None:
+def _optimizer_step(model: PreparedUNet, loss, config: TrainingConfig, track_norm: bool = False) -> float | None:
+    """One optimizer step; returns the LoRA factors' gradient norm (before clipping) when clipping
+    computes it or `track_norm` asks for it, else None."""
     model.accelerator.backward(loss)
+    grad_norm = None
     if config.max_grad_norm:
-        model.accelerator.clip_grad_norm_(model.trainable, config.max_grad_norm)
+        grad_norm = model.accelerator.clip_grad_norm_(model.trainable, config.max_grad_norm)
         if model.token_rows:  # clipped on their own: the token rows do not shrink the LoRA's steps
             torch.nn.utils.clip_grad_norm_(model.token_rows, config.max_grad_norm)
+    elif track_norm:
+        grad_norm = gradient_norm(model.trainable)
     model.optimizer.step()
     model.optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm) if track_norm and grad_norm is not None else None
 
 
 def _write_checkpoint(checkpoints: CheckpointWriter, done: int, model: PreparedUNet, progress: Progress) -> Path:
@@ -487,9 +506,12 @@ def _train_loop(
     progress: Progress,
     checkpoints: CheckpointWriter | None,
     show_progress: bool,
+    tracker: StepTracker | None = None,
+    loss_log: LossLog | None = None,
 ) -> None:
     """Steps start_step .. steps - 1. An in-task checkpoint every checkpoint_every steps; SIGTERM
-    stops at the end of the current step (after writing one) with :class:`TrainingInterrupted`."""
+    stops at the end of the current step (after writing one) with :class:`TrainingInterrupted`.
+    Each step's loss goes to `loss_log` and, with its learning rate and gradient norm, to `tracker`."""
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -509,8 +531,9 @@ def _train_loop(
                     f"task {task.task_index} ({task.concept}): loss is {loss.item()} at step {step}; "
                     "nothing was written. Lower training.learning_rate or check the data"
                 )
-            _optimizer_step(model, loss, config)
+            grad_norm = _optimizer_step(model, loss, config, track_norm=tracker is not None and tracker.started)
             progress.losses.append(loss.item())
+            _record_step(step, progress.losses[-1], grad_norm, model, tracker, loss_log)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{progress.losses[-1]:.4f}")
             done = step + 1
@@ -519,6 +542,13 @@ def _train_loop(
                 raise _interrupted(task, config, stop.signum, done, path)
             if checkpoints is not None and done < config.steps and done % config.checkpoint_every == 0:
                 _write_checkpoint(checkpoints, done, model, progress)
+
+
+def _record_step(step: int, loss: float, grad_norm, model: PreparedUNet, tracker, loss_log) -> None:
+    if loss_log is not None:
+        loss_log.append(step, loss)
+    if tracker is not None:
+        tracker.log_step(step, loss, model.optimizer.param_groups[0]["lr"], grad_norm)
 
 
 # ------------------------------------------------------------------------------ results
@@ -536,15 +566,6 @@ def _trained_result(
         if not (torch.isfinite(adapter.A).all() and torch.isfinite(adapter.B).all()):
             raise TrainingError(f"task {task.task_index}: non-finite LoRA weights in {name}; nothing was written")
     return result
-
-
-def _write_loss_log(loss_log: str | Path, losses: list[float]) -> None:
-    loss_log = Path(loss_log)
-    loss_log.parent.mkdir(parents=True, exist_ok=True)
-    with open(loss_log, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["step", "loss"])
-        writer.writerows((i, f"{value:.6g}") for i, value in enumerate(losses))
 
 
 def _manifest(
@@ -577,6 +598,52 @@ def _manifest(
         # versions, code commit and the model's resolved revision: the same on one machine and checkout
         "provenance": provenance.record(task.model_source),
     }
+
+
+# ------------------------------------------------------------------------------ tracking
+
+
+def _start_tracker(accelerator, tracking: TrackingConfig, task: TaskSpec, config: TrainingConfig, method, progress):
+    """The task's trackers, started with its hyperparameters (a fresh run drops an earlier attempt's
+    files; a resumed one appends to them)."""
+    tracker = StepTracker(accelerator, tracking, tracking_directory(task.output_dir), run_name=task.label)
+    hyperparameters = {
+        "task_index": task.task_index,
+        "concept": task.concept or "",
+        "seed": task.this_seed,
+        "method": {"name": method.name, "params": method.params},
+        "training": asdict(config),
+    }
+    tracker.start(hyperparameters, fresh=progress.start_step == 0)
+    return tracker
+
+
+def _tracked_loop(task, config, data, model, progress, checkpoints, show_progress, tracker, loss_log) -> None:
+    """The loop, writing the losses (to `loss_log`'s live file, when given) as it runs; the trackers
+    are closed when it stops with an error (interruption included)."""
+    try:
+        with LossLog(loss_log, progress.losses) if loss_log else contextlib.nullcontext() as live_log:
+            _train_loop(task, config, data, model, progress, checkpoints, show_progress, tracker, live_log)
+    except BaseException:
+        tracker.end()
+        raise
+
+
+def _end_tracking(tracker: StepTracker, task: TaskSpec, method, config: TrainingConfig, timings: dict) -> None:
+    """Validation images of the written state (when asked), then close the trackers."""
+    try:
+        if tracker.started and tracker.tracking.validation_images:
+            from lorachain.sample import load_model_for_sampling
+
+            validation_started = time.perf_counter()
+            pipe = load_model_for_sampling(task.model_source, task.vae, task.output_dir, method.name, method.params)
+            pipe.to(tracker.accelerator.device)
+            tracker.log_images(
+                validation_images(pipe, task.train_prompt, tracker.tracking, config.resolution), step=config.steps
+            )
+            timings["validation_s"] = time.perf_counter() - validation_started
+    finally:
+        tracker.end()
 
 
 # ------------------------------------------------------------------------------ one task
@@ -620,7 +687,9 @@ def train_task(
     tuning needs (:func:`lorachain.embeddings.concept_words` of a task)."""
     timings = {}
     started = time.perf_counter()
-    config = TrainingConfig.from_dict(training)
+    tracking = TrackingConfig.from_dict(training.get("tracking"))  # how the run is watched, not what it computes
+    config = TrainingConfig.from_dict({key: value for key, value in training.items() if key != "tracking"})
+    check_tracker(tracking)
     label = (run or {}).get("method", method_name)
     method_key = f"modular.adapters.{label}" if (run or {}).get("regime") == "modular" else f"methods.{label}"
     method = make_method(method_name, method_params, key=method_key)
@@ -642,7 +711,7 @@ def train_task(
         concept_phrase=concept_phrase,
         init_words=init_words,
     )
-    accelerator = _accelerator(config)
+    accelerator = _accelerator(config, accelerator_options(tracking, tracking_directory(task.output_dir)))
 
     pipe, layers, images = _load_model(task, config)
     timings["load_s"] = time.perf_counter() - started
@@ -657,8 +726,9 @@ def train_task(
     state = _restore(model, fingerprint, task, config, timings)
 
     checkpoints = None if fingerprint is None else CheckpointWriter(task.resume_dir, fingerprint)
+    tracker = _start_tracker(accelerator, tracking, task, config, method, state)
     train_started = time.perf_counter()
-    _train_loop(task, config, data, model, state, checkpoints, progress)
+    _tracked_loop(task, config, data, model, state, checkpoints, progress, tracker, loss_log)
     checkpoint_seconds = 0.0 if checkpoints is None else checkpoints.seconds
     timings["train_s"] = time.perf_counter() - train_started - checkpoint_seconds
     timings["checkpoint_s"] = checkpoint_seconds
@@ -667,7 +737,7 @@ def train_task(
     result = _trained_result(model, layers, row_masks, task, config)
     write_started = time.perf_counter()
     if loss_log:
-        _write_loss_log(loss_log, state.losses)
+        publish_loss_log(loss_log)  # written during the loop (loss.csv.live): now complete
     manifest = _manifest(task, method, config, state.losses, pipeline_class)
     embeddings = None if tokens is None else tokens.result()
     bytes_written = write_task_state(
@@ -678,6 +748,7 @@ def train_task(
     timings["total_s"] = time.perf_counter() - started
     if embeddings is not None:  # the record write_task_state added: token, file, sha256
         manifest["embeddings"] = read_manifest(task.output_dir)["embeddings"]
+    _end_tracking(tracker, task, method, config, timings)
     return {**manifest, "bytes_written": bytes_written, "timings": timings, "resumed_from_step": state.start_step}
 
 
@@ -702,11 +773,13 @@ def train_task_from_file(
     state,
     lora,
     loss,
+    tracking: dict | None = None,
 ) -> dict:
     """What the train_task and train_concept jobs share: train task `position` (1-based) of the task
     file `tasks` as task `task_index` of a chain and write its state: the manifest `state` and the
     LoRA file `lora` (which must be beside it), the losses to `loss`. `checkpoint_every` joins the training
-    block here: how often a job checkpoints does not change its result. Returns a summary."""
+    block here: how often a job checkpoints does not change its result; so does `tracking` (the
+    ``training.tracking`` block: how it is watched). Returns a summary."""
     from lorachain.data import read_tasks
     from lorachain.embeddings import concept_words
 
@@ -726,7 +799,7 @@ def train_task_from_file(
         previous_state=previous_state,
         method_name=method,
         method_params=dict(method_params),
-        training=dict(training, checkpoint_every=checkpoint_every),
+        training=dict(training, checkpoint_every=checkpoint_every, tracking=tracking or {}),
         seed=seed,
         output_dir=Path(state).parent,
         run=dict(run),
@@ -754,6 +827,7 @@ def train_task_job(
     state,
     lora,
     loss,
+    tracking: dict | None = None,
 ) -> dict:
     """The train_task job: task `task_index` of run `run` (training seed `seed`) on top of the state
     in `previous_dir` (None for task 1)."""
@@ -774,4 +848,5 @@ def train_task_job(
         state=state,
         lora=lora,
         loss=loss,
+        tracking=tracking,
     )

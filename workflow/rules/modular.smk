@@ -24,6 +24,8 @@ rule train_concept:
         # how often to checkpoint does not change the result: a param derived from `output` is not
         # recorded by Snakemake, so changing training.checkpoint_every reruns nothing
         checkpoint_every=lambda wildcards, output: config["training"]["checkpoint_every"],
+        # how a job is tracked (training.tracking) does not change its result either
+        tracking=lambda wildcards, output: config["training"]["tracking"],
         revision=revision(config, "training"),
         model=model_source(config),
         vae=config["model"].get("vae"),

@@ -126,3 +126,29 @@ rule provenance_table:
         states=lambda wildcards, input: provenance_report.state_groups(config),
     script:
         "../scripts/provenance_table.py"
+
+
+rule loss_curves:
+    """The training loss of every run of one domain, from its tasks' loss.csv (one figure per domain)."""
+    input:
+        lambda wildcards: list(plan.domain_loss_logs(config, wildcards.domain).values()),
+    output:
+        png=report(
+            f"{FIGURES}/losses.png",
+            caption="../report/losses.rst",
+            category="Training loss",
+            labels={"domain": "{domain}"},
+        ),
+        pdf=f"{FIGURES}/losses.pdf",
+    log:
+        f"{LOGS}/figures/{{domain}}/losses.log",
+    conda:
+        "../../envs/lorachain.yaml"
+    params:
+        loss_logs=lambda wildcards: plan.domain_loss_logs(config, wildcards.domain),
+        # the panels' order (the config's): derived from `input`, so Snakemake does not record it and
+        # reordering the YAML reruns nothing; a new or removed method changes the inputs
+        methods=lambda wildcards, input: list(config["methods"]),
+        domain="{domain}",
+    script:
+        "../scripts/loss_curves.py"

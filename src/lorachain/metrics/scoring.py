@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from lorachain.metrics.catalog import IMAGE_METRICS, METRIC_ENCODER, PRIOR_METRICS, TEXT_METRICS, encoders_for
+from lorachain.progress import progress
 from lorachain.torch_env import torch
 
 SCORE_COLUMNS = (
@@ -198,6 +199,14 @@ def _prior_score(metric, generated, group, base_priors, source) -> tuple[float, 
     return paired_drift(generated, base[[position[sample] for sample in group["sample"]]]), len(group)
 
 
+def _scored_with_progress(frames: list, sources: list, desc: str):
+    """(frame, source) pairs; as each sample set is scored, images/s and an ETA go to the job's log."""
+    with progress(sum(len(frame) for frame in frames), desc, unit="img") as bar:
+        for frame, source in zip(frames, sources):
+            yield frame, source
+            bar.update(len(frame))
+
+
 def score_sample_sets(
     frames: list,
     references: dict,
@@ -215,7 +224,7 @@ def score_sample_sets(
 
     every = metric_union(metrics)
     rows = []
-    for frame, source in zip(frames, sources):
+    for frame, source in _scored_with_progress(frames, sources, "scoring"):
         frame = frame.reset_index(drop=True)  # row i <-> embedding i
         images = _open_images(list(frame["path"]))
         embeddings = {name: encoders[name].embed_images(images, batch_size=batch_size) for name in encoders_for(every)}
@@ -282,7 +291,7 @@ def score_compositions(frames: list, references: dict, encoders: dict, metrics, 
     text_metrics = [metric for metric in every if metric in TEXT_METRICS]
     needed = encoders_for([m for m in every if m in TEXT_METRICS or m in IMAGE_METRICS])
     rows = []
-    for frame, source in zip(frames, sources):
+    for frame, source in _scored_with_progress(frames, sources, "scoring compositions"):
         if frame.empty:
             continue
         frame = frame.reset_index(drop=True)
