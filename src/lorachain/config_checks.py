@@ -19,9 +19,19 @@ import yaml
 
 from lorachain import plan
 from lorachain.composition import CompositionError, check_positions, parse_composition
-from lorachain.methods import MergeError, MethodError, PluginError, load_plugins, make_merge, make_method, schema_defs
+from lorachain.methods import (
+    MergeError,
+    MethodError,
+    PluginError,
+    load_plugins,
+    make_merge,
+    make_method,
+    method_class,
+    schema_defs,
+)
 from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
 from lorachain.models.widths import narrowest_targeted_width, unet_config
+from lorachain.training.config import TrainingConfig, TrainingError
 from lorachain.training.tracking import tracker_problem
 from lorachain.world.spec import check_world_block
 
@@ -185,10 +195,11 @@ def _narrowest_targeted_width(config: dict) -> int | None:
     source = model.get("pretrained")
     if not source or "training" not in config:
         return None
+    targets = config["training"].get("target_modules") or []
+    if isinstance(targets, str):  # a regex: the training job names a layer that does not fit
+        return None
     unet = unet_config(str(source))
-    return (
-        None if unet is None else narrowest_targeted_width(unet, list(config["training"].get("target_modules") or []))
-    )
+    return None if unet is None else narrowest_targeted_width(unet, list(targets))
 
 
 def registered_block_problems(config: dict) -> list[str]:
@@ -344,6 +355,41 @@ def composition_problems(config: dict) -> list[str]:
     return problems
 
 
+def training_option_problems(config: dict) -> list[str]:
+    """The training block's DreamBooth-script options against what each method declares it
+    supports (``ContinualMethod.training_options``), a regex target_modules that does not compile,
+    and prior preservation on a domain whose concepts have no class word (styles)."""
+    block = config.get("training", {})
+    trainer_keys = {*TrainingConfig.__dataclass_fields__, "optimizer"}  # not the tracking block
+    try:
+        training = TrainingConfig.from_dict({key: value for key, value in block.items() if key in trainer_keys})
+    except TrainingError as error:
+        return [str(error)]
+    problems = []
+    if isinstance(training.target_modules, str):
+        try:
+            re.compile(training.target_modules)
+        except re.error as error:
+            problems.append(f"config key training.target_modules: {training.target_modules!r} is not a regex ({error})")
+    blocks = [(f"methods.{label}", block) for label, block in config.get("methods", {}).items()]
+    adapters = plan.modular(config).get("adapters", {})
+    blocks += [(f"modular.adapters.{label}", block) for label, block in adapters.items()]
+    for key, block in blocks:
+        try:
+            method_class(block["method"], key=key).check_training_options(training.used_options(), key)
+        except MethodError as error:
+            problems.append(str(error))
+    if training.prior_preservation:
+        problems += [
+            f"config key training.prior_preservation: domain {name!r} holds styles (layout unlearncanvas), "
+            "which have no class word to generate class images of; turn training.prior_preservation off "
+            "or train only object (dreambooth) domains"
+            for name, block in config.get("domains", {}).items()
+            if block["dataset"]["layout"] != "dreambooth"
+        ]
+    return problems
+
+
 def tracking_problems(config: dict) -> list[str]:
     """A training tracker that is not installed (training.tracking.log_with), before any job runs."""
     log_with = ((config.get("training") or {}).get("tracking") or {}).get("log_with", "tensorboard")
@@ -354,6 +400,7 @@ def tracking_problems(config: dict) -> list[str]:
 def check_config(config: dict) -> None:
     """Everything the schema cannot check, all problems at once; run while the Snakefile parses."""
     problems = domain_problems(config) + modular_problems(config) + registered_block_problems(config)
+    problems += training_option_problems(config)
     problems += composition_problems(config)
     problems += model_source_problems(config, plan.encoders_in_use(config))
     problems += tracking_problems(config)

@@ -354,6 +354,7 @@ def train_concept_job(
     state,
     lora,
     loss,
+    class_images=None,
     tracking: dict | None = None,
 ) -> dict:
     """The train_concept job: concept `concept_index` (1-based) of the domain's reference task file,
@@ -378,6 +379,7 @@ def train_concept_job(
         state=state,
         lora=lora,
         loss=loss,
+        class_images=class_images or None,
         tracking=tracking,
     )
 

@@ -40,6 +40,8 @@ RUN_SCORES = f"{RESULTS}/{RUN}/scores.csv"
 EXPORT_DIR = f"{RESULTS}/{RUN}/export"  # `snakemake export`: the run's final state (lorachain.export)
 BASE_SAMPLES_DIR = f"{RESULTS}/{{domain}}/base/samples"
 BASE_SCORES = f"{RESULTS}/{{domain}}/base/scores.csv"
+# Prior preservation (training.prior_preservation): the base model's class images, <class>/<i>.png.
+CLASS_IMAGES_DIR = f"{RESULTS}/{{domain}}/class_images"
 # Composed prompts (lorachain.composition), sampled beside each sample set and scored with it.
 COMPOSITIONS_DIR = f"{RESULTS}/{RUN}/compositions/after{{task}}"
 RUN_COMPOSITION_SCORES = f"{RESULTS}/{RUN}/composition-scores.csv"

@@ -17,6 +17,7 @@ from lorachain import paths
 from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, PRIOR_METRICS, TINY_ENCODER_ENTRY, encoders_for
 from lorachain.paths import task_label
 from lorachain.provenance import pin_revision
+from lorachain.training.config import unset_options
 from lorachain.world.ids import CONTENTS_VERSION, SPEC_KEYS, world_id
 from lorachain.world.spec import world_block as with_world_defaults
 
@@ -38,9 +39,27 @@ def stage_block(config: dict, name: str, leave_out=()) -> dict:
 
 
 def training_block(config: dict) -> dict:
-    """What a task's result depends on: everything in `training` but how often it checkpoints and
-    how it is tracked (training.tracking): the rules pass both as unrecorded params."""
-    return stage_block(config, "training", leave_out=("checkpoint_every", "tracking"))
+    """What a task's result depends on: everything in `training` but how often it checkpoints, how
+    it is tracked (training.tracking: the rules pass both as unrecorded params) and
+    the DreamBooth-script options left at their defaults (off: a config that does not set them
+    gives the params it gave before they existed)."""
+    unset = unset_options(config["training"])
+    return stage_block(config, "training", leave_out=("checkpoint_every", "tracking", *unset))
+
+
+def class_images_input(config: dict, domain: str) -> list[str]:
+    """A training job's class-image directory: the domain's, with training.prior_preservation."""
+    if not config["training"].get("prior_preservation"):
+        return []
+    return [paths.CLASS_IMAGES_DIR.format(domain=domain)]
+
+
+def class_images_params(config: dict) -> dict:
+    """What the class images depend on: the sampling settings that shape an image (not how many
+    evaluation samples are drawn or in what batches) and training.num_class_images."""
+    shaping = ("noise_seed", "steps", "guidance_scale", "resolution", "scheduler", "precision")
+    sampling = {key: value for key, value in config["sampling"].items() if key in shaping}
+    return canonical({"sampling": sampling, "num_class_images": config["training"].get("num_class_images", 100)})
 
 
 def revision(config: dict, stage: str):

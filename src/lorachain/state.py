@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +203,15 @@ def read_chain(task_dir: str | Path) -> list[tuple[Path, dict]]:
     return chain
 
 
+def _recorded_scale(manifest: dict) -> float:
+    """peft's scale of a state's LoRA: lora_alpha / rank, or rsLoRA's lora_alpha / sqrt(rank) when
+    the manifest records training.use_rslora."""
+    rank = manifest["rank"]
+    if manifest.get("training_options", {}).get("use_rslora"):
+        return manifest["lora_alpha"] / math.sqrt(rank)
+    return manifest["lora_alpha"] / rank
+
+
 def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapter]:
     """The task's LoRA factors, after checking the file against its manifest: bytes and sha256,
     then the one LoRA reader (:func:`lorachain.lora.parse_lora`, strict: nothing but a lora_B for
@@ -226,7 +236,7 @@ def load_adapters(task_dir: str | Path, manifest: dict) -> dict[str, LayerAdapte
                 f"but {task_dir / STATE_FILE} "
                 f"records rank {rank} (factors (r, in) and (out, r)); {_rerun_hint(task_dir)}"
             )
-        adapters[layer] = LayerAdapter(A=A, B=B, scale=manifest["lora_alpha"] / rank)
+        adapters[layer] = LayerAdapter(A=A, B=B, scale=_recorded_scale(manifest))
     if not adapters or (layers_recorded is not None and len(adapters) != layers_recorded):
         raise StateError(
             f"{lora}: {len(adapters)} LoRA layers, but {task_dir / STATE_FILE} records {layers_recorded}; "

@@ -142,6 +142,8 @@ class TaskSpec:
     output_dir: Path
     concept_phrase: str | None = None  # how prompts name the concept ("sks", "palette knife")
     init_words: str | None = None  # the concept's own words ("sneaker", "palette knife")
+    class_images: tuple[str, ...] = ()  # prior preservation: the base model's images of the class
+    class_prompt: str | None = None  # prior preservation: "a photo of a sneaker"
 
     @property
     def resume_dir(self) -> Path:
@@ -165,6 +167,22 @@ class TrainingData:
     noise_scheduler: object
     count: int
     tokens: TrainableTokens | None = None  # embedding tuning: the prompt is encoded at every step
+    seed: int = 0  # the task's seed: per-step draws that must not touch the step generator
+    flipped: tuple | None = None  # random_flip: (mean, std) of the mirrored images' posteriors
+    prior: ClassData | None = None  # prior preservation's class images
+
+
+@dataclass
+class ClassData:
+    """Prior preservation's class images, encoded once per task: posteriors (and those of their
+    mirror images with random_flip), the class prompt's conditioning and SDXL's time ids."""
+
+    latent_mean: torch.Tensor
+    latent_std: torch.Tensor
+    condition: dict
+    time_ids: torch.Tensor | None
+    count: int
+    flipped: tuple | None = None
 
 
 @dataclass
@@ -180,6 +198,7 @@ class PreparedUNet:
     named_trainable: list  # (name, parameter) of the same and of the token rows, what a checkpoint stores
     erasure: OutputErasure | None
     token_rows: list = field(default_factory=list)  # embedding tuning's trainable rows (own group)
+    lr_schedule: object | None = None  # training.lr_scheduler other than constant, stepped per step
 
 
 @dataclass
@@ -240,6 +259,13 @@ def _checked_task(
         raise TrainingError(f"task {task_index}: the previous state must be given exactly when task_index > 1")
     if not fields["train_images"]:
         raise TrainingError(f"task {task_index} ({fields['concept']}): no training images")
+    method.check_training_options(config.used_options(), method_key)
+    if config.prior_preservation and not (fields.get("class_images") and fields.get("class_prompt")):
+        raise TrainingError(
+            f"task {task_index} ({fields['concept']}): training.prior_preservation needs the class's images and "
+            "prompt (a concept with a class word; train_task's class_images and class_prompt, which the "
+            "class_images rule writes); turn training.prior_preservation off for concepts without a class"
+        )
     slot = task_index - 1 if slot is None else slot
     method.check_slots(slot + 1, f"{method_key}.num_blocks")
     this_seed = task_seed(fields["seed"], task_index, config.seed_policy)
@@ -276,6 +302,7 @@ def _fingerprint(task: TaskSpec, config: TrainingConfig, method: ContinualMethod
         run=task.run,
         concept=task.concept,
         slot=task.slot,
+        class_images=list(task.class_images) if config.prior_preservation else None,
     )
 
 
@@ -304,9 +331,7 @@ def _encode_training_data(
 
     pipe.to(device)
     with torch.no_grad():
-        pixels = torch.stack([image for image, _, _ in images]).to(device)
-        posterior = pipe.vae.encode(pixels).latent_dist
-        latent_mean, latent_std = posterior.mean.float(), posterior.std.float()
+        (latent_mean, latent_std), flipped = _posteriors(pipe, images, config.random_flip, device)
         condition = encode_condition(pipe, task.train_prompt if tokens is None else tokens.prompt, device)
     return TrainingData(
         latent_mean=latent_mean,
@@ -317,6 +342,40 @@ def _encode_training_data(
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         count=len(images),
         tokens=tokens,
+        seed=task.this_seed,
+        flipped=flipped,
+        prior=_encode_class_data(pipe, task, config, device) if config.prior_preservation else None,
+    )
+
+
+@torch.no_grad()
+def _posteriors(pipe, images, flip: bool, device) -> tuple[tuple, tuple | None]:
+    """(mean, std) of the VAE posteriors of the image crops, and (with random_flip) of their mirror
+    images: the VAE is not exactly mirror-equivariant, so the mirrored crops are encoded too."""
+    pixels = torch.stack([image for image, _, _ in images]).to(device)
+    posterior = pipe.vae.encode(pixels).latent_dist
+    plain = (posterior.mean.float(), posterior.std.float())
+    if not flip:
+        return plain, None
+    mirrored = pipe.vae.encode(torch.flip(pixels, dims=[-1])).latent_dist
+    return plain, (mirrored.mean.float(), mirrored.std.float())
+
+
+@torch.no_grad()
+def _encode_class_data(pipe, task: TaskSpec, config: TrainingConfig, device) -> ClassData:
+    """The class images (cropped with their own generator, so the instance crops do not change)
+    and the class prompt, encoded once (the class prompt has no trainable token)."""
+    generator = torch.Generator().manual_seed(task.this_seed + 3)
+    images = [load_training_image(path, config.resolution, generator) for path in task.class_images]
+    (mean, std), flipped = _posteriors(pipe, images, config.random_flip, device)
+    condition = encode_condition(pipe, task.class_prompt, device)
+    return ClassData(
+        latent_mean=mean,
+        latent_std=std,
+        condition=condition,
+        time_ids=sdxl_time_ids(condition, images, config.resolution, device),
+        count=len(images),
+        flipped=flipped,
     )
 
 
@@ -428,36 +487,95 @@ def _restore(
 # ------------------------------------------------------------------------------ the loop
 
 
-def _step_loss(step: int, data: TrainingData, model: PreparedUNet, generator: torch.Generator, config: TrainingConfig):
-    """Epsilon- (or v-) prediction MSE of one batch: images, posterior draws, noises and timesteps
-    drawn from the step generator in a fixed order."""
+def _draw_seed(seed: int, purpose: int, step: int, micro: int) -> int:
+    """Seed of a per-(micro-)step draw that must not consume the step generator: random flips and
+    peft's dropout. A function of (seed, step) alone, so a resumed run draws the same."""
+    return (((seed * 16 + purpose) * 1_000_003 + step) * 64 + micro) % 2**63
+
+
+def _mirror(mean, std, flipped: tuple | None, indices, flips):
+    """The posteriors of the drawn images, mirrored where `flips` says (random_flip)."""
+    mean, std = mean[indices], std[indices]
+    if flipped is None:
+        return mean, std
+    where = flips.view(-1, 1, 1, 1).to(mean.device)
+    return torch.where(where, flipped[0][indices], mean), torch.where(where, flipped[1][indices], std)
+
+
+def _denoising_loss(source, indices, flips, condition, data, model, generator, batch_size: int):
+    """Epsilon- (or v-) prediction MSE of one batch of `source` (the instance data or the class
+    data): posterior draws, noises and timesteps drawn from the step generator in a fixed order."""
     device = model.accelerator.device
     scheduler = data.noise_scheduler
-    if model.erasure is not None:
-        model.erasure.begin_step(step)
-    indices = torch.randint(0, data.count, (config.batch_size,), generator=generator)
-    eps_latent = torch.randn(data.latent_mean[indices].shape, generator=generator)
-    noise = torch.randn(data.latent_mean[indices].shape, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-    latents = (data.latent_mean[indices] + data.latent_std[indices] * eps_latent.to(device)) * data.scaling_factor
+    mean, std = _mirror(source.latent_mean, source.latent_std, source.flipped, indices, flips)
+    eps_latent = torch.randn(mean.shape, generator=generator)
+    noise = torch.randn(mean.shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
+    latents = (mean + std * eps_latent.to(device)) * data.scaling_factor
     noise, timesteps = noise.to(device), timesteps.to(device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    time_ids = None if data.time_ids is None else data.time_ids[indices.to(device)]
-    condition = data.condition if data.tokens is None else data.tokens.condition(device)
-    kwargs = unet_kwargs(condition, config.batch_size, time_ids, model.weight_dtype)
+    time_ids = None if source.time_ids is None else source.time_ids[indices.to(device)]
+    kwargs = unet_kwargs(condition, batch_size, time_ids, model.weight_dtype)
     with model.accelerator.autocast():
         prediction = model.unet(noisy.to(model.weight_dtype), timesteps, **kwargs).sample
     return torch.nn.functional.mse_loss(prediction.float(), target.float())
 
 
+def _step_loss(
+    step: int,
+    data: TrainingData,
+    model: PreparedUNet,
+    generator: torch.Generator,
+    config: TrainingConfig,
+    micro: int = 0,
+):
+    """The loss of one (micro-)batch: images drawn from the step generator, then their denoising
+    loss; with prior preservation plus ``prior_loss_weight`` times the denoising loss of as many
+    class images under the class prompt (diffusers' train_dreambooth_lora.py's two terms)."""
+    if model.erasure is not None and micro == 0:  # one erasure mask per optimizer step
+        model.erasure.begin_step(step)
+    if config.lora_dropout:  # peft's nn.Dropout draws from the global generator: seed it per step
+        torch.manual_seed(_draw_seed(data.seed, 1, step, micro))
+    flip_draws = torch.Generator().manual_seed(_draw_seed(data.seed, 2, step, micro)) if config.random_flip else None
+    batch = config.batch_size
+    indices = torch.randint(0, data.count, (batch,), generator=generator)
+    flips = None if flip_draws is None else torch.rand(batch, generator=flip_draws) < 0.5
+    condition = data.condition if data.tokens is None else data.tokens.condition(model.accelerator.device)
+    loss = _denoising_loss(data, indices, flips, condition, data, model, generator, batch)
+    if data.prior is None:
+        return loss
+    prior = data.prior
+    class_indices = torch.randint(0, prior.count, (batch,), generator=generator)
+    class_flips = None if flip_draws is None else torch.rand(batch, generator=flip_draws) < 0.5
+    prior_loss = _denoising_loss(prior, class_indices, class_flips, prior.condition, data, model, generator, batch)
+    return loss + config.prior_loss_weight * prior_loss
+
+
+def _accumulated_loss(step: int, data: TrainingData, model: PreparedUNet, generator, config: TrainingConfig):
+    """One optimizer step's loss. Without accumulation the loss itself (backpropagated by
+    :func:`_optimizer_step`); with ``gradient_accumulation_steps`` k, k micro-batches drawn in turn,
+    each backpropagated at 1/k here (so the step's gradient is their mean), and their mean loss,
+    detached. A step's micro-batches never straddle a checkpoint, so resume stays bit-identical."""
+    steps = config.gradient_accumulation_steps
+    if steps == 1:
+        return _step_loss(step, data, model, generator, config)
+    total = 0.0
+    for micro in range(steps):
+        loss = _step_loss(step, data, model, generator, config, micro=micro)
+        model.accelerator.backward(loss / steps)
+        total = total + loss.detach()
+    return total / steps
+
+
 def _optimizer_step(model: PreparedUNet, loss, config: TrainingConfig, track_norm: bool = False) -> float | None:
     """One optimizer step; returns the LoRA factors' gradient norm (before clipping) when clipping
     computes it or `track_norm` asks for it, else None."""
-    model.accelerator.backward(loss)
+    if loss.requires_grad:  # accumulated micro-batches were backpropagated already
+        model.accelerator.backward(loss)
     grad_norm = None
     if config.max_grad_norm:
         grad_norm = model.accelerator.clip_grad_norm_(model.trainable, config.max_grad_norm)
@@ -466,8 +584,28 @@ def _optimizer_step(model: PreparedUNet, loss, config: TrainingConfig, track_nor
     elif track_norm:
         grad_norm = gradient_norm(model.trainable)
     model.optimizer.step()
+    if model.lr_schedule is not None:
+        model.lr_schedule.step()
     model.optimizer.zero_grad(set_to_none=True)
     return float(grad_norm) if track_norm and grad_norm is not None else None
+
+
+def _lr_schedule(optimizer, config: TrainingConfig, start_step: int):
+    """diffusers' learning-rate schedule (get_scheduler) over the run's optimizer steps, positioned
+    at `start_step`: a resumed run's optimizer state holds each group's initial_lr, from which the
+    schedule sets the learning rate of that step. None for the constant schedule (nothing changes)."""
+    if config.lr_scheduler == "constant":
+        return None
+    from diffusers.optimization import get_scheduler
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    return get_scheduler(
+        config.lr_scheduler,
+        optimizer=inner,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=config.steps,
+        last_epoch=start_step - 1,
+    )
 
 
 def _write_checkpoint(checkpoints: CheckpointWriter, done: int, model: PreparedUNet, progress: Progress) -> Path:
@@ -525,7 +663,7 @@ def _train_loop(
     )
     with deferred_sigterm() as stop, contextlib.closing(bar):
         for step in bar:
-            loss = _step_loss(step, data, model, progress.generator, config)
+            loss = _accumulated_loss(step, data, model, progress.generator, config)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"task {task.task_index} ({task.concept}): loss is {loss.item()} at step {step}; "
@@ -589,15 +727,27 @@ def _manifest(
         "architecture": pipeline_class.__name__,
         "rank": config.rank,
         "lora_alpha": config.lora_alpha,
-        "target_modules": list(config.target_modules),
+        "target_modules": (
+            config.target_modules if isinstance(config.target_modules, str) else list(config.target_modules)
+        ),
         "seed": task.this_seed,
         "steps": config.steps,
         "final_loss": losses[-1] if losses else None,
         "mean_loss_last_10pct": sum(tail) / len(tail) if tail else None,
         "lora_file": LORA_FILE,
+        # the DreamBooth-script options, only those set (a state trained without them is unchanged)
+        **({"training_options": _options_record(config, task)} if config.options_set() else {}),
         # versions, code commit and the model's resolved revision: the same on one machine and checkout
         "provenance": provenance.record(task.model_source),
     }
+
+
+def _options_record(config: TrainingConfig, task: TaskSpec) -> dict:
+    record = {key: value for key, value in config.options_set().items() if key != "target_modules"}
+    if config.prior_preservation:
+        record["class_prompt"] = task.class_prompt
+        record["class_images"] = len(task.class_images)
+    return record
 
 
 # ------------------------------------------------------------------------------ tracking
@@ -669,6 +819,8 @@ def train_task(
     slot: int | None = None,
     concept_phrase: str | None = None,
     init_words: str | None = None,
+    class_images: list[str] | None = None,
+    class_prompt: str | None = None,
 ) -> dict:
     """Train task `task_index` on top of `previous_state` and write its state to `output_dir`.
     Returns the manifest written (plus `timings`, `bytes_written` and `resumed_from_step`, which
@@ -684,7 +836,10 @@ def train_task(
 
     `concept_phrase` (how prompts name the concept: an object's rare token, a style's phrase) and
     `init_words` (the concept's own words: the class word, the style phrase) are what embedding
-    tuning needs (:func:`lorachain.embeddings.concept_words` of a task)."""
+    tuning needs (:func:`lorachain.embeddings.concept_words` of a task).
+
+    `class_images` (the base model's images of the concept's class, :mod:`lorachain.training.prior`)
+    and `class_prompt` ("a photo of a sneaker") are what ``training.prior_preservation`` needs."""
     timings = {}
     started = time.perf_counter()
     tracking = TrackingConfig.from_dict(training.get("tracking"))  # how the run is watched, not what it computes
@@ -710,6 +865,8 @@ def train_task(
         run=run or {},
         concept_phrase=concept_phrase,
         init_words=init_words,
+        class_images=tuple(class_images or ()),
+        class_prompt=class_prompt,
     )
     accelerator = _accelerator(config, accelerator_options(tracking, tracking_directory(task.output_dir)))
 
@@ -724,6 +881,7 @@ def train_task(
     model = _prepare_unet(unet, adapters, row_masks, layers, method, task, config, accelerator, tokens)
     del unet, adapters
     state = _restore(model, fingerprint, task, config, timings)
+    model.lr_schedule = _lr_schedule(model.optimizer, config, state.start_step)
 
     checkpoints = None if fingerprint is None else CheckpointWriter(task.resume_dir, fingerprint)
     tracker = _start_tracker(accelerator, tracking, task, config, method, state)
@@ -773,13 +931,16 @@ def train_task_from_file(
     state,
     lora,
     loss,
+    class_images=None,
     tracking: dict | None = None,
 ) -> dict:
     """What the train_task and train_concept jobs share: train task `position` (1-based) of the task
     file `tasks` as task `task_index` of a chain and write its state: the manifest `state` and the
     LoRA file `lora` (which must be beside it), the losses to `loss`. `checkpoint_every` joins the training
     block here: how often a job checkpoints does not change its result; so does `tracking` (the
-    ``training.tracking`` block: how it is watched). Returns a summary."""
+    ``training.tracking`` block: how it is watched). `class_images` is the domain's
+    class-image directory (:mod:`lorachain.training.prior`), read with training.prior_preservation.
+    Returns a summary."""
     from lorachain.data import read_tasks
     from lorachain.embeddings import concept_words
 
@@ -789,6 +950,7 @@ def train_task_from_file(
         )
     task = read_tasks(tasks)[position - 1]
     phrase, init_words = concept_words(task)
+    prior = _prior_inputs(task, training, class_images)
     manifest = train_task(
         model_source=model,
         vae=vae,
@@ -807,8 +969,26 @@ def train_task_from_file(
         loss_log=loss,
         concept_phrase=phrase,
         init_words=init_words,
+        **prior,
     )
     return {key: manifest[key] for key in ("task_index", "slot", "concept", "final_loss", "bytes_written", "timings")}
+
+
+def _prior_inputs(task, training: dict, class_images) -> dict:
+    """train_task's class_images and class_prompt for `task` with training.prior_preservation."""
+    from lorachain.training.prior import check_prior_task, class_images_of, class_prompt
+
+    if not training.get("prior_preservation"):
+        return {}
+    check_prior_task(task)
+    if not class_images:
+        raise TrainingError(
+            "config key training.prior_preservation: no class-image directory was given (the class_images "
+            "rule's output, the job's class_images input)"
+        )
+    count = training.get("num_class_images", TrainingConfig.num_class_images)
+    images = class_images_of(class_images, task.class_name, count)
+    return {"class_images": images, "class_prompt": class_prompt(task.class_name)}
 
 
 def train_task_job(
@@ -827,6 +1007,7 @@ def train_task_job(
     state,
     lora,
     loss,
+    class_images=None,
     tracking: dict | None = None,
 ) -> dict:
     """The train_task job: task `task_index` of run `run` (training seed `seed`) on top of the state
@@ -848,5 +1029,6 @@ def train_task_job(
         state=state,
         lora=lora,
         loss=loss,
+        class_images=class_images or None,
         tracking=tracking,
     )

@@ -3,6 +3,7 @@ rule train_concept:
     input:
         model_inputs,
         tasks=reference_tasks,
+        class_images=lambda wildcards: plan.class_images_input(config, wildcards.domain),
     output:
         state=f"{CONCEPT_DIR}/{STATE_FILE}",
         lora=f"{CONCEPT_DIR}/{LORA_FILE}",

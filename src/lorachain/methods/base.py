@@ -38,6 +38,18 @@ from lorachain.lora import LayerAdapter
 from lorachain.params import Param, check_values, defaults, with_owner
 
 _REGISTRY: dict[str, type["ContinualMethod"]] = {}
+# The trainer's options a method may refuse (lorachain.training.config.TrainingConfig.used_options:
+# a warm-up counts as lr_scheduler, a regex target_modules as target_modules). Spelled here because
+# methods sit below training in the import order; a test holds the two lists equal.
+TRAINING_OPTION_NAMES = (
+    "lr_scheduler",
+    "gradient_accumulation_steps",
+    "random_flip",
+    "lora_dropout",
+    "use_rslora",
+    "prior_preservation",
+    "target_modules",
+)
 
 
 class MethodError(ValueError):
@@ -137,6 +149,10 @@ class ContinualMethod(ABC):
     freeze_down_projection: ClassVar[bool] = False  # A stays as init_adapter made it; only B trains
 
     param_specs: ClassVar[tuple[Param, ...]] = ()  # the accepted parameters, each declared once
+    # The trainer's DreamBooth-script options (training.<option>, lorachain.training.config's
+    # TRAINING_OPTIONS) this method's initialisation and fold are valid under; any other one set in
+    # the training block is refused by check_training_options (config check and trainer alike).
+    training_options: ClassVar[frozenset[str]] = frozenset(TRAINING_OPTION_NAMES)
 
     def __init__(self, **params):
         values, problems = check_values(self.all_param_specs(), params)
@@ -162,6 +178,19 @@ class ContinualMethod(ABC):
 
     def check_params(self) -> None:
         """Checks across parameters that a per-parameter schema cannot make (raise MethodError)."""
+
+    @classmethod
+    def check_training_options(cls, used, key: str) -> None:
+        """Refuse training options (names, as TrainingConfig.used_options gives them) this method
+        does not declare in ``training_options``; `key` is the method's config key."""
+        refused = sorted(set(used) - cls.training_options)
+        if refused:
+            raise MethodError(
+                f"config key {key} (method {cls.name!r}) does not support "
+                f"{', '.join(f'training.{option}' for option in refused)}; "
+                f"turn {'it' if len(refused) == 1 else 'them'} off or drop this method "
+                f"(it supports: {', '.join(sorted(cls.training_options)) or 'none'})"
+            )
 
     def init_adapter(self, ctx: InitContext) -> LayerAdapter:
         return gaussian_adapter(ctx)

@@ -83,6 +83,11 @@ class BlockLoRA(ContinualMethod):
     """The training side: a row block per concept slot and randomized output erasure."""
 
     name = "blocklora"
+    # Not lora_dropout: randomized output erasure is the method's dropout of the LoRA branch (its
+    # training equation, Eq. 3, and the erasure ablation of Table 3); peft's input dropout on top
+    # would train a different branch than the one `erasure` describes. The fold (row-block deltas
+    # scale * (M_k B) A) holds under every other option, rsLoRA's scale included.
+    training_options = ContinualMethod.training_options - {"lora_dropout"}
     param_specs = (
         Param(
             "num_blocks", 16, {"type": "integer", "minimum": 1}, "row blocks per layer = how many concepts can merge"

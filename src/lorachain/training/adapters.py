@@ -3,24 +3,42 @@ masks of B it asks for), peft injection, randomized output erasure, and the trai
 
 from __future__ import annotations
 
+import re
+
 from lorachain.methods import ContinualMethod, InitContext, LayerAdapter
 from lorachain.state import FoldedState
 from lorachain.torch_env import torch
 from lorachain.training.config import TrainingConfig, TrainingError
 
 
+def targeted(name: str, target_modules) -> bool:
+    """peft's ``target_modules`` semantics: a string is a regex the full module name must match
+    (``re.fullmatch``); a list names module-name suffixes."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return name.endswith(tuple("." + suffix for suffix in target_modules))
+
+
 def lora_layers(unet, target_modules) -> dict[str, torch.nn.Linear]:
     """The targeted linear layers, by module name, in a fixed order."""
-    suffixes = tuple("." + name for name in target_modules)
-    layers = {
-        name: module
-        for name, module in unet.named_modules()
-        if name.endswith(suffixes) and isinstance(module, torch.nn.Linear)
-    }
-    if not layers:
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as error:
+            raise TrainingError(
+                f"config key training.target_modules: {target_modules!r} is not a valid regex ({error})"
+            ) from None
+    matched = {name: module for name, module in unet.named_modules() if targeted(name, target_modules)}
+    layers = {name: module for name, module in matched.items() if isinstance(module, torch.nn.Linear)}
+    if isinstance(target_modules, str) and len(layers) < len(matched):  # peft would wrap (or refuse) them
+        others = sorted(set(matched) - set(layers))
         raise TrainingError(
-            f"config key training.target_modules: {list(target_modules)} match no linear layer of the U-Net"
+            f"config key training.target_modules: {target_modules!r} also matches modules that are not linear "
+            f"layers ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); narrow the pattern"
         )
+    if not layers:
+        shown = target_modules if isinstance(target_modules, str) else list(target_modules)
+        raise TrainingError(f"config key training.target_modules: {shown!r} match no linear layer of the U-Net")
     return dict(sorted(layers.items()))
 
 
@@ -95,15 +113,23 @@ class OutputErasure:
 
 
 def inject_lora(unet, adapters: dict[str, LayerAdapter], config: TrainingConfig) -> dict:
-    """Wrap the targeted layers with peft LoRA and load the method's initial factors."""
+    """Wrap the targeted layers with peft LoRA and load the method's initial factors. peft's own
+    ``lora_dropout`` and ``use_rslora`` are passed only when set, so that a state trained without
+    them records the LoRA config it always did."""
     from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
 
+    options = {"lora_dropout": config.lora_dropout} if config.lora_dropout else {}
+    if config.use_rslora:
+        options["use_rslora"] = True
+    regex = isinstance(config.target_modules, str)
     lora_config = LoraConfig(
         r=config.rank,
         lora_alpha=config.lora_alpha,
-        target_modules=list(config.target_modules),
+        # a regex goes to peft as given (lora_layers refused one that matches other than linear layers)
+        target_modules=config.target_modules if regex else list(config.target_modules),
         init_lora_weights="gaussian",
+        **options,
     )
     unet.add_adapter(lora_config)
     modules = dict(unet.named_modules())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,17 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     seed_policy: str = "per_task"
     checkpoint_every: int = 100  # in-task resume checkpoint every N steps (and on SIGTERM); 0: none
+    # DreamBooth-script options (docs/protocol.md). Off at their defaults, and then left out of the
+    # manifest and the checkpoint fingerprint, so states trained without them stay byte-identical.
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    gradient_accumulation_steps: int = 1
+    random_flip: bool = False
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
 
     @classmethod
     def from_dict(cls, block: dict) -> "TrainingConfig":
@@ -77,11 +89,69 @@ class TrainingConfig:
                 f"config key training.checkpoint_every: {config.checkpoint_every!r} is not an integer >= 0 "
                 "(0 disables in-task checkpoints)"
             )
+        config.check_options()
         return config
+
+    def check_options(self) -> None:
+        """The DreamBooth-script options' values (the schema checks them too; the library is also
+        called without it)."""
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise TrainingError(
+                f"config key training.lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}"
+            )
+        for key, least in (("lr_warmup_steps", 0), ("gradient_accumulation_steps", 1), ("num_class_images", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise TrainingError(f"config key training.{key}: {value!r} is not an integer >= {least}")
+        if not 0 <= self.lora_dropout < 1:
+            raise TrainingError(f"config key training.lora_dropout: {self.lora_dropout!r} is not in [0, 1)")
+        if self.prior_loss_weight < 0:
+            raise TrainingError(f"config key training.prior_loss_weight: {self.prior_loss_weight!r} is negative")
+
+    def options_set(self) -> dict:
+        """The DreamBooth-script options whose value is not the default (off): what the manifest
+        and the fingerprint record. The prior's weight and image count count only with the prior."""
+        values = {key: getattr(self, key) for key in TRAINING_OPTIONS if getattr(self, key) != _OPTION_DEFAULTS[key]}
+        if not self.prior_preservation:
+            values = {key: value for key, value in values.items() if key not in _PRIOR_DETAILS}
+        if isinstance(self.target_modules, str):  # a regex (peft's semantics) rather than suffixes
+            values["target_modules"] = self.target_modules
+        return values
+
+    def used_options(self) -> set[str]:
+        """The option names a method must support for this block (see ContinualMethod.training_options)."""
+        used = set(self.options_set()) - set(_PRIOR_DETAILS)
+        return {"lr_scheduler" if key == "lr_warmup_steps" else key for key in used}
 
     @property
     def scale(self) -> float:
-        return self.lora_alpha / self.rank
+        """peft's scaling of the LoRA branch: alpha / r, or rsLoRA's alpha / sqrt(r)."""
+        return self.lora_alpha / math.sqrt(self.rank) if self.use_rslora else self.lora_alpha / self.rank
+
+
+# diffusers.optimization.get_scheduler's names (SchedulerType), bar piecewise_constant, which needs
+# step rules this config has no key for.
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
+TRAINING_OPTIONS = (
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "gradient_accumulation_steps",
+    "random_flip",
+    "lora_dropout",
+    "use_rslora",
+    "prior_preservation",
+    "prior_loss_weight",
+    "num_class_images",
+)
+_OPTION_DEFAULTS = {name: TrainingConfig.__dataclass_fields__[name].default for name in TRAINING_OPTIONS}
+_PRIOR_DETAILS = ("prior_loss_weight", "num_class_images")  # meaningful only with prior_preservation
 
 
 def derived_seed(seed: int, index: int) -> int:
@@ -91,3 +161,15 @@ def derived_seed(seed: int, index: int) -> int:
 
 def task_seed(seed: int, task_index: int, policy: str) -> int:
     return seed if policy == "same" else derived_seed(seed, task_index)
+
+
+def unset_options(block: dict) -> list[str]:
+    """The DreamBooth-script options of a ``training`` config block that are at their default (or,
+    for the prior's weight and image count, without prior preservation): the workflow leaves them
+    out of a job's params, so filling in their schema defaults reruns nothing."""
+    prior = block.get("prior_preservation", False)
+    return [
+        key
+        for key in TRAINING_OPTIONS
+        if key in block and (block[key] == _OPTION_DEFAULTS[key] or (key in _PRIOR_DETAILS and not prior))
+    ]

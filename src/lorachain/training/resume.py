@@ -26,7 +26,7 @@ from lorachain.files import sha256_file
 from lorachain.methods import ContinualMethod
 from lorachain.state import LORA_FILE, STATE_FILE, read_chain
 from lorachain.torch_env import torch
-from lorachain.training.config import TrainingConfig
+from lorachain.training.config import TRAINING_OPTIONS, TrainingConfig
 
 # In-task checkpoints (resume after preemption): <task dir>/.resume/checkpoint.safetensors.
 RESUME_DIR = ".resume"
@@ -54,11 +54,19 @@ def run_fingerprint(
     run: dict | None,
     concept: str | None,
     slot: int = 0,
+    class_images=None,
 ) -> dict:
     """What a task's training computes, as JSON: an in-task checkpoint is used only by the same run.
     The previous state enters through the bytes of every manifest of its chain and of its LoRA
-    file, the training images through their bytes (a moved dataset still matches)."""
-    training = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_FINGERPRINTED}
+    file, the training images through their bytes (a moved dataset still matches), and so do
+    prior preservation's class images. The DreamBooth-script options enter only when set
+    (:meth:`TrainingConfig.options_set`), so a run without them keeps its fingerprint."""
+    options = config.options_set()
+    training = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k not in _NOT_FINGERPRINTED and (k not in TRAINING_OPTIONS or k in options)
+    }
     previous = None
     if previous_state is not None:
         previous = {
@@ -84,6 +92,8 @@ def run_fingerprint(
         "concept": concept,
         "slot": slot,
     }
+    if class_images is not None:
+        fingerprint["class_images"] = [sha256_file(path) for path in class_images]
     return json.loads(json.dumps(fingerprint, sort_keys=True, default=str))  # as it reads back
 
 
