@@ -156,6 +156,24 @@ def test_tensorboard_logs_loss_lr_and_grad_norm_at_every_step(tiny_sd1_dir, synt
     assert tracked["final_loss"] == untracked["final_loss"]
 
 
+def test_logged_learning_rate_is_the_one_each_step_used(tiny_sd1_dir, synthetic_tasks, tmp_path):
+    """With a schedule, step s logs the learning rate its update used: diffusers' get_scheduler
+    on a plain torch optimizer, read before each step."""
+    from diffusers.optimization import get_scheduler
+
+    train(tiny_sd1_dir, synthetic_tasks, tmp_path / "out", lr_scheduler="linear", lr_warmup_steps=2)
+    logged = scalars(event_run(tmp_path / "out"), "train/lr")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=TRAINING["learning_rate"])
+    schedule = get_scheduler("linear", optimizer=optimizer, num_warmup_steps=2, num_training_steps=STEPS)
+    expected = []
+    for _ in range(STEPS):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert [logged[step] for step in range(STEPS)] == pytest.approx(expected)
+    assert expected[0] == 0 and expected[2] == pytest.approx(TRAINING["learning_rate"])  # warm-up, then decay
+
+
 def test_grad_norm_without_clipping_is_the_norm_clipping_computes(tiny_sd1_dir, synthetic_tasks, tmp_path):
     """Step 0 sees the same weights and batch with or without clipping: the norm computed for the
     tracker (max_grad_norm 0) equals the one accelerate's clip_grad_norm_ returns."""

@@ -669,9 +669,10 @@ def _train_loop(
                     f"task {task.task_index} ({task.concept}): loss is {loss.item()} at step {step}; "
                     "nothing was written. Lower training.learning_rate or check the data"
                 )
+            learning_rate = model.optimizer.param_groups[0]["lr"]  # this step's (a schedule steps with it)
             grad_norm = _optimizer_step(model, loss, config, track_norm=tracker is not None and tracker.started)
             progress.losses.append(loss.item())
-            _record_step(step, progress.losses[-1], grad_norm, model, tracker, loss_log)
+            _record_step(step, progress.losses[-1], learning_rate, grad_norm, tracker, loss_log)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{progress.losses[-1]:.4f}")
             done = step + 1
@@ -682,11 +683,11 @@ def _train_loop(
                 _write_checkpoint(checkpoints, done, model, progress)
 
 
-def _record_step(step: int, loss: float, grad_norm, model: PreparedUNet, tracker, loss_log) -> None:
+def _record_step(step: int, loss: float, learning_rate: float, grad_norm, tracker, loss_log) -> None:
     if loss_log is not None:
         loss_log.append(step, loss)
     if tracker is not None:
-        tracker.log_step(step, loss, model.optimizer.param_groups[0]["lr"], grad_norm)
+        tracker.log_step(step, loss, learning_rate, grad_norm)
 
 
 # ------------------------------------------------------------------------------ results
