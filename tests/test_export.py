@@ -325,3 +325,24 @@ def test_the_cli_finds_a_merge_by_config_label_and_refuses_a_k_that_was_not_run(
     assert record["method"]["params"] == {"weights": "mean"} and record["rank"]["max"] == 2 * RANK
     assert main(["export", "--config", "config.yaml", "--merge", "bl", "--k", "3", "--out", "x"]) == 2
     assert "--k 3 is not among the merge sizes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_sdxl_export_loads_in_stock_diffusers_in_both_key_formats(tiny_sdxl_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    sdxl = {"dir": tiny_sdxl_dir}
+    unet = UNet2DConditionModel.from_pretrained(tiny_sdxl_dir, subfolder="unet")
+    sdxl["layers"] = attention_layers(unet)
+    last = write_chain(tmp_path / "run", sdxl, "merge_init", tasks=2)
+    export_state(last, tmp_path / "out", formats=("diffusers", "kohya"))
+    apply_to_unet(unet, fold_state(last, make_method("merge_init")))
+    with torch.no_grad():
+        expected = unet(**unet_inputs(unet)).sample
+    for weight_name in (DIFFUSERS_FILE, KOHYA_FILE):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        with torch.no_grad():
+            base = pipe.unet(**unet_inputs(pipe.unet)).sample
+        pipe.load_lora_weights(str(tmp_path / "out"), weight_name=weight_name)
+        with torch.no_grad():
+            assert_same_model(pipe.unet(**unet_inputs(pipe.unet)).sample, expected, base)
