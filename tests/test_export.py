@@ -346,3 +346,55 @@ def test_an_sdxl_export_loads_in_stock_diffusers_in_both_key_formats(tiny_sdxl_d
         pipe.load_lora_weights(str(tmp_path / "out"), weight_name=weight_name)
         with torch.no_grad():
             assert_same_model(pipe.unet(**unet_inputs(pipe.unet)).sample, expected, base)
+
+
+def random_adapters(count: int, seed: int = 0, rank: int = 2, shape=(12, 10), blocks: bool = False):
+    generator = torch.Generator().manual_seed(seed)
+    adapters = []
+    for slot in range(count):
+        B = torch.randn(shape[0], rank, generator=generator)
+        if blocks:
+            B = B * block_mask(shape[0], count, slot)
+        adapters.append(LayerAdapter(A=torch.randn(rank, shape[1], generator=generator), B=B, scale=1.5))
+    return adapters
+
+
+def test_every_declared_low_rank_sum_is_what_the_method_computes():
+    """A method's declared terms (what an exact export writes) equal its own fold or merge."""
+    from lorachain.lora import Concept, linear_combination
+    from lorachain.methods import merge_class, merge_names, method_names
+
+    declared = 0
+    for name in method_names():
+        method = make_method(name)
+        adapters = random_adapters(3)
+        terms = method.folded_terms(adapters)
+        if terms is None:
+            continue
+        merged = None
+        for adapter in adapters:
+            merged = method.fold(merged, adapter.delta())
+        live = [(1.0, adapters[-1])] if method.adapter_stays_live else []
+        expected = merged if merged is not None else torch.zeros(12, 10)
+        if live:
+            expected = expected + adapters[-1].delta()
+        pairs = terms + live
+        actual = linear_combination([a for _, a in pairs], [c for c, _ in pairs])
+        torch.testing.assert_close(actual, expected, msg=name)
+        declared += 1
+    for name in merge_names():
+        if merge_class(name).needs_layer_inputs:
+            continue
+        method = make_merge(name)
+        concepts = [
+            Concept(name=f"c{i}", adapters={"layer": adapter}, slot=i)
+            for i, adapter in enumerate(random_adapters(3, blocks=True))
+        ]
+        weights = method.validate(concepts)
+        terms = method.low_rank_terms("layer", concepts, weights)
+        if terms is None:
+            continue
+        actual = linear_combination([a for _, a in terms], [c for c, _ in terms])
+        torch.testing.assert_close(actual, method.merge_layer("layer", 0, concepts, weights), msg=name)
+        declared += 1
+    assert declared >= 8  # 5 continual methods sum their deltas, 3 merges are weighted sums
