@@ -548,6 +548,28 @@ def test_prior_inputs_refuse_a_style_task(tmp_path):
     assert _prior_inputs(style, {}, None) == {}
 
 
+def test_prior_inputs_of_an_object_task(class_dir):
+    """A job's class_images input (the rule's list of one directory) gives the class's images."""
+    from lorachain.data.selection import Task
+    from lorachain.train import _prior_inputs
+
+    backpack_task = Task(
+        concept="backpack",
+        kind="object",
+        token="sks",
+        class_name="backpack",
+        train_images=(),
+        train_prompt=PROMPT,
+        eval_prompts=(),
+        reference_images=(),
+    )
+    training = {"prior_preservation": True, "num_class_images": 2}
+    inputs = _prior_inputs(backpack_task, training, [str(class_dir.parent)])
+    assert inputs == {"class_images": sorted(str(p) for p in class_dir.glob("*.png"))[:2], "class_prompt": CLASS_PROMPT}
+    with pytest.raises(TrainingError, match="num_class_images"):
+        _prior_inputs(backpack_task, {**training, "num_class_images": 50}, str(class_dir.parent))
+
+
 # ------------------------------------------------------------------------------ class images
 
 

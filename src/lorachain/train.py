@@ -987,6 +987,8 @@ def _prior_inputs(task, training: dict, class_images) -> dict:
             "config key training.prior_preservation: no class-image directory was given (the class_images "
             "rule's output, the job's class_images input)"
         )
+    if isinstance(class_images, (list, tuple)):  # the rule's input function gives a list of one directory
+        (class_images,) = class_images
     count = training.get("num_class_images", TrainingConfig.num_class_images)
     images = class_images_of(class_images, task.class_name, count)
     return {"class_images": images, "class_prompt": class_prompt(task.class_name)}
