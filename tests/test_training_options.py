@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -613,3 +614,45 @@ def test_manifest_json_is_plain(tiny_sd1_dir, images, tmp_path):
     train(tiny_sd1_dir, images, tmp_path / "run", lr_scheduler="constant_with_warmup", lr_warmup_steps=2)
     text = (tmp_path / "run" / STATE_FILE).read_text()
     assert json.loads(text)["training_options"] == {"lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 2}
+
+
+# ------------------------------------------------------------------------------ the workflow
+
+
+def dry_run(config: dict, workdir: Path):
+    import subprocess
+
+    from conftest import snakemake_command
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    command = snakemake_command("-n", "--configfile", str(workdir / "config.yaml"), workdir=workdir)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def demo_objects(**training) -> dict:
+    """config/demo.yaml without its styles (prior preservation needs a class word)."""
+    config = yaml.safe_load((SCHEMA.parents[2] / "config" / "demo.yaml").read_text())
+    del config["domains"]["styles"]
+    config["modular"].pop("mixes")
+    config.pop("compositions")
+    config["training"].update(training)
+    return config
+
+
+def test_prior_preservation_puts_one_class_images_job_per_domain_in_the_dag(tmp_path):
+    result = dry_run(demo_objects(prior_preservation=True, num_class_images=4), tmp_path / "prior")
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", result.stdout, flags=re.M))
+    assert counts["class_images"] == "1"
+    train_jobs = re.findall(r"rule train_(?:task|concept):\n(?:    .*\n)*?    input: (.*)\n", result.stdout)
+    assert train_jobs and all("results/objects/class_images" in inputs for inputs in train_jobs)
+    plain = dry_run(demo_objects(), tmp_path / "plain")
+    assert plain.returncode == 0 and "class_images" not in plain.stdout
+
+
+def test_a_refused_option_fails_the_dry_run_naming_the_keys(tmp_path):
+    result = dry_run(demo_objects(lora_dropout=0.1), tmp_path / "dropout")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "modular.adapters.blocklora" in output and "training.lora_dropout" in output
