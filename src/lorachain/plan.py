@@ -17,7 +17,7 @@ from lorachain import paths
 from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, PRIOR_METRICS, TINY_ENCODER_ENTRY, encoders_for
 from lorachain.paths import task_label
 from lorachain.provenance import pin_revision
-from lorachain.training.config import unset_options
+from lorachain.training.config import TrainingConfig, unset_options
 from lorachain.world.ids import CONTENTS_VERSION, SPEC_KEYS, world_id
 from lorachain.world.spec import world_block as with_world_defaults
 
@@ -59,7 +59,8 @@ def class_images_params(config: dict) -> dict:
     evaluation samples are drawn or in what batches) and training.num_class_images."""
     shaping = ("noise_seed", "steps", "guidance_scale", "resolution", "scheduler", "precision")
     sampling = {key: value for key, value in config["sampling"].items() if key in shaping}
-    return canonical({"sampling": sampling, "num_class_images": config["training"].get("num_class_images", 100)})
+    count = config["training"].get("num_class_images", TrainingConfig.num_class_images)
+    return canonical({"sampling": sampling, "num_class_images": count})
 
 
 def revision(config: dict, stage: str):
