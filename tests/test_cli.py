@@ -26,6 +26,18 @@ SAMPLING_FLAGS = ["--num-samples", "1", "--steps", "2", "--resolution", "32", "-
 STATE_FILES = ("state.json", "pytorch_lora_weights.safetensors", "loss.csv")
 
 
+@pytest.fixture(autouse=True)
+def restore_threads(monkeypatch):
+    """The commands hold torch to --threads (1) as a job is held; the rest of the session keeps its own."""
+    from lorachain.torch_env import torch
+
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(variable, raising=False)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def workflow_blocks(model, **blocks) -> dict:
     """A workflow config holding these blocks, validated (defaults filled in) by the workflow's
     schema, as the Snakefile validates it: what the jobs' params are derived from."""

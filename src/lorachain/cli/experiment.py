@@ -47,6 +47,14 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU threads of torch (default 1, as the workflow's jobs: results are byte-identical to a job's "
+        "only at its thread count)",
+    )
+    parser.add_argument(
         "--config",
         metavar="FILE",
         help="YAML with the workflow config's blocks (model, training, methods, modular, sampling, domains); "
@@ -62,6 +70,20 @@ def add_task_arguments(parser: argparse.ArgumentParser, hand_made: str) -> None:
     tasks.add_argument("--domain", metavar="NAME", help="select the tasks of domains.NAME of --config, as the workflow")
     tasks.add_argument("--order", type=int, metavar="N", help="order seed of --domain (default: the config's first)")
     tasks.add_argument("--prompt", action="append", metavar="TEXT", help=hand_made)
+
+
+def use_threads(threads: int) -> None:
+    """Hold torch to `threads` CPU threads, as :func:`lorachain.workflow_io.run_job` holds a job to
+    its rule's: a reduction split over another number of threads rounds differently."""
+    import os
+
+    if threads < 1:
+        raise CliError(f"--threads {threads}: give at least 1")
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # read when torch starts
+        os.environ[variable] = str(threads)
+    from lorachain.torch_env import torch
+
+    torch.set_num_threads(threads)
 
 
 def load_config(path: str | None) -> dict:

@@ -27,6 +27,7 @@ from lorachain.cli.experiment import (
     set_model,
     task_file,
     tasks_from,
+    use_threads,
     user_errors,
     validate,
 )
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
     from lorachain.export import ExportError
 
     try:
+        use_threads(args.threads)
         summary = _merge(args)
     except (*user_errors(), ExportError) as error:
         return fail("merge", str(error))

@@ -24,6 +24,7 @@ from lorachain.cli.experiment import (
     set_model,
     task_file,
     tasks_from,
+    use_threads,
     user_errors,
     validate,
     with_prompts,
@@ -130,6 +131,7 @@ def _sample(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        use_threads(args.threads)
         summary = _sample(args)
     except user_errors() as error:
         return fail("sample", str(error))

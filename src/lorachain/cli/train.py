@@ -27,6 +27,7 @@ from lorachain.cli.experiment import (
     set_model,
     task_file,
     tasks_from,
+    use_threads,
     user_errors,
     validate,
 )
@@ -166,6 +167,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        use_threads(args.threads)
         summary = _train(args)
     except user_errors() as error:
         return fail("train", str(error))
