@@ -162,6 +162,8 @@ def _train(args: argparse.Namespace) -> dict:
             state=out / STATE_FILE,
             lora=out / LORA_FILE,
             loss=out / LOSS_FILE,
+            class_images=args.class_images,
+            tracking=config["training"].get("tracking"),
         )
 
 
@@ -205,6 +207,11 @@ def register(commands) -> None:
     )
     train.add_argument("--images", metavar="DIR", help="training images of a task made by hand (with --prompt)")
     train.add_argument("--concept", metavar="NAME", help="the hand-made task's concept (default: the folder's name)")
+    train.add_argument(
+        "--class-images",
+        metavar="DIR",
+        help="with training.prior_preservation: the domain's class images (the workflow's class_images output)",
+    )
     block = train.add_argument_group("training (config block training)")
     block.add_argument("--steps", type=int, help="training.steps")
     block.add_argument("--lr", type=float, help="training.learning_rate")
