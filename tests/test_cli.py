@@ -430,3 +430,33 @@ def test_usage_errors_name_the_flag(tiny_sd1_dir, capsys, tmp_path):
     assert f"{tmp_path / 'absent'}: no such concept directory" in err
     err = cli_error(capsys, "train", "--config", tmp_path / "absent.yaml", "--method", "naive", "--out", tmp_path / "t")
     assert "--config" in err and "no such file" in err
+
+
+@pytest.mark.slow
+def test_sampling_the_base_model_on_a_task_file_equals_the_workflow_job(tiny_sd1_dir, synthetic_tasks, tmp_path):
+    from lorachain import plan
+    from lorachain.sample import sample_base_job
+
+    tasks = [hand_task(s, p, images) for s, (p, images) in zip(["backpack", "teapot"], synthetic_tasks)]
+    write_tasks(tmp_path / "tasks.json", tasks)
+    cli(
+        "sample",
+        "--model",
+        tiny_sd1_dir,
+        "--tasks",
+        tmp_path / "tasks.json",
+        *SAMPLING_FLAGS,
+        "--out",
+        tmp_path / "cli",
+    )
+    config = workflow_blocks(tiny_sd1_dir)
+    sample_base_job(
+        tasks=tmp_path / "tasks.json",
+        sampling=plan.stage_block(config, "sampling"),
+        model=str(tiny_sd1_dir),
+        vae=None,
+        domain="",
+        samples=tmp_path / "lib",
+    )
+    ours = sample_set(tmp_path / "cli")
+    assert "task02/prior-n0.png" in ours and ours == sample_set(tmp_path / "lib")
