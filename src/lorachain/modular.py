@@ -393,7 +393,7 @@ def record_layer_inputs_job(
     method_params: dict,
     layer_inputs: dict,
     recording: str,
-    target_modules: list,
+    target_modules: list | str,
     resolution: int,
     model: str,
     vae: str | None,
@@ -413,7 +413,8 @@ def record_layer_inputs_job(
         method_name=method,
         method_params=dict(method_params),
         task=read_tasks(tasks)[concept_index - 1],
-        target_modules=list(target_modules),
+        # a regex (a string, peft's semantics) as given; suffixes as a list
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         resolution=resolution,
         timesteps=block.get("timesteps", 10),
         seed=block.get("seed", 0),
