@@ -71,7 +71,7 @@ def test_paper_grid_dry_runs_through_the_cluster_profile(tmp_path):
     assert local.returncode == 0, local.stderr[-3000:]
     counts = _job_counts(cluster.stdout)
     assert counts == _job_counts(local.stdout)
-    assert counts["total"] == 1805 and counts["train_task"] == 640
+    assert counts["total"] == 1807 and counts["train_task"] == 640
     # the profile's per-rule resources reach the jobs (attempt 1)
     train = cluster.stdout[cluster.stdout.index("rule train_task:") :]
     resources = re.search(r"^\s+resources: (.*)$", train, flags=re.M).group(1)

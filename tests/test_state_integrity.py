@@ -160,6 +160,7 @@ CHAIN_SCRIPT = textwrap.dedent(
                 rank=4, lora_alpha=4, steps=4, learning_rate=1e-3, resolution=64, batch_size=2, checkpoint_every=2
             ),
             run={"method": "merge_init", "seed": 0}, loss_log=task_dir / "loss.csv", progress=False,
+            tracking_dir=Path(f"{out}-logs") / task_dir.name,  # event files hold wall times: logs, as the jobs'
         )
         previous = task_dir
     """

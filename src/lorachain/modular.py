@@ -356,6 +356,7 @@ def train_concept_job(
     loss,
     class_images=None,
     tracking: dict | None = None,
+    tracking_dir=None,
 ) -> dict:
     """The train_concept job: concept `concept_index` (1-based) of the domain's reference task file,
     trained from the base model independently of the other concepts (task 1 of its own chain, slot
@@ -381,6 +382,7 @@ def train_concept_job(
         loss=loss,
         class_images=class_images or None,
         tracking=tracking,
+        tracking_dir=tracking_dir,
     )
 
 

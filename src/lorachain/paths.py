@@ -55,6 +55,9 @@ FIGURES = f"{RESULTS}/figures/{{domain}}"
 # The modular regime: concepts trained independently, merged k at a time.
 MODULAR_DIR = f"{RESULTS}/{{domain}}/modular"
 CONCEPT_DIR = f"{MODULAR_DIR}/adapters/{{adapter}}/concept{{concept}}"
+# Tracker event files (training.tracking) of a training job: logs (they hold wall times), not results
+TASK_TRACKING = f"{LOGS}/{RUN}/tracking/task{{task}}"
+CONCEPT_TRACKING = f"{LOGS}/{{domain}}/modular/{{adapter}}/tracking/concept{{concept}}"
 GRAMS = f"{CONCEPT_DIR}/{GRAMS_FILE}"
 GRAMS_RECORD = f"{CONCEPT_DIR}/{GRAMS_RECORD_FILE}"
 MERGE_DIR = f"{MODULAR_DIR}/merges/{{merge}}/k{{k}}"

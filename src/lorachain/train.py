@@ -754,10 +754,12 @@ def _options_record(config: TrainingConfig, task: TaskSpec) -> dict:
 # ------------------------------------------------------------------------------ tracking
 
 
-def _start_tracker(accelerator, tracking: TrackingConfig, task: TaskSpec, config: TrainingConfig, method, progress):
-    """The task's trackers, started with its hyperparameters (a fresh run drops an earlier attempt's
-    files; a resumed one appends to them)."""
-    tracker = StepTracker(accelerator, tracking, tracking_directory(task.output_dir), run_name=task.label)
+def _start_tracker(
+    accelerator, tracking: TrackingConfig, directory: Path, task: TaskSpec, config: TrainingConfig, method, progress
+):
+    """The task's trackers, writing in `directory`, started with its hyperparameters (a fresh run
+    drops an earlier attempt's files; a resumed one appends to them)."""
+    tracker = StepTracker(accelerator, tracking, directory, run_name=task.label)
     hyperparameters = {
         "task_index": task.task_index,
         "concept": task.concept or "",
@@ -822,6 +824,7 @@ def train_task(
     init_words: str | None = None,
     class_images: list[str] | None = None,
     class_prompt: str | None = None,
+    tracking_dir: str | Path | None = None,
 ) -> dict:
     """Train task `task_index` on top of `previous_state` and write its state to `output_dir`.
     Returns the manifest written (plus `timings`, `bytes_written` and `resumed_from_step`, which
@@ -840,7 +843,10 @@ def train_task(
     tuning needs (:func:`lorachain.embeddings.concept_words` of a task).
 
     `class_images` (the base model's images of the concept's class, :mod:`lorachain.training.prior`)
-    and `class_prompt` ("a photo of a sneaker") are what ``training.prior_preservation`` needs."""
+    and `class_prompt` ("a photo of a sneaker") are what ``training.prior_preservation`` needs.
+
+    `tracking_dir` is where the trackers write (default: :func:`tracking_directory`, beside
+    `output_dir`; the workflow's jobs put them under ``logs/``, since event files hold wall times)."""
     timings = {}
     started = time.perf_counter()
     tracking = TrackingConfig.from_dict(training.get("tracking"))  # how the run is watched, not what it computes
@@ -869,7 +875,8 @@ def train_task(
         class_images=tuple(class_images or ()),
         class_prompt=class_prompt,
     )
-    accelerator = _accelerator(config, accelerator_options(tracking, tracking_directory(task.output_dir)))
+    tracking_dir = Path(tracking_dir) if tracking_dir is not None else tracking_directory(task.output_dir)
+    accelerator = _accelerator(config, accelerator_options(tracking, tracking_dir))
 
     pipe, layers, images = _load_model(task, config)
     timings["load_s"] = time.perf_counter() - started
@@ -885,7 +892,7 @@ def train_task(
     model.lr_schedule = _lr_schedule(model.optimizer, config, state.start_step)
 
     checkpoints = None if fingerprint is None else CheckpointWriter(task.resume_dir, fingerprint)
-    tracker = _start_tracker(accelerator, tracking, task, config, method, state)
+    tracker = _start_tracker(accelerator, tracking, tracking_dir, task, config, method, state)
     train_started = time.perf_counter()
     _tracked_loop(task, config, data, model, state, checkpoints, progress, tracker, loss_log)
     checkpoint_seconds = 0.0 if checkpoints is None else checkpoints.seconds
@@ -934,6 +941,7 @@ def train_task_from_file(
     loss,
     class_images=None,
     tracking: dict | None = None,
+    tracking_dir=None,
 ) -> dict:
     """What the train_task and train_concept jobs share: train task `position` (1-based) of the task
     file `tasks` as task `task_index` of a chain and write its state: the manifest `state` and the
@@ -970,6 +978,7 @@ def train_task_from_file(
         loss_log=loss,
         concept_phrase=phrase,
         init_words=init_words,
+        tracking_dir=tracking_dir,
         **prior,
     )
     return {key: manifest[key] for key in ("task_index", "slot", "concept", "final_loss", "bytes_written", "timings")}
@@ -1012,6 +1021,7 @@ def train_task_job(
     loss,
     class_images=None,
     tracking: dict | None = None,
+    tracking_dir=None,
 ) -> dict:
     """The train_task job: task `task_index` of run `run` (training seed `seed`) on top of the state
     in `previous_dir` (None for task 1)."""
@@ -1034,4 +1044,5 @@ def train_task_job(
         loss=loss,
         class_images=class_images or None,
         tracking=tracking,
+        tracking_dir=tracking_dir,
     )

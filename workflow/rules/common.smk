@@ -11,6 +11,7 @@ from lorachain.paths import (
     COMPOSITION_TABLE,
     COMPOSITIONS_DIR,
     CONCEPT_DIR,
+    CONCEPT_TRACKING,
     DIAGNOSTICS_DIR,
     FIGURES,
     GRAMS,
@@ -37,6 +38,7 @@ from lorachain.paths import (
     TABLE,
     TASKS,
     TASK_DIR,
+    TASK_TRACKING,
     TINY_ENCODER,
     TINY_MODEL,
     WORLD_CSD,
@@ -147,6 +149,15 @@ def state_chain_files(wildcards):
 
 def state_dir(wildcards):
     return TASK_DIR.format(**wildcards)
+
+
+def task_tracking_dir(wildcards, output):
+    # `output` in the signature: Snakemake does not record the param, so moving logs reruns nothing
+    return TASK_TRACKING.format(**dict(wildcards.items()))
+
+
+def concept_tracking_dir(wildcards, output):
+    return CONCEPT_TRACKING.format(**dict(wildcards.items()))
 
 
 def run_identity(wildcards):

@@ -27,6 +27,8 @@ rule train_concept:
         checkpoint_every=lambda wildcards, output: config["training"]["checkpoint_every"],
         # how a job is tracked (training.tracking) does not change its result either
         tracking=lambda wildcards, output: config["training"]["tracking"],
+        # event files hold wall times: logs, beside the job's log, not results
+        tracking_dir=concept_tracking_dir,
         revision=revision(config, "training"),
         model=model_source(config),
         vae=config["model"].get("vae"),

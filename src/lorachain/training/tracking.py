@@ -5,10 +5,11 @@ tensorboard, the default, or wandb, or none). The trainer's accelerator is built
 (``Accelerator(log_with=..., project_config=...)``), :class:`StepTracker` starts it
 (``init_trackers``), logs loss, learning rate and gradient norm at every step (``accelerator.log``)
 and, when ``validation_images`` is on, a few samples of the task's prompt with fixed seeds once the
-task's state is written; ``end_training`` closes it. Event files go to
-``<run dir>/tracking/<task dir's name>/<project>/`` (:func:`tracking_directory`): beside the task's
-directory, not in it, so the state's directory holds what it always held and its files stay
-byte-identical with tracking on or off (``tensorboard --logdir results`` shows every run).
+task's state is written; ``end_training`` closes it. Event files hold wall times: they are logs.
+The workflow's jobs write them beside their log (``logs/<run>/tracking/<task dir's name>/``;
+``tensorboard --logdir logs`` shows every run); a library or CLI call without a directory writes
+them beside the task's directory, never in it (:func:`tracking_directory`), so the state's directory
+holds what it always held and its files stay byte-identical with tracking on or off.
 
 :class:`LossLog` writes the losses while training runs, to ``loss.csv.live`` beside ``loss.csv``:
 the header and the losses a resumed job restored from its checkpoint when the loop starts, then one
