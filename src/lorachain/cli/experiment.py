@@ -18,8 +18,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import tempfile
 from pathlib import Path
+
+from lorachain.cli.common import fail
 
 SCHEMA = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -40,6 +43,19 @@ def user_errors() -> tuple[type[Exception], ...]:
 
     errors = (CliError, ConfigError, DatasetError, MergeError, MethodError, PluginError, ModularError)
     return errors + (SamplingError, StateError, TrainingError)
+
+
+def run_experiment(command: str, args: argparse.Namespace, body, extra_errors: tuple = ()) -> int:
+    """Run `body(args)` on --threads threads and print its summary as JSON; a user error (the
+    library's, naming its file or key, or one of `extra_errors`) is printed as lorachain's error
+    line, exit 2."""
+    try:
+        use_threads(args.threads)
+        summary = body(args)
+    except (*user_errors(), *extra_errors) as error:
+        return fail(command, str(error))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
 
 
 # ------------------------------------------------------------------------------ the config

@@ -12,10 +12,8 @@ too, through :func:`lorachain.export.export_merge` (what ``lorachain export --me
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from lorachain.cli.common import fail
 from lorachain.cli.experiment import (
     CliError,
     add_config_arguments,
@@ -23,12 +21,11 @@ from lorachain.cli.experiment import (
     first_order,
     hand_made_task,
     load_config,
+    run_experiment,
     set_flags,
     set_model,
     task_file,
     tasks_from,
-    use_threads,
-    user_errors,
     validate,
 )
 from lorachain.cli.sample import SAMPLING_FLAGS, add_sampling_arguments
@@ -146,13 +143,7 @@ def _merge(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     from lorachain.export import ExportError
 
-    try:
-        use_threads(args.threads)
-        summary = _merge(args)
-    except (*user_errors(), ExportError) as error:
-        return fail("merge", str(error))
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return run_experiment("merge", args, _merge, (ExportError,))
 
 
 def register(commands) -> None:

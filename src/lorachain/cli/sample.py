@@ -10,22 +10,19 @@ state's manifest, the base model from it too unless --model names one.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from lorachain.cli.common import fail
 from lorachain.cli.experiment import (
     CliError,
     add_config_arguments,
     add_task_arguments,
     hand_made_task,
     load_config,
+    run_experiment,
     set_flags,
     set_model,
     task_file,
     tasks_from,
-    use_threads,
-    user_errors,
     validate,
     with_prompts,
 )
@@ -130,13 +127,7 @@ def _sample(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        use_threads(args.threads)
-        summary = _sample(args)
-    except user_errors() as error:
-        return fail("sample", str(error))
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return run_experiment("sample", args, _sample)
 
 
 def register(commands) -> None:

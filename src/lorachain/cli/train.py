@@ -8,10 +8,8 @@ train_task and train_concept jobs call, with the same arguments they get: so the
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from lorachain.cli.common import fail
 from lorachain.cli.experiment import (
     CliError,
     add_config_arguments,
@@ -23,12 +21,11 @@ from lorachain.cli.experiment import (
     load_config,
     method_label,
     position_in,
+    run_experiment,
     set_flags,
     set_model,
     task_file,
     tasks_from,
-    use_threads,
-    user_errors,
     validate,
 )
 
@@ -168,13 +165,7 @@ def _train(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        use_threads(args.threads)
-        summary = _train(args)
-    except user_errors() as error:
-        return fail("train", str(error))
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return run_experiment("train", args, _train)
 
 
 def register(commands) -> None:
