@@ -243,6 +243,7 @@ def test_demo_trains_every_chain(demo_run):
 def test_demo_tables_have_one_finite_row_per_method_and_metric(demo_run):
     import pandas as pd
 
+    from lorachain import provenance
     from lorachain.metrics.catalog import DEFAULT_METRICS
 
     workdir, config = demo_run
@@ -253,8 +254,9 @@ def test_demo_tables_have_one_finite_row_per_method_and_metric(demo_run):
         assert sorted(zip(table["method"], table["metric"])) == sorted(
             (m, metric) for m in config["methods"] for metric in metrics
         )
-        numbers = table.drop(columns=["domain", "method", "metric"])
+        numbers = table.drop(columns=["domain", "method", "metric", *provenance.COLUMNS])
         assert numbers.map(lambda value: pd.notna(value) and abs(value) < float("inf")).all().all(), table
+        assert (written["torch"] == provenance.versions()["torch"]).all()  # what wrote the table
         assert (table["n_runs"] == len(config["orders"]) * len(config["seeds"])).all()
         assert (workdir / "results" / "tables" / f"{domain}.md").read_text().count("\n| ") == len(written) + 1
 
