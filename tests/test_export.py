@@ -282,6 +282,28 @@ def test_a_merge_that_was_not_run_is_refused(sd1, tmp_path):
         export_merge(dirs, "gradient_fusion", {}, tmp_path / "out", merge_key="modular.merges.gf")
 
 
+def test_third_party_lora_files_merge_as_the_states_they_were_exported_from(sd1, tmp_path):
+    """Each concept exported alone in kohya keys (a community file), then merged from those files,
+    gives the merge of the concept states: the files are read through diffusers' converters."""
+    dirs = write_concepts(tmp_path / "concepts", sd1, count=2)
+    files = []
+    for directory in dirs:
+        export_state(directory, tmp_path / "kohya" / directory.name, formats=("kohya",))
+        files.append(tmp_path / "kohya" / directory.name / KOHYA_FILE)
+    params = {"weights": [0.7, 0.3]}
+    from_states = export_merge(dirs, "weighted_average", params, tmp_path / "states", merge_key="m")
+    from_files = export_merge(files, "weighted_average", params, tmp_path / "files", merge_key="m")
+    assert from_files["exact"] and from_files["concepts"] == [KOHYA_FILE.removesuffix(".safetensors")] * 2
+    expected, base = diffusers_output(sd1["dir"], tmp_path / "states"), base_output(sd1["dir"])
+    assert_same_model(diffusers_output(sd1["dir"], tmp_path / "files"), expected, base)
+    with pytest.raises(ExportError, match=rf"{files[0]}: modular.merges.gf needs each concept's recorded"):
+        export_merge(files, "gradient_fusion", {}, tmp_path / "gf", merge_key="modular.merges.gf")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    with pytest.raises(ExportError, match=str(garbage)):
+        export_merge([files[0], garbage], "weighted_average", {}, tmp_path / "bad", merge_key="m")
+
+
 def test_an_svd_rank_beyond_a_layer_and_unknown_formats_are_refused(sd1, tmp_path):
     last = write_chain(tmp_path / "run", sd1, "magmax", tasks=1)
     largest = min(min(shape) for shape in sd1["layers"].values())

@@ -86,7 +86,12 @@ def register(commands) -> None:
     )
     parser.add_argument("state", nargs="?", metavar="STATE_DIR", help="a continual task directory (results/.../taskNN)")
     parser.add_argument("--merge", metavar="NAME", help="merge method (with --concepts) or merge label (with --config)")
-    parser.add_argument("--concepts", nargs="+", metavar="DIR", help="concept state directories, in merge order")
+    parser.add_argument(
+        "--concepts",
+        nargs="+",
+        metavar="DIR",
+        help="concept state directories (or LoRA files, kohya/A1111 and peft ones included), in merge order",
+    )
     parser.add_argument("--merge-params", default="{}", metavar="JSON", help="the merge's parameters (with --concepts)")
     parser.add_argument("--config", metavar="FILE", help="workflow config whose modular.merges holds --merge")
     parser.add_argument(

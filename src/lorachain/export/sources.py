@@ -89,9 +89,18 @@ def state_source(task_dir: str | Path) -> ExportSource:
 
 def _check_concept_dirs(concept_dirs: list, merge_key: str, gram_name: str | None) -> list[Path | None]:
     """Every concept's state (and gram file, where the merge needs one) exists: else the merge was
-    not run. Returns the gram files (None each where none is needed)."""
+    not run. Returns the gram files (None each where none is needed). A LoRA file in place of a
+    state directory is a third-party concept (:func:`_file_concept`), with no recorded inputs."""
     grams = []
     for position, directory in enumerate(concept_dirs, start=1):
+        if Path(directory).is_file():
+            if gram_name is not None:
+                raise ExportError(
+                    f"{directory}: {merge_key} needs each concept's recorded layer inputs, which a LoRA file "
+                    "does not have; merge it with a method that needs none (e.g. weighted_average, ties, dare)"
+                )
+            grams.append(None)
+            continue
         manifest = Path(directory) / STATE_FILE
         if not manifest.is_file():
             raise ExportError(
@@ -109,9 +118,34 @@ def _check_concept_dirs(concept_dirs: list, merge_key: str, gram_name: str | Non
     return grams
 
 
+def _file_concept(path: Path, slot: int):
+    """A LoRA file (lorachain's, diffusers', peft's or kohya/A1111's: :func:`lorachain.lora.read_lora`
+    normalises it with diffusers' converters) as a merge concept in `slot`, with what stands for its
+    manifest: no base model (``--base-model`` names it), its file name as the concept."""
+    from lorachain.lora import LoraFileError, read_lora
+
+    try:
+        lora = read_lora(path)
+    except LoraFileError as error:
+        raise ExportError(str(error)) from None
+    return lora.to_concept(str(path), slot=slot), {"concept": path.stem, "train_prompt": None}
+
+
+def _check_compatible_files(concepts: list) -> None:
+    """Concepts that adapt different layers or shapes (e.g. a kohya file of another architecture)
+    cannot be merged; the error names both."""
+    from lorachain.lora import LoraFileError, check_compatible
+
+    try:
+        check_compatible(concepts)
+    except LoraFileError as error:
+        raise ExportError(str(error)) from None
+
+
 def merge_source(concept_dirs: list, merge_name: str, merge_params: dict, merge_key: str) -> ExportSource:
     """The merge `merge_name` (its config key `merge_key`, for messages) of the concepts in
-    `concept_dirs`. Exact where the merge declares its low-rank terms."""
+    `concept_dirs`: concept state directories, or LoRA files (third-party ones included) in their
+    place. Exact where the merge declares its low-rank terms."""
     from lorachain.methods import make_merge
     from lorachain.modular import load_concept
 
@@ -121,13 +155,18 @@ def merge_source(concept_dirs: list, merge_name: str, merge_params: dict, merge_
     recording = type(method).layer_input_recording(method.params)
     gram_name = None if recording is None else GRAMS_FILE.format(recording=recording)
     grams = _check_concept_dirs(list(concept_dirs), merge_key, gram_name)
-    loaded = [load_concept(directory, with_grams=gram) for directory, gram in zip(concept_dirs, grams)]
-    first = loaded[0][1]
-    for concept, manifest in loaded[1:]:
+    loaded = [
+        _file_concept(Path(directory), slot) if Path(directory).is_file() else load_concept(directory, with_grams=gram)
+        for slot, (directory, gram) in enumerate(zip(concept_dirs, grams))
+    ]
+    _check_compatible_files([concept for concept, manifest in loaded])
+    states = [(concept, manifest) for concept, manifest in loaded if manifest.get("base_model")]
+    first = states[0][1] if states else {"base_model": "(not recorded in LoRA files: --base-model)", "architecture": ""}
+    for concept, manifest in states[1:]:
         if (manifest.get("base_model"), manifest.get("architecture")) != (first["base_model"], first["architecture"]):
             raise ExportError(
                 f"{Path(concept.name) / STATE_FILE}: trained on {manifest.get('base_model')!r}, but "
-                f"{Path(loaded[0][0].name) / STATE_FILE} on {first['base_model']!r}; merge concepts of one base model"
+                f"{Path(states[0][0].name) / STATE_FILE} on {first['base_model']!r}; merge concepts of one base model"
             )
     concepts = [concept for concept, _ in loaded]
     weights = method.validate(concepts)
