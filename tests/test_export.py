@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from lorachain.export import (
     DIFFUSERS_FILE,
@@ -299,6 +299,12 @@ def test_third_party_lora_files_merge_as_the_states_they_were_exported_from(sd1,
     assert_same_model(diffusers_output(sd1["dir"], tmp_path / "files"), expected, base)
     with pytest.raises(ExportError, match=rf"{files[0]}: modular.merges.gf needs each concept's recorded"):
         export_merge(files, "gradient_fusion", {}, tmp_path / "gf", merge_key="modular.merges.gf")
+    partial = tmp_path / "partial.safetensors"  # e.g. a file of another architecture: other layers
+    tensors = load_file(str(files[1]))
+    dropped = sorted(key for key in tensors if key.endswith(".lora_down.weight"))[0].removesuffix(".lora_down.weight")
+    save_file({k: v for k, v in tensors.items() if not k.startswith(dropped + ".")}, str(partial))
+    with pytest.raises(ValueError, match=rf"{partial} and {files[0]} adapt different layers"):
+        export_merge([files[0], partial], "weighted_average", {}, tmp_path / "other", merge_key="m")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     with pytest.raises(ExportError, match=str(garbage)):

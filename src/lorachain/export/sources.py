@@ -131,17 +131,6 @@ def _file_concept(path: Path, slot: int):
     return lora.to_concept(str(path), slot=slot), {"concept": path.stem, "train_prompt": None}
 
 
-def _check_compatible_files(concepts: list) -> None:
-    """Concepts that adapt different layers or shapes (e.g. a kohya file of another architecture)
-    cannot be merged; the error names both."""
-    from lorachain.lora import LoraFileError, check_compatible
-
-    try:
-        check_compatible(concepts)
-    except LoraFileError as error:
-        raise ExportError(str(error)) from None
-
-
 def merge_source(concept_dirs: list, merge_name: str, merge_params: dict, merge_key: str) -> ExportSource:
     """The merge `merge_name` (its config key `merge_key`, for messages) of the concepts in
     `concept_dirs`: concept state directories, or LoRA files (third-party ones included) in their
@@ -159,7 +148,6 @@ def merge_source(concept_dirs: list, merge_name: str, merge_params: dict, merge_
         _file_concept(Path(directory), slot) if Path(directory).is_file() else load_concept(directory, with_grams=gram)
         for slot, (directory, gram) in enumerate(zip(concept_dirs, grams))
     ]
-    _check_compatible_files([concept for concept, manifest in loaded])
     states = [(concept, manifest) for concept, manifest in loaded if manifest.get("base_model")]
     first = states[0][1] if states else {"base_model": "(not recorded in LoRA files: --base-model)", "architecture": ""}
     for concept, manifest in states[1:]:
