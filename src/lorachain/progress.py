@@ -1,4 +1,4 @@
-"""Progress of a job's long loops (sampling, scoring), with a rate and an ETA, in the job's log.
+"""Progress of a job's long loops (training, sampling, scoring), with a rate and an ETA, in the job's log.
 
 A tqdm bar on stderr, which a workflow job sends to its log file (:func:`lorachain.workflow_io.job_log`).
 In a terminal it is the usual bar; in a file each update is its own line, every `interval` seconds
@@ -31,16 +31,19 @@ class _Lines:
         self.stream.flush()
 
 
-def progress(total: int, desc: str, unit: str = "img", interval: float | None = None, disable: bool = False):
-    """A progress bar over `total` `unit`s (advance it with ``update(n)``; close it, or use it as a
-    context manager). On a terminal it refreshes in place; in a log file it writes a line every
-    `interval` seconds (:data:`LOG_INTERVAL_S`) and one at the end."""
+def progress(
+    total: int, desc: str, unit: str = "img", interval: float | None = None, disable: bool = False, initial: int = 0
+):
+    """A progress bar over `total` `unit`s, `initial` of them done (advance it with ``update(n)``;
+    close it, or use it as a context manager). On a terminal it refreshes in place; in a log file it
+    writes a line every `interval` seconds (:data:`LOG_INTERVAL_S`) and one at the end."""
     from tqdm.std import tqdm
 
     stream = sys.stderr
     terminal = hasattr(stream, "isatty") and stream.isatty()
     return tqdm(
         total=total,
+        initial=initial,
         desc=desc,
         unit=unit,
         file=stream if terminal else _Lines(stream),

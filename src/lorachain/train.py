@@ -38,13 +38,13 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lorachain import provenance
 from lorachain.methods import ContinualMethod, LayerAdapter, make_method
+from lorachain.progress import progress as progress_bar
 from lorachain.state import LORA_FILE, apply_to_unet, fold_state, read_manifest, write_task_state
 from lorachain.torch_env import torch
 from lorachain.training.adapters import (
@@ -650,19 +650,15 @@ def _train_loop(
     """Steps start_step .. steps - 1. An in-task checkpoint every checkpoint_every steps; SIGTERM
     stops at the end of the current step (after writing one) with :class:`TrainingInterrupted`.
     Each step's loss goes to `loss_log` and, with its learning rate and gradient norm, to `tracker`."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        range(progress.start_step, config.steps),
-        initial=progress.start_step,
-        total=config.steps,
-        desc=f"task {task.task_index} {task.concept or ''}".strip(),
-        file=sys.stderr,
+    bar = progress_bar(
+        config.steps,
+        f"task {task.task_index} {task.concept or ''}".strip(),
+        unit="step",
         disable=not show_progress,
-        mininterval=2.0,
+        initial=progress.start_step,
     )
     with deferred_sigterm() as stop, contextlib.closing(bar):
-        for step in bar:
+        for step in range(progress.start_step, config.steps):
             loss = _accumulated_loss(step, data, model, progress.generator, config)
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -673,8 +669,9 @@ def _train_loop(
             grad_norm = _optimizer_step(model, loss, config, track_norm=tracker is not None and tracker.started)
             progress.losses.append(loss.item())
             _record_step(step, progress.losses[-1], learning_rate, grad_norm, tracker, loss_log)
+            bar.update(1)
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{progress.losses[-1]:.4f}")
+                bar.set_postfix(loss=f"{progress.losses[-1]:.4f}", refresh=False)
             done = step + 1
             if done < config.steps and stop.signum is not None:  # at the last step: finish instead
                 path = _write_checkpoint(checkpoints, done, model, progress) if checkpoints is not None else None
