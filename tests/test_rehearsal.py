@@ -121,6 +121,43 @@ def test_a_corrupt_lora_is_refused_and_deleting_the_named_directory_reruns_it_an
     assert "bytes, but" in (logs / "task02.log.1").read_text() and "bytes, but" not in (logs / "task02.log").read_text()
 
 
+@pytest.mark.slow
+def test_the_rehearsal_exports_every_final_state_and_merge(rehearsal_run, tmp_path):
+    """`snakemake export` with the paper config's export block: every run's final state and every
+    merge at its largest k as diffusers and kohya files of the stand-in SDXL U-Net, exact where the
+    method declares a sum of low-rank terms, else SVD at export.svd_rank; the kohya file reads back
+    through diffusers' converters with the diffusers file's layers."""
+    from lorachain.export import DIFFUSERS_FILE, KOHYA_FILE, RECORD_FILE
+    from lorachain.lora import read_lora
+    from lorachain.plan import export_outputs
+
+    workdir, config = tmp_path / "run", rehearsal_run["config"]
+    shutil.copytree(rehearsal_run["workdir"], workdir, symlinks=True)
+    args = ("export", "--profile", str(ROOT / "profiles" / "local"), "--resources", "gpu=2")
+    result = subprocess.run(
+        snakemake_command(*args, f"--configfile={rehearsal_run['path']}", workdir=workdir),
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    exports = export_outputs(config)
+    assert job_counts(result.stdout + result.stderr)["total"] == len(exports) + 1  # + the target rule
+    rank, svd_rank = config["training"]["rank"], config["export"]["svd_rank"]
+    for export in exports:
+        record = json.loads((workdir / export / RECORD_FILE).read_text())
+        diffusers, kohya = read_lora(workdir / export / DIFFUSERS_FILE), read_lora(workdir / export / KOHYA_FILE)
+        assert sorted(kohya.adapters) == sorted(diffusers.adapters), export
+        if record["exact"]:  # a sum of rank-r terms: at most (tasks or concepts) x r
+            assert record["rank"]["max"] in range(rank, rank * len(record["concepts"]) + 1), (export, record)
+        else:
+            assert record["rank"] == {"min": svd_rank, "max": svd_rank} and record["relative_error"] >= 0, export
+    assert any(json.loads((workdir / e / RECORD_FILE).read_text())["exact"] for e in exports)
+    assert not all(json.loads((workdir / e / RECORD_FILE).read_text())["exact"] for e in exports)
+
+
 def test_the_rehearsal_command_writes_a_config_that_dry_runs(tmp_path):
     from conftest import REAL_DREAMBOOTH
 

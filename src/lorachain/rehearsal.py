@@ -33,6 +33,7 @@ REHEARSAL_SIZES = {
     "optimizer": "adamw",
     "sampling": {"num_samples": 1, "steps": 2, "resolution": 64, "precision": "no"},
     "layer_inputs_timesteps": 2,
+    "export_svd_rank": 4,  # the paper's rank 64 exceeds the stand-in U-Net's narrowest layers (32)
 }
 # Every key a rehearsal may change ("*" any name at that level).
 SUBSTITUTABLE = {
@@ -61,6 +62,7 @@ SUBSTITUTABLE = {
     "modular.mixes.*.*",
     "modular.layer_inputs.timesteps",
     "compositions.*.groups",
+    "export.svd_rank",
 }
 
 
@@ -129,6 +131,8 @@ def rehearsal_config(paper: dict, stand_ins: dict[str, Path], dreambooth_root: s
         config["modular"].setdefault("layer_inputs", {})["timesteps"] = REHEARSAL_SIZES["layer_inputs_timesteps"]
     for block in (config.get("compositions") or {}).values():
         block["groups"] = _rehearsal_groups(paper, config, block)
+    if (config.get("export") or {}).get("svd_rank") is not None:
+        config["export"]["svd_rank"] = REHEARSAL_SIZES["export_svd_rank"]
     return config
 
 
