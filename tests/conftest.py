@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD1 / SDXL pipelines saved to disk, and synthetic 64 px training images.
+"""Shared fixtures: tiny SD1 / SDXL / SD3 / FLUX pipelines saved to disk, and synthetic 64 px training images.
 
 Everything runs offline on a CPU: the tiny pipelines are built from config with seeded random
 weights (lorachain.models.tiny) and the images are written by lorachain.data's generator.
@@ -35,6 +35,30 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
     from lorachain.models.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny") / "sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory) -> Path:
+    """A tiny StableDiffusion3Pipeline (SD3.5-like MMDiT, two CLIPs and a T5) written by save_pretrained."""
+    from lorachain.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("sd3", tmp_path_factory.mktemp("tiny") / "sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory) -> Path:
+    """A tiny FluxPipeline (FLUX.1-dev-like, with the guidance embedding) written by save_pretrained."""
+    from lorachain.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("flux", tmp_path_factory.mktemp("tiny") / "flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory) -> Path:
+    """A tiny FluxPipeline of FLUX.1-schnell's kind (no guidance embedding) written by save_pretrained."""
+    from lorachain.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("flux_schnell", tmp_path_factory.mktemp("tiny") / "flux_schnell", seed=0)
 
 
 @pytest.fixture(scope="session")
