@@ -224,7 +224,7 @@ def prepared(base, images, tmp_path, **training):
     )
     method = make_method("merge_init")
     accelerator = _accelerator(config)
-    pipe, layers, crops = _load_model(task, config)
+    pipe, config, layers, crops = _load_model(task, config, method, "methods.merge_init")
     adapters, masks = _set_up_adapter(pipe.unet, method, layers, task, config)
     data = _encode_training_data(pipe, crops, task, config, accelerator.device)
     model = _prepare_unet(pipe.unet, adapters, masks, layers, method, task, config, accelerator)
@@ -241,9 +241,9 @@ def direct_loss(model, data, source, generator, batch):
     mean, std = source.latent_mean[indices], source.latent_std[indices]
     eps = torch.randn(mean.shape, generator=generator)
     noise = torch.randn(mean.shape, generator=generator)
-    timesteps = torch.randint(0, data.noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-    latents = (mean + std * eps) * data.scaling_factor
-    alphas = data.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    timesteps = torch.randint(0, data.objective.scheduler.config.num_train_timesteps, (batch,), generator=generator)
+    latents = (mean + std * eps) * data.family.scaling_factor
+    alphas = data.objective.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
     hidden = source.condition["encoder_hidden_states"].expand(batch, -1, -1)
     prediction = model.unet(noisy, timesteps, encoder_hidden_states=hidden).sample
@@ -278,13 +278,13 @@ def test_accumulating_two_batches_of_one_is_one_batch_of_two(tiny_sd1_dir, image
         index = torch.randint(0, data.count, (1,), generator=generator)
         shape = (1, *data.latent_mean.shape[1:])
         eps, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-        timesteps = torch.randint(0, data.noise_scheduler.config.num_train_timesteps, (1,), generator=generator)
+        timesteps = torch.randint(0, data.objective.scheduler.config.num_train_timesteps, (1,), generator=generator)
         draws.append((index, eps, noise, timesteps))
     index, eps, noise, timesteps = (torch.cat(parts) for parts in zip(*draws))
     replay = iter([eps, noise, timesteps])
-    latents = (data.latent_mean[index] + data.latent_std[index] * next(replay)) * data.scaling_factor
+    latents = (data.latent_mean[index] + data.latent_std[index] * next(replay)) * data.family.scaling_factor
     noise, timesteps = next(replay), next(replay)
-    alphas = data.noise_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    alphas = data.objective.scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     noisy = alphas.sqrt() * latents + (1 - alphas).sqrt() * noise
     hidden = data.condition["encoder_hidden_states"].expand(2, -1, -1)
     batch_loss = torch.nn.functional.mse_loss(model.unet(noisy, timesteps, encoder_hidden_states=hidden).sample, noise)

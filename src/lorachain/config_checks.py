@@ -30,6 +30,7 @@ from lorachain.methods import (
     schema_defs,
 )
 from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
+from lorachain.models.denoisers import TINY_FAMILIES, UNET_TARGETS, family_config_problems, family_from_files
 from lorachain.models.widths import narrowest_targeted_width, unet_config
 from lorachain.training.config import TrainingConfig, TrainingError
 from lorachain.training.tracking import tracker_problem
@@ -195,7 +196,7 @@ def _narrowest_targeted_width(config: dict) -> int | None:
     source = model.get("pretrained")
     if not source or "training" not in config:
         return None
-    targets = config["training"].get("target_modules") or []
+    targets = config["training"].get("target_modules") or UNET_TARGETS  # a U-Net's own default (read below)
     if isinstance(targets, str):  # a regex: the training job names a layer that does not fit
         return None
     unet = unet_config(str(source))
@@ -390,6 +391,44 @@ def training_option_problems(config: dict) -> list[str]:
     return problems
 
 
+def denoiser_problems(config: dict) -> list[str]:
+    """The training and sampling blocks against the model's denoiser, read from its config files
+    (a local directory, the hub cache, or the tiny architecture's name): FLUX refuses fp16, a
+    guidance-distilled FLUX needs training.guidance and any other model refuses it, and embedding
+    tuning needs a U-Net pipeline. Nothing is checked when the files cannot be read offline (the
+    training job then checks the same on the loaded model)."""
+    model = config.get("model", {})
+    if model.get("tiny"):
+        family = TINY_FAMILIES.get(model["tiny"])
+        found = None if family is None else (family, model["tiny"] == "flux")
+    else:
+        found = family_from_files(str(model.get("pretrained", "")))
+    if found is None:
+        return []
+    family, guidance_embedding = found
+    training, sampling = config.get("training", {}), config.get("sampling", {})
+    problems = family_config_problems(
+        family, guidance_embedding, training.get("mixed_precision", "no"), training.get("guidance")
+    )
+    formats = (config.get("export") or {}).get("formats") or []
+    wrong = [name for name in formats if name in (("unet", "kohya") if family != "unet" else ("transformer",))]
+    if wrong:
+        fix = "diffusers (and transformer)" if family != "unet" else "diffusers, kohya (and unet)"
+        problems.append(f"config key export.formats: {wrong} cannot be written for a {family} model; use {fix}")
+    if family == "flux" and sampling.get("precision") == "fp16":
+        problems.append("config key sampling.precision: fp16 overflows in FLUX's activations; use bf16")
+    if family != "unet":
+        adapters = plan.modular(config).get("adapters", {})
+        blocks = [*(f"methods.{label}" for label, block in config.get("methods", {}).items() if "embeddings" in block)]
+        blocks += [f"modular.adapters.{label}" for label, block in adapters.items() if "embeddings" in block]
+        problems += [
+            f"config key {key}.embeddings: embedding tuning adds concept tokens to CLIP text encoders of U-Net "
+            f"pipelines; it is not supported on a {family.upper()} transformer: remove the embeddings block"
+            for key in blocks
+        ]
+    return problems
+
+
 def tracking_problems(config: dict) -> list[str]:
     """A training tracker that is not installed (training.tracking.log_with), before any job runs."""
     log_with = ((config.get("training") or {}).get("tracking") or {}).get("log_with", "tensorboard")
@@ -401,6 +440,7 @@ def check_config(config: dict) -> None:
     """Everything the schema cannot check, all problems at once; run while the Snakefile parses."""
     problems = domain_problems(config) + modular_problems(config) + registered_block_problems(config)
     problems += training_option_problems(config)
+    problems += denoiser_problems(config)
     problems += composition_problems(config)
     problems += model_source_problems(config, plan.encoders_in_use(config))
     problems += tracking_problems(config)

@@ -135,10 +135,11 @@ def check_embeddings_loaded(pipe) -> None:
     """A pipeline whose U-Net holds a state trained with embedding tuning
     (:func:`lorachain.state.apply_to_unet` records it) must have that state's tokens loaded; a
     StateError names the embeddings file otherwise."""
+    from lorachain.models.denoisers import denoiser
     from lorachain.state import NEEDS_EMBEDDINGS, StateError
 
     vocabularies = [tokenizer.get_vocab() for tokenizer in _tokenizers(pipe)]
-    for path, token in getattr(pipe.unet, NEEDS_EMBEDDINGS, []):
+    for path, token in getattr(denoiser(pipe), NEEDS_EMBEDDINGS, []):
         if not vocabularies or any(token not in vocabulary for vocabulary in vocabularies):
             raise StateError(
                 f"{path}: the state applied to this pipeline was trained with embedding tuning, but its concept "

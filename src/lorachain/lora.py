@@ -66,7 +66,8 @@ _A_SUFFIX = ".lora_A.weight"
 _B_SUFFIX = ".lora_B.weight"
 _ALPHA_SUFFIX = ".alpha"
 _UNET_PREFIX = "unet."
-_LAYER_PREFIXES = ("unet.", "base_model.model.")  # stripped (in this order, each at most once)
+_DENOISER_PREFIXES = ("unet.", "transformer.")  # diffusers' U-Net / SD3 and FLUX transformer keys
+_LAYER_PREFIXES = (*_DENOISER_PREFIXES, "base_model.model.")  # stripped (in this order, each at most once)
 _PER_LAYER_ALPHA = "per-layer .alpha tensors"
 _OTHER_COMPONENTS = ("text_encoder.", "text_encoder_2.", "te.", "te1.", "te2.")
 
@@ -152,7 +153,7 @@ def _adapter_config(path: Path, raw_metadata: dict | None) -> dict:
         raise LoraFileError(f"{path}: metadata key {METADATA_KEY!r} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise LoraFileError(f"{path}: metadata key {METADATA_KEY!r} holds {type(config).__name__}, not a JSON object")
-    prefixed = {k[len("unet.") :]: v for k, v in config.items() if k.startswith("unet.")}
+    prefixed = {k.split(".", 1)[1]: v for k, v in config.items() if k.startswith(_DENOISER_PREFIXES)}
     if prefixed:
         return prefixed
     # A plain peft file carries the config unprefixed; a diffusers file without a unet config holds
@@ -305,7 +306,7 @@ def _check_strict_keys(path: Path, tensors: dict) -> None:
     """Every key is ``unet.<layer>.lora_A.weight`` or ``.lora_B.weight``, each with its partner."""
     for key in sorted(tensors):
         suffix = _A_SUFFIX if key.endswith(_A_SUFFIX) else _B_SUFFIX if key.endswith(_B_SUFFIX) else None
-        if suffix is None or not key.startswith(_UNET_PREFIX):
+        if suffix is None or not key.startswith(_DENOISER_PREFIXES):
             raise LoraFileError(
                 f"{path}: key {key!r} is not a LoRA factor ({_UNET_PREFIX}<layer>{_A_SUFFIX} / {_B_SUFFIX})"
             )

@@ -89,39 +89,68 @@ def concept_token_mask(tokenizer, prompt: str, phrase: str) -> torch.Tensor:
 
 
 def _record_on_images(pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device) -> None:
-    from diffusers import DDPMScheduler
+    from lorachain.models.denoisers import denoiser, family_of
+    from lorachain.training.conditioning import load_training_image, sdxl_time_ids
+    from lorachain.training.config import FlowMatchingConfig
+    from lorachain.training.objective import objective_of
 
-    from lorachain.training.conditioning import load_training_image, sdxl_time_ids, unet_kwargs
-
+    family, model = family_of(pipe), denoiser(pipe)
+    objective = objective_of(family, pipe.scheduler.config, FlowMatchingConfig())
     images = [load_training_image(path, resolution, generator) for path in task.train_images]
     pixels = torch.stack([image for image, _, _ in images]).to(device)
-    latents = pipe.vae.encode(pixels).latent_dist.mean.float() * pipe.vae.config.scaling_factor
+    latents = family.scaled_latents(pipe.vae.encode(pixels).latent_dist.mean.float())
     time_ids = sdxl_time_ids(condition, images, resolution, device)
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    levels = torch.linspace(0, scheduler.config.num_train_timesteps - 1, timesteps).round().long()
+    levels = torch.linspace(0, objective.levels - 1, timesteps).round().long()
     recorder.context_rows = None if mask is None else mask.expand(len(latents), -1)
     for level in levels:
         noise = torch.randn(latents.shape, generator=generator).to(device)
-        t = level.repeat(len(latents)).to(device)
-        noisy = scheduler.add_noise(latents, noise, t)
-        pipe.unet(noisy.to(pipe.unet.dtype), t, **unet_kwargs(condition, len(latents), time_ids, pipe.unet.dtype))
+        noisy, t = objective.noisy_at(latents, noise, int(level))
+        family.forward(model, noisy, t.to(device), condition, time_ids, model.dtype, _recording_guidance(family))
+
+
+def _recording_guidance(family) -> float | None:
+    """A guidance-distilled FLUX is recorded at diffusers' default training guidance."""
+    return 3.5 if family.has_guidance_embedding else None
 
 
 def _record_on_trajectory(pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device) -> None:
-    from lorachain.training.conditioning import sdxl_time_ids, unet_kwargs
+    from lorachain.models.denoisers import denoiser, family_of
+    from lorachain.training.conditioning import sdxl_time_ids
 
+    family, model = family_of(pipe), denoiser(pipe)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(timesteps, device=device)
     size = resolution // pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, size, size)
+    if family.flow_matching:  # FLUX's dynamic shift depends on the token count, as its pipeline sets it
+        _set_flow_timesteps(pipe, scheduler, timesteps, size, device)
+    else:
+        scheduler.set_timesteps(timesteps, device=device)
+    shape = (1, family.latent_channels(pipe), size, size)
     latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
     time_ids = sdxl_time_ids(condition, [(None, (resolution, resolution), (0, 0))], resolution, device)
-    kwargs = unet_kwargs(condition, 1, time_ids, pipe.unet.dtype)
     recorder.context_rows = mask
     for t in scheduler.timesteps:
-        model_input = scheduler.scale_model_input(latents, t).to(pipe.unet.dtype)
-        prediction = pipe.unet(model_input, t, **kwargs).sample
+        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        step_t = t.reshape(1).to(device)
+        guidance = _recording_guidance(family)
+        prediction = family.forward(model, model_input, step_t, condition, time_ids, model.dtype, guidance)
         latents = scheduler.step(prediction.float(), t, latents).prev_sample
+
+
+def _set_flow_timesteps(pipe, scheduler, steps: int, size: int, device) -> None:
+    """The flow-matching schedule the pipeline would sample with (FLUX shifts it by the image's
+    token count: diffusers' calculate_shift)."""
+    if not scheduler.config.get("use_dynamic_shifting", False):
+        scheduler.set_timesteps(steps, device=device)
+        return
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    tokens = (size // 2) * (size // 2)
+    config = scheduler.config
+    mu = calculate_shift(
+        tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+    )
+    sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
+    scheduler.set_timesteps(sigmas=sigmas, mu=mu, device=device)
 
 
 RECORDERS = {"images": _record_on_images, "sampling": _record_on_trajectory}
@@ -156,6 +185,7 @@ def record_layer_inputs(
     from lorachain.embeddings import check_embeddings_loaded, load_state_embeddings, model_prompt
     from lorachain.merging.fusion import GramRecorder, is_cross_attention_kv, parse_recording, save_grams
     from lorachain.methods import make_method
+    from lorachain.models.denoisers import denoiser, family_of
     from lorachain.models.loading import load_pipeline
     from lorachain.sample import device_for_sampling
     from lorachain.state import apply_to_unet, fold_state
@@ -167,7 +197,7 @@ def record_layer_inputs(
     device = device_for_sampling()
     pipe = load_pipeline(model_source, vae=vae)
     state = fold_state(state_dir, make_method(method_name, method_params))
-    apply_to_unet(pipe.unet, state)
+    apply_to_unet(denoiser(pipe), state)
     if state.embeddings:
         load_state_embeddings(pipe, [state_dir])
     check_embeddings_loaded(pipe)
@@ -175,11 +205,18 @@ def record_layer_inputs(
     generator = torch.Generator().manual_seed(seed)
     prompt, identifier = model_prompt(pipe, task.train_prompt), model_prompt(pipe, task.identifier)
     condition = encode_condition(pipe, prompt, device)
-    layers = list(lora_layers(pipe.unet, target_modules))
+    family = family_of(pipe)
+    layers = list(lora_layers(denoiser(pipe), target_modules or family.default_targets))
+    if rows == "concept" and family.name != "unet":
+        raise ModularError(
+            f"gradient fusion's concept rows are the U-Net's cross-attention keys and values at the concept's "
+            f"tokens; a {family.name.upper()} transformer has joint attention instead: record it with rows: all "
+            "(the merge's recording key)"
+        )
     mask = concept_token_mask(pipe.tokenizer, prompt, identifier) if rows == "concept" else None
     context = [layer for layer in layers if is_cross_attention_kv(layer)] if mask is not None else []
     load_s = time.perf_counter() - started
-    with GramRecorder(pipe.unet, layers, context_layers=context) as recorder:
+    with GramRecorder(denoiser(pipe), layers, context_layers=context) as recorder:
         RECORDERS[source](
             pipe,
             task,
@@ -258,6 +295,7 @@ def merge_and_sample(
     from lorachain.data import read_tasks
     from lorachain.embeddings import load_state_embeddings
     from lorachain.methods import make_merge
+    from lorachain.models.denoisers import denoiser
     from lorachain.sample import SamplingConfig, load_model_for_sampling, sample_compositions, sample_tasks
     from lorachain.state import FoldedState, apply_to_unet
 
@@ -297,7 +335,7 @@ def merge_and_sample(
                 f"not on {str(model_source)!r} ({type(pipe).__name__}); merge LoRAs of the base model being sampled"
             )
     del loaded
-    apply_to_unet(pipe.unet, FoldedState(tasks_done=k, merged=delta))
+    apply_to_unet(denoiser(pipe), FoldedState(tasks_done=k, merged=delta))
     del delta
     load_state_embeddings(pipe, concept_dirs)  # the concepts' tokens, where trained with embedding tuning
     result = sample_tasks(pipe, list(enumerate(tasks[:k], start=1)), config, output_dir, identity)

@@ -122,11 +122,16 @@ def load_model_for_sampling(
     tuning; :func:`lorachain.embeddings.load_state_embeddings`)."""
     from lorachain.embeddings import load_state_embeddings
     from lorachain.methods import make_method
+    from lorachain.models.denoisers import denoiser, family_of
     from lorachain.models.loading import load_pipeline
     from lorachain.state import STATE_FILE, StateError, apply_to_unet, fold_state, read_chain, read_manifest
 
     dtype = _DTYPES[precision]
     pipe = load_pipeline(model_source, vae=vae, torch_dtype=dtype)
+    if family_of(pipe).name == "flux" and precision == "fp16":
+        raise SamplingError(
+            f"config key sampling.precision: fp16 overflows in FLUX's activations ({model_source}); use bf16"
+        )
     if state_dir is not None:
         manifest = read_manifest(state_dir)
         manifest_file = Path(state_dir) / STATE_FILE
@@ -141,7 +146,7 @@ def load_model_for_sampling(
                 "sample it with its own base model"
             )
         state = fold_state(state_dir, make_method(method_name, method_params or {}))
-        apply_to_unet(pipe.unet, state)
+        apply_to_unet(denoiser(pipe), state)
         if state.embeddings:
             load_state_embeddings(pipe, [directory for directory, _ in read_chain(state_dir)])
     pipe.set_progress_bar_config(disable=True)
@@ -233,16 +238,19 @@ def render_prompts(pipe, jobs: list[tuple[str, int]], config: SamplingConfig):
     :func:`lorachain.embeddings.model_prompt` (concept phrases -> the tokens loaded into `pipe`), and
     a state trained with embedding tuning must have its tokens loaded into `pipe`."""
     from lorachain.embeddings import check_embeddings_loaded, model_prompt
+    from lorachain.models.denoisers import denoiser, family_of
 
     check_embeddings_loaded(pipe)
     set_scheduler(pipe, config.scheduler)
     device = device_for_sampling()
     pipe.to(device)
-    noises = initial_noises(config, pipe.unet.config.in_channels, 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    family, model = family_of(pipe), denoiser(pipe)
+    noises = initial_noises(config, family.latent_channels(pipe), 2 ** (len(pipe.vae.config.block_out_channels) - 1))
     with progress(len(jobs), "sampling", unit="img") as bar:  # images/s and ETA in the job's log
         for first in range(0, len(jobs), config.batch_size):
             batch = jobs[first : first + config.batch_size]
-            latents = torch.stack([noises[sample] for _, sample in batch]).to(device, pipe.unet.dtype)
+            initial = torch.stack([noises[sample] for _, sample in batch])
+            latents = family.pipeline_latents(initial).to(device, model.dtype)  # FLUX: packed into tokens
             # A generator is passed for schedulers that add noise while sampling (ancestral ones);
             # the default (Euler) is deterministic given the initial latents.
             generator = torch.Generator("cpu").manual_seed(config.noise_seed + first)

@@ -20,6 +20,7 @@ it for sampling). A state without embeddings writes exactly what it wrote before
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -292,13 +293,13 @@ def apply_to_unet(unet, state: FoldedState) -> None:
     for layer in state.layers():
         if layer not in modules:
             raise StateError(
-                f"state layer {layer!r} does not exist in this U-Net: the state comes from another architecture"
+                f"state layer {layer!r} does not exist in this denoiser: the state comes from another architecture"
             )
         weight = modules[layer].weight
         delta = state.layer_delta(layer)
         if delta.shape != weight.shape:
             raise StateError(
-                f"state layer {layer!r} has shape {tuple(delta.shape)}, the U-Net's is {tuple(weight.shape)}"
+                f"state layer {layer!r} has shape {tuple(delta.shape)}, the denoiser's is {tuple(weight.shape)}"
             )
         weight.copy_((weight.float() + delta.to(weight.device, torch.float32)).to(weight.dtype))
     if state.embeddings:  # the samplers check that a pipeline with this U-Net has these tokens
@@ -371,8 +372,10 @@ def write_task_state(
         layers[f"{layer}.lora_B.weight"] = adapters[layer].B.detach().to("cpu", torch.float32).contiguous()
     staging = output_dir / f".staging{os.getpid()}"
     staging.mkdir(exist_ok=True)
-    pipeline_class.save_lora_weights(
-        staging, unet_lora_layers=layers, unet_lora_adapter_metadata=_sorted_sets(lora_config)
+    writes = inspect.signature(pipeline_class.save_lora_weights).parameters
+    component = "unet" if "unet_lora_layers" in writes else "transformer"
+    pipeline_class.save_lora_weights(  # keys unet.<layer>... or, for SD3 / FLUX, transformer.<layer>...
+        staging, **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": _sorted_sets(lora_config)}
     )
     canonical_safetensors(staging / LORA_FILE)
     os.replace(staging / LORA_FILE, output_dir / LORA_FILE)

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from lorachain import provenance
 from lorachain.methods import ContinualMethod, LayerAdapter, make_method
+from lorachain.models.denoisers import denoiser
 from lorachain.progress import progress as progress_bar
 from lorachain.state import LORA_FILE, apply_to_unet, fold_state, read_manifest, write_task_state
 from lorachain.torch_env import torch
@@ -161,15 +162,16 @@ class TrainingData:
 
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
-    scaling_factor: float
+    family: object  # the denoiser's family (lorachain.models.denoisers): latent scaling, forward call
     condition: dict
     time_ids: torch.Tensor | None
-    noise_scheduler: object
+    objective: object  # lorachain.training.objective: DDPM denoising or flow matching
     count: int
     tokens: TrainableTokens | None = None  # embedding tuning: the prompt is encoded at every step
     seed: int = 0  # the task's seed: per-step draws that must not touch the step generator
     flipped: tuple | None = None  # random_flip: (mean, std) of the mirrored images' posteriors
     prior: ClassData | None = None  # prior preservation's class images
+    guidance: float | None = None  # FLUX.1-dev's guidance embedding's value (training.guidance)
 
 
 @dataclass
@@ -272,16 +274,21 @@ def _checked_task(
     return TaskSpec(**fields, this_seed=this_seed, slot=slot, output_dir=Path(output_dir))
 
 
-def _load_model(task: TaskSpec, config: TrainingConfig):
-    """The base pipeline, its targeted layers (rank checked) and the training images' crops."""
+def _load_model(task: TaskSpec, config: TrainingConfig, method: ContinualMethod, method_key: str):
+    """The base pipeline, the training block with the denoiser family's default targets where it
+    names none, the targeted layers (rank checked) and the training images' crops."""
+    from lorachain.models.denoisers import check_family_config, denoiser, family_of
     from lorachain.models.loading import load_pipeline
 
     pipe = load_pipeline(task.model_source, vae=task.vae)
-    layers = lora_layers(pipe.unet, config.target_modules)
+    family = family_of(pipe)
+    config = config.with_targets(family.default_targets)
+    check_family_config(family, config, method, method_key)
+    layers = lora_layers(denoiser(pipe), config.target_modules)
     check_rank(layers, config.rank)
     data_generator = torch.Generator().manual_seed(task.this_seed)
     images = [load_training_image(path, config.resolution, data_generator) for path in task.train_images]
-    return pipe, layers, images
+    return pipe, config, layers, images
 
 
 def _fingerprint(task: TaskSpec, config: TrainingConfig, method: ContinualMethod) -> dict | None:
@@ -327,8 +334,10 @@ def _encode_training_data(
 ) -> TrainingData:
     """Posteriors and prompt embedding once per task, in fp32 (SDXL's VAE overflows in fp16). With
     embedding tuning the prompt (rewritten to the concept token) is encoded again at every step."""
-    from diffusers import DDPMScheduler
+    from lorachain.models.denoisers import family_of
+    from lorachain.training.objective import objective_of
 
+    family = family_of(pipe)
     pipe.to(device)
     with torch.no_grad():
         (latent_mean, latent_std), flipped = _posteriors(pipe, images, config.random_flip, device)
@@ -336,10 +345,11 @@ def _encode_training_data(
     return TrainingData(
         latent_mean=latent_mean,
         latent_std=latent_std,
-        scaling_factor=pipe.vae.config.scaling_factor,
+        family=family,
         condition=condition,
         time_ids=sdxl_time_ids(condition, images, config.resolution, device),
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        objective=objective_of(family, pipe.scheduler.config, config.flow_matching),
+        guidance=config.guidance,
         count=len(images),
         tokens=tokens,
         seed=task.this_seed,
@@ -503,26 +513,24 @@ def _mirror(mean, std, flipped: tuple | None, indices, flips):
 
 
 def _denoising_loss(source, indices, flips, condition, data, model, generator, batch_size: int):
-    """Epsilon- (or v-) prediction MSE of one batch of `source` (the instance data or the class
-    data): posterior draws, noises and timesteps drawn from the step generator in a fixed order."""
+    """The family's objective on one batch of `source` (the instance data or the class data):
+    epsilon- (or v-) prediction MSE for U-Nets, flow matching for transformers
+    (:mod:`lorachain.training.objective`); posterior draws, noises and timesteps drawn from the
+    step generator in a fixed order."""
     device = model.accelerator.device
-    scheduler = data.noise_scheduler
     mean, std = _mirror(source.latent_mean, source.latent_std, source.flipped, indices, flips)
     eps_latent = torch.randn(mean.shape, generator=generator)
     noise = torch.randn(mean.shape, generator=generator)
-    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-    latents = (mean + std * eps_latent.to(device)) * data.scaling_factor
+    timesteps = data.objective.draw_timesteps(batch_size, generator)
+    latents = data.family.scaled_latents(mean + std * eps_latent.to(device))
     noise, timesteps = noise.to(device), timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    noisy, target, model_timesteps = data.objective.noisy_and_target(latents, noise, timesteps)
     time_ids = None if source.time_ids is None else source.time_ids[indices.to(device)]
-    kwargs = unet_kwargs(condition, batch_size, time_ids, model.weight_dtype)
     with model.accelerator.autocast():
-        prediction = model.unet(noisy.to(model.weight_dtype), timesteps, **kwargs).sample
-    return torch.nn.functional.mse_loss(prediction.float(), target.float())
+        prediction = data.family.forward(
+            model.unet, noisy, model_timesteps, condition, time_ids, model.weight_dtype, data.guidance
+        )
+    return data.objective.loss(prediction, target, model_timesteps)
 
 
 def _step_loss(
@@ -733,11 +741,22 @@ def _manifest(
         "final_loss": losses[-1] if losses else None,
         "mean_loss_last_10pct": sum(tail) / len(tail) if tail else None,
         "lora_file": LORA_FILE,
+        # transformers' flow-matching settings (a U-Net state has none: it stays byte-identical)
+        **_objective_record(config, pipeline_class),
         # the DreamBooth-script options, only those set (a state trained without them is unchanged)
         **({"training_options": _options_record(config, task)} if config.options_set() else {}),
         # versions, code commit and the model's resolved revision: the same on one machine and checkout
         "provenance": provenance.record(task.model_source),
     }
+
+
+def _objective_record(config: TrainingConfig, pipeline_class) -> dict:
+    from lorachain.models.denoisers import is_flow_matching_pipeline
+
+    if not is_flow_matching_pipeline(pipeline_class):
+        return {}
+    record = {"flow_matching": asdict(config.flow_matching)}
+    return record if config.guidance is None else {**record, "guidance": config.guidance}
 
 
 def _options_record(config: TrainingConfig, task: TaskSpec) -> dict:
@@ -875,14 +894,14 @@ def train_task(
     tracking_dir = Path(tracking_dir) if tracking_dir is not None else tracking_directory(task.output_dir)
     accelerator = _accelerator(config, accelerator_options(tracking, tracking_dir))
 
-    pipe, layers, images = _load_model(task, config)
+    pipe, config, layers, images = _load_model(task, config, method, method_key)
     timings["load_s"] = time.perf_counter() - started
     fingerprint = _fingerprint(task, config, method)
-    adapters, row_masks = _set_up_adapter(pipe.unet, method, layers, task, config)
+    unet, pipeline_class = denoiser(pipe), type(pipe)
+    adapters, row_masks = _set_up_adapter(unet, method, layers, task, config)
     tokens = _add_tokens(pipe, method, task, method_key)
     data = _encode_training_data(pipe, images, task, config, accelerator.device, tokens)
-    unet, pipeline_class = pipe.unet, type(pipe)
-    del pipe  # keep only the U-Net (and, with embedding tuning, the text encoders `tokens` holds)
+    del pipe  # keep only the denoiser (and, with embedding tuning, the text encoders `tokens` holds)
     model = _prepare_unet(unet, adapters, row_masks, layers, method, task, config, accelerator, tokens)
     del unet, adapters
     state = _restore(model, fingerprint, task, config, timings)

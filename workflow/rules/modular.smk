@@ -65,7 +65,7 @@ rule record_layer_inputs:
         method_params=adapter_block,
         layer_inputs=canonical(MODULAR.get("layer_inputs", {})),
         recording="{recording}",
-        target_modules=config["training"]["target_modules"],
+        target_modules=config["training"].get("target_modules"),
         resolution=config["training"]["resolution"],
         revision=revision(config, "training"),
         model=model_source(config),

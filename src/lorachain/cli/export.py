@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         svd = SvdSettings(rank=args.rank, energy=args.energy if args.rank is None else None)
-        options = {"formats": args.format or ("diffusers", "kohya"), "svd": svd, "base_model": args.base_model}
+        options = {"formats": args.format, "svd": svd, "base_model": args.base_model}
         if args.state:
             record = export_state(args.state, args.out, **options)
         else:
@@ -101,8 +101,9 @@ def register(commands) -> None:
     parser.add_argument(
         "--format",
         action="append",
-        choices=("diffusers", "kohya", "unet"),
-        help="diffusers LoRA, kohya LoRA, fused U-Net (repeat for several; default diffusers and kohya)",
+        choices=("diffusers", "kohya", "unet", "transformer"),
+        help="diffusers LoRA, kohya LoRA, fused U-Net or SD3/FLUX transformer (repeat for several; default: "
+        "diffusers and kohya for a U-Net model, diffusers for SD3/FLUX)",
     )
     svd = parser.add_mutually_exclusive_group()
     svd.add_argument("--rank", type=int, metavar="R", help="SVD rank of every layer (deltas that are not exact)")

@@ -35,12 +35,15 @@ from lorachain.export.writers import (
     RECORD_FILE,
     UNET_DIR,
     copy_embeddings,
+    default_formats,
+    denoiser_prefix,
     file_metadata,
+    format_problems,
+    write_denoiser,
     write_diffusers,
     write_errors,
     write_kohya,
     write_record,
-    write_unet,
 )
 
 __all__ = [
@@ -73,11 +76,17 @@ def export_layers(source: ExportSource, svd: SvdSettings) -> dict[str, ExportedL
     return {layer: svd_factors(layer, delta, svd) for layer, delta in sorted(source.dense().items())}
 
 
-def _check_formats(formats) -> tuple[str, ...]:
+def _check_formats(formats, architecture: str) -> tuple[str, ...]:
+    """The formats to write; None: the denoiser's defaults (U-Net: diffusers and kohya keys;
+    transformer: diffusers keys, which diffusers, ComfyUI and kohya's sd-scripts all read)."""
+    if formats is None:
+        formats = default_formats(architecture)
     formats = tuple(dict.fromkeys(formats))
     unknown = [name for name in formats if name not in FORMATS]
     if unknown or not formats:
         raise ExportError(f"--format / export.formats: {unknown or 'none'} given; choose from {', '.join(FORMATS)}")
+    if refused := format_problems(formats, architecture):
+        raise ExportError(refused[0])
     return formats
 
 
@@ -85,13 +94,13 @@ def export_source(
     source: ExportSource,
     out: str | Path,
     *,
-    formats=("diffusers", "kohya"),
+    formats=None,
     svd: SvdSettings | None = None,
     base_model: str | None = None,
 ) -> dict:
     """Write `source` in `formats` to directory `out` with its record, error table (SVD only),
     embeddings and model card; returns the record (what export.json holds)."""
-    formats, svd = _check_formats(formats), svd or SvdSettings()
+    formats, svd = _check_formats(formats, source.architecture), svd or SvdSettings()
     layers = export_layers(source, svd)
     if not layers:
         raise ExportError(f"{source.location}: the {source.kind} changes no layer; there is nothing to export")
@@ -115,11 +124,11 @@ def export_source(
     metadata = file_metadata(source, layers, record, "diffusers")
     written = []
     if "diffusers" in formats:
-        written.append(write_diffusers(out, layers, metadata))
+        written.append(write_diffusers(out, layers, metadata, denoiser_prefix(source.architecture)))
     if "kohya" in formats:
         written.append(write_kohya(out, layers, metadata))
-    if "unet" in formats:
-        written.append(write_unet(out, source, record["base_model"]))
+    for fused in {"unet", "transformer"} & set(formats):
+        written.append(write_denoiser(out, source, record["base_model"], fused))
     if not record["exact"]:
         written.append(write_errors(out, layers))
     record["embeddings"] = copy_embeddings(out, source)
@@ -170,7 +179,8 @@ def _job_options(export: dict, model: str | None) -> dict:
     svd = SvdSettings(
         rank=block.get("svd_rank"), energy=block.get("svd_energy"), flags="config keys export.svd_rank / svd_energy"
     )
-    return {"formats": tuple(block.get("formats", ("diffusers", "kohya"))), "svd": svd, "base_model": model}
+    formats = block.get("formats")
+    return {"formats": None if formats is None else tuple(formats), "svd": svd, "base_model": model}
 
 
 def export_state_job(*, state, export: dict, model: str | None, out) -> dict:

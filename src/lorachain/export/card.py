@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lorachain.export.sources import ExportSource
-from lorachain.export.writers import CARD_FILE, DIFFUSERS_FILE, KOHYA_FILE, UNET_DIR
+from lorachain.export.writers import CARD_FILE, DIFFUSERS_FILE, KOHYA_FILE, TRANSFORMER_CLASSES, UNET_DIR
 
 
 def _loading(record: dict) -> list[str]:
@@ -26,12 +26,14 @@ def _loading(record: dict) -> list[str]:
         ]
     if KOHYA_FILE in files:
         lines += [f"ComfyUI / AUTOMATIC1111: copy `{KOHYA_FILE}` into the LoRA folder (kohya keys, strength 1).", ""]
-    if f"{UNET_DIR}/" in files:
-        lines += [
-            f"Full weights: `{UNET_DIR}/` is the base model's U-Net with the delta added "
-            f'(`UNet2DConditionModel.from_pretrained("path/to/this/directory", subfolder="{UNET_DIR}")`).',
-            "",
-        ]
+    transformer = TRANSFORMER_CLASSES.get(record["architecture"], "the transformer class")
+    for component, model_class in ((UNET_DIR, "UNet2DConditionModel"), ("transformer", transformer)):
+        if f"{component}/" in files:
+            lines += [
+                f"Full weights: `{component}/` is the base model's {component} with the delta added "
+                f'(`{model_class}.from_pretrained("path/to/this/directory", subfolder="{component}")`).',
+                "",
+            ]
     return lines
 
 

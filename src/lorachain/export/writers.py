@@ -15,7 +15,9 @@ from lorachain.files import canonical_safetensors
 from lorachain.paths import LORA_FILE
 from lorachain.torch_env import torch
 
-FORMATS = ("diffusers", "kohya", "unet")
+FORMATS = ("diffusers", "kohya", "unet", "transformer")
+# pipelines whose denoiser is pipe.transformer, and its class
+TRANSFORMER_CLASSES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel", "FluxPipeline": "FluxTransformer2DModel"}
 DIFFUSERS_FILE = LORA_FILE  # pipe.load_lora_weights(export_dir) finds it by this name
 KOHYA_FILE = "lora_kohya.safetensors"
 UNET_DIR = "unet"
@@ -24,12 +26,39 @@ ERRORS_FILE = "svd-errors.csv"
 CARD_FILE = "README.md"
 
 
-def peft_state_dict(layers: dict[str, ExportedLayer]) -> dict[str, torch.Tensor]:
+def denoiser_prefix(architecture: str) -> str:
+    """The component the LoRA keys name: ``transformer`` for SD3 / FLUX pipelines, else ``unet``."""
+    return "transformer" if architecture in TRANSFORMER_CLASSES else "unet"
+
+
+def default_formats(architecture: str) -> tuple[str, ...]:
+    return ("diffusers",) if denoiser_prefix(architecture) == "transformer" else ("diffusers", "kohya")
+
+
+def format_problems(formats, architecture: str) -> list[str]:
+    """Formats that do not exist for the architecture's denoiser, each with the fix."""
+    problems = []
+    if denoiser_prefix(architecture) == "transformer":
+        if "kohya" in formats:
+            problems.append(
+                f"--format / export.formats: kohya keys are written by diffusers' U-Net converter only; export a "
+                f"{architecture} LoRA in the diffusers format (which ComfyUI and kohya's sd-scripts read too)"
+            )
+        if "unet" in formats:
+            problems.append(f"--format / export.formats: a {architecture} has no U-Net; use 'transformer'")
+    elif "transformer" in formats:
+        problems.append(
+            f"--format / export.formats: a {architecture or 'U-Net pipeline'} has no transformer; use 'unet'"
+        )
+    return problems
+
+
+def peft_state_dict(layers: dict[str, ExportedLayer], prefix: str = "unet") -> dict[str, torch.Tensor]:
     """The keys diffusers' save_lora_weights writes and load_lora_weights reads (scale 1: no alpha)."""
     tensors = {}
     for name in sorted(layers):
-        tensors[f"unet.{name}.lora_A.weight"] = layers[name].A.to(torch.float32).contiguous()
-        tensors[f"unet.{name}.lora_B.weight"] = layers[name].B.to(torch.float32).contiguous()
+        tensors[f"{prefix}.{name}.lora_A.weight"] = layers[name].A.to(torch.float32).contiguous()
+        tensors[f"{prefix}.{name}.lora_B.weight"] = layers[name].B.to(torch.float32).contiguous()
     return tensors
 
 
@@ -62,8 +91,8 @@ def _save(tensors: dict, path: Path, metadata: dict) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_diffusers(out: Path, layers, metadata: dict) -> Path:
-    _save(peft_state_dict(layers), out / DIFFUSERS_FILE, {**metadata, "lorachain.keys": "diffusers"})
+def write_diffusers(out: Path, layers, metadata: dict, prefix: str = "unet") -> Path:
+    _save(peft_state_dict(layers, prefix), out / DIFFUSERS_FILE, {**metadata, "lorachain.keys": "diffusers"})
     return out / DIFFUSERS_FILE
 
 
@@ -77,22 +106,25 @@ def write_kohya(out: Path, layers, metadata: dict) -> Path:
     return out / KOHYA_FILE
 
 
-def write_unet(out: Path, source: ExportSource, base_model: str) -> Path:
-    """The base model's U-Net with the exact dense delta added (save_pretrained, safetensors)."""
-    from diffusers import UNet2DConditionModel
+def write_denoiser(out: Path, source: ExportSource, base_model: str, component: str = "unet") -> Path:
+    """The base model's U-Net (or SD3 / FLUX transformer) with the exact dense delta added
+    (save_pretrained, safetensors), in directory `component` of `out`."""
+    import diffusers
 
     from lorachain.state import FoldedState, apply_to_unet
 
-    if not (Path(base_model) / "unet").is_dir() and not Path(base_model).is_dir():
+    if not (Path(base_model) / component).is_dir() and not Path(base_model).is_dir():
         raise ExportError(
             f"{base_model}: the base model recorded in the state's manifest is not a directory here; "
             "give its location with --base-model (config key model.pretrained in the workflow), "
-            "or leave out the unet format"
+            f"or leave out the {component} format"
         )
-    unet = UNet2DConditionModel.from_pretrained(base_model, subfolder="unet")
-    apply_to_unet(unet, FoldedState(tasks_done=len(source.items), merged=source.dense()))
-    unet.save_pretrained(out / UNET_DIR)
-    return out / UNET_DIR
+    index = json.loads((Path(base_model) / "model_index.json").read_text())
+    model_class = getattr(diffusers, index[component][1])  # UNet2DConditionModel, FluxTransformer2DModel, ...
+    model = model_class.from_pretrained(base_model, subfolder=component)
+    apply_to_unet(model, FoldedState(tasks_done=len(source.items), merged=source.dense()))
+    model.save_pretrained(out / component)
+    return out / component
 
 
 def write_errors(out: Path, layers: dict[str, ExportedLayer]) -> Path:

@@ -1,6 +1,6 @@
-"""What the U-Net is conditioned and trained on: training images (one seeded crop each), the
-prompt's encoder states (plus SDXL's pooled embedding and time ids), and the U-Net's keyword
-arguments for a batch. Shared by the trainer and :mod:`lorachain.modular`'s layer-input recorder."""
+"""What the denoiser is conditioned and trained on: training images (one seeded crop each), the
+prompt's conditioning (:mod:`lorachain.models.denoisers`; plus SDXL's time ids), and the U-Net's
+keyword arguments for a batch. Shared by the trainer and :mod:`lorachain.modular`'s layer-input recorder."""
 
 from __future__ import annotations
 
@@ -32,24 +32,22 @@ def load_training_image(path: str | Path, resolution: int, generator: torch.Gene
 
 
 def is_sdxl(pipe) -> bool:
-    return getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 @torch.no_grad()
 def encode_condition(pipe, prompt: str, device) -> dict:
-    """U-Net conditioning for one prompt: encoder states, plus SDXL's pooled embedding."""
+    """The denoiser's conditioning for one prompt: encoder states, plus SDXL's pooled embedding
+    (SD3: the pooled projections; FLUX: those and the text position ids)."""
     return encode_condition_with_grad(pipe, prompt, device)
 
 
 def encode_condition_with_grad(pipe, prompt: str, device) -> dict:
     """:func:`encode_condition` with autograd on: what embedding tuning differentiates at every step."""
-    if is_sdxl(pipe):
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
-    embeds, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    return {"encoder_hidden_states": embeds}
+    from lorachain.models.denoisers import family_of
+
+    return family_of(pipe).encode(pipe, prompt, device)
 
 
 def sdxl_time_ids(condition: dict, images, resolution: int, device) -> torch.Tensor | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Derived seeds: the reference reuses one seed for every task, which makes every fresh A identical
@@ -27,6 +27,33 @@ class TrainingInterrupted(TrainingError):
         self.checkpoint = checkpoint
 
 
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+
+
+@dataclass(frozen=True)
+class FlowMatchingConfig:
+    """``training.flow_matching``: diffusers' names and defaults (train_dreambooth_lora_sd3.py)."""
+
+    weighting_scheme: str = "logit_normal"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+
+    @classmethod
+    def from_dict(cls, block: dict | None) -> FlowMatchingConfig:
+        block = dict(block or {})
+        unknown = set(block) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TrainingError(f"config key training.flow_matching: unknown field(s) {sorted(unknown)}")
+        config = cls(**block)
+        if config.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise TrainingError(
+                f"config key training.flow_matching.weighting_scheme: {config.weighting_scheme!r} is not one of "
+                f"{', '.join(WEIGHTING_SCHEMES)}"
+            )
+        return config
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """The ``training`` block. The defaults are the config schema's
@@ -35,7 +62,7 @@ class TrainingConfig:
 
     rank: int = 64
     lora_alpha: float = 64
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    target_modules: tuple[str, ...] | str | None = None  # None: the denoiser family's default targets
     steps: int = 850
     learning_rate: float = 1e-5
     optimizer: str = "adamw"
@@ -60,6 +87,10 @@ class TrainingConfig:
     prior_preservation: bool = False
     prior_loss_weight: float = 1.0
     num_class_images: int = 100
+    # Diffusion transformers (SD3, FLUX): the flow-matching timestep density and loss weighting, and
+    # the value FLUX.1-dev's guidance embedding is trained with (None for models without one).
+    flow_matching: FlowMatchingConfig = FlowMatchingConfig()
+    guidance: float | None = None
 
     @classmethod
     def from_dict(cls, block: dict) -> "TrainingConfig":
@@ -70,6 +101,8 @@ class TrainingConfig:
         if unknown:
             raise TrainingError(f"config key training: unknown field(s) {sorted(unknown)}")
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in block.items()}
+        if "flow_matching" in fields:
+            fields["flow_matching"] = FlowMatchingConfig.from_dict(fields["flow_matching"])
         if optimizer:
             fields["optimizer"] = optimizer.get("name", cls.optimizer)
             for key in ("betas", "weight_decay", "eps"):
@@ -122,6 +155,10 @@ class TrainingConfig:
         """The option names a method must support for this block (see ContinualMethod.training_options)."""
         used = set(self.options_set()) - set(_PRIOR_DETAILS)
         return {"lr_scheduler" if key == "lr_warmup_steps" else key for key in used}
+
+    def with_targets(self, default_targets: tuple[str, ...]) -> "TrainingConfig":
+        """This block with the denoiser family's default targets where it names none."""
+        return self if self.target_modules is not None else replace(self, target_modules=tuple(default_targets))
 
     @property
     def scale(self) -> float:

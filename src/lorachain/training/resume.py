@@ -35,6 +35,7 @@ CHECKPOINT_FORMAT = 2  # 2: safetensors + JSON metadata (1 was a torch.save pick
 _CHECKPOINT_METADATA = "lorachain_checkpoint"
 # Fields that do not change what is computed: a checkpoint stays valid when they change.
 _NOT_FINGERPRINTED = ("checkpoint_every",)
+_TRANSFORMER_ONLY = ("flow_matching", "guidance")  # in the fingerprint only when set
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,13 @@ def run_fingerprint(
     prior preservation's class images. The DreamBooth-script options enter only when set
     (:meth:`TrainingConfig.options_set`), so a run without them keeps its fingerprint."""
     options = config.options_set()
+    defaults = dataclasses.asdict(TrainingConfig())
     training = {
         k: v
         for k, v in dataclasses.asdict(config).items()
-        if k not in _NOT_FINGERPRINTED and (k not in TRAINING_OPTIONS or k in options)
+        if k not in _NOT_FINGERPRINTED
+        and (k not in TRAINING_OPTIONS or k in options)
+        and (k not in _TRANSFORMER_ONLY or v != defaults[k])  # a U-Net run keeps its fingerprint
     }
     previous = None
     if previous_state is not None:
