@@ -176,6 +176,7 @@ def t5_encoder(vocab_size: int):
         num_layers=2,
         num_heads=4,
         feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,  # a built (not loaded) pipeline is in train mode: it must sample deterministically
         tie_word_embeddings=False,
         pad_token_id=0,
         eos_token_id=1,
