@@ -131,6 +131,20 @@ def test_tiny_transformer_pipeline_files_are_byte_identical(architecture, reques
     assert digests(again) == digests(_saved(architecture, request))
 
 
+def test_build_tiny_model_job_writes_a_loadable_transformer_pipeline(tmp_path):
+    import json
+
+    from lorachain.files import BUILT_MARKER
+    from lorachain.models.tiny import build_tiny_model_job
+
+    output = tmp_path / "resources" / "models" / "tiny-flux_schnell"
+    build_tiny_model_job(architecture="flux_schnell", seed=3, output_dir=output)
+    marker = json.loads((output / BUILT_MARKER).read_text())
+    assert marker == {"architecture": "flux_schnell", "config_key": "model.tiny", "seed": 3}
+    loaded = load_pipeline(output, key="model.tiny")
+    _assert_same_weights(loaded.transformer, build_tiny_pipeline("flux_schnell", seed=3).transformer, "transformer")
+
+
 def test_tiny_sd3_mirrors_sd35_medium(tiny_sd3_dir):
     pipe = load_pipeline(tiny_sd3_dir)
     config = pipe.transformer.config
