@@ -5,19 +5,26 @@ published layout, the real DreamBooth layout, gradient checkpointing, every meth
 merge of the config) run end to end in minutes, with nothing switched to the ``tiny:`` paths.
 
 * :func:`build_stand_ins` writes a local stand-in of the same class for every model the paper
-  names, with ``save_pretrained`` (an SDXL pipeline, its VAE, DINO's ``ViTModel``, ``CLIPModel``
-  with its processor) or ``torch.save`` (CSD's training ``save_dict``), plus a generated
-  UnlearnCanvas tree. They carry no marker of the workflow's tiny builds: to the workflow they are
-  downloads.
+  names, with ``save_pretrained`` (an SDXL, SD3 or FLUX.1 pipeline of the named model's class, a
+  replacement VAE, DINO's ``ViTModel``, ``CLIPModel`` with its processor) or ``torch.save``
+  (CSD's training ``save_dict``), plus a generated UnlearnCanvas tree. They carry no marker of the
+  workflow's tiny builds: to the workflow they are downloads.
 * :func:`rehearsal_config` substitutes them into the paper's config; :func:`substituted_keys`
   lists what differs, which the tests hold to :data:`SUBSTITUTABLE`.
 
 ``lorachain rehearsal DIR`` does both and prints the Snakemake command.
+
+The transformer models' settings are commented blocks at the end of ``config/config.yaml``
+(``# >>> sd3.5-medium`` ... ``# <<< sd3.5-medium``): :func:`config_block` reads one,
+:func:`with_block` applies it to the paper config (what a user does by uncommenting it), and
+``lorachain rehearsal DIR --block NAME`` rehearses the result on a tiny SD3 or FLUX.1-dev
+stand-in written by ``save_pretrained``; :func:`domain_targets` is the part of its DAG that CI runs.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 from lorachain import plan
@@ -35,6 +42,9 @@ REHEARSAL_SIZES = {
     "layer_inputs_timesteps": 2,
     "export_svd_rank": 4,  # the paper's rank 64 exceeds the stand-in U-Net's narrowest layers (32)
 }
+# The transformer stand-ins' narrowest targeted layers are 32 wide (tiny SD3: 4 heads x 8, its
+# caption projection 32; tiny FLUX.1: 2 heads x 16): rank 4 and export.svd_rank 4 fit them as for
+# the stand-in U-Net, so a block's rehearsal uses the same REHEARSAL_SIZES.
 # Every key a rehearsal may change ("*" any name at that level).
 SUBSTITUTABLE = {
     "model.pretrained",
@@ -66,6 +76,82 @@ SUBSTITUTABLE = {
 }
 
 
+def config_block(text: str, name: str, source: str = "config/config.yaml") -> dict:
+    """The commented block `name` of a config file's `text` (``# >>> name`` ... ``# <<< name``;
+    its lines less the leading "# " are YAML, "# # ..." lines comments), as a dict of top-level
+    sections. A block that is absent, unterminated or not such YAML is an error naming `source`
+    and the marker."""
+    from lorachain.config_checks import ConfigError
+
+    lines = text.splitlines()
+    start = re.compile(rf"# >>> {re.escape(name)}(:|\s|$)")
+    begin = next((index for index, line in enumerate(lines) if start.match(line)), None)
+    if begin is None:
+        raise ConfigError(f"{source}: no block '# >>> {name}' (the blocks there: {', '.join(block_names(text))})")
+    end = next((index for index in range(begin + 1, len(lines)) if lines[index].rstrip() == f"# <<< {name}"), None)
+    if end is None:
+        raise ConfigError(f"{source}: the block '# >>> {name}' (line {begin + 1}) has no end line '# <<< {name}'")
+    yaml_lines = []
+    for number, line in enumerate(lines[begin + 1 : end], start=begin + 2):
+        if line.startswith("# # ") or line.rstrip() in ("# #", "#", ""):
+            continue  # a comment of the block, or a blank line
+        if not line.startswith("# "):
+            raise ConfigError(f"{source}:{number}: a line of the block '# >>> {name}' must start with '# ': {line!r}")
+        yaml_lines.append(line[2:])
+    return _block_sections("\n".join(yaml_lines), f"{source}: the block '# >>> {name}'")
+
+
+def _block_sections(yaml_text: str, where: str) -> dict:
+    import yaml
+
+    from lorachain.config_checks import ConfigError
+
+    try:
+        block = yaml.safe_load(yaml_text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{where} is not valid YAML once uncommented: {error}") from None
+    if not isinstance(block, dict) or not all(isinstance(keys, dict) for keys in block.values()):
+        raise ConfigError(f"{where} must hold top-level sections of keys (model:, training:, ...)")
+    return block
+
+
+def block_names(text: str) -> list[str]:
+    """The names of a config file's commented blocks, in file order."""
+    return re.findall(r"^# >>> ([^\s:]+)", text, flags=re.MULTILINE)
+
+
+def with_block(paper: dict, block: dict) -> dict:
+    """`paper` with a block applied as a user applies it by uncommenting it: each key of each
+    section the block names replaces the paper's key of that name whole (a block's
+    ``training.optimizer`` or ``modular.adapters`` is the whole optimizer, every adapter). A block
+    that names ``model.pretrained`` names another model: the paper's ``model.vae`` and
+    ``model.revision`` belong to the paper's model and are dropped (SD3/FLUX ship their own VAE)."""
+    config = copy.deepcopy(paper)
+    for section, keys in block.items():
+        config.setdefault(section, {}).update(copy.deepcopy(keys))
+    if "pretrained" in block.get("model", {}):
+        for key in ("vae", "revision"):
+            if key not in block["model"]:
+                config["model"].pop(key, None)
+    return config
+
+
+# The stand-in's tiny architecture (lorachain.models.tiny) by a hub id's name, most specific first.
+_STAND_INS = (("flux.1-schnell", "flux_schnell"), ("flux", "flux"), ("stable-diffusion-3", "sd3"), ("xl", "sdxl"))
+
+
+def stand_in_architecture(hub_id: str) -> str:
+    """The tiny architecture standing in for the pipeline `hub_id` names (SDXL, SD3/3.5 or
+    FLUX.1 dev/schnell); another is an error naming the key."""
+    name = hub_id.lower()
+    for part, architecture in _STAND_INS:
+        if part in name:
+            return architecture
+    raise ValueError(
+        f"model.pretrained {hub_id!r}: the rehearsal has stand-ins for SDXL, SD3/3.5 and FLUX.1 pipelines only"
+    )
+
+
 def _stand_in_name(hub_id: str) -> str:
     return hub_id.replace("/", "--")
 
@@ -83,12 +169,9 @@ def build_stand_ins(directory: str | Path, paper: dict, seed: int = 0) -> dict[s
     model, metrics = paper["model"], paper.get("metrics", {})
     paths: dict[str, Path] = {}
     if "pretrained" in model:
-        if "xl" not in model["pretrained"].lower():
-            raise ValueError(
-                f"model.pretrained {model['pretrained']!r}: the rehearsal has a stand-in for SDXL pipelines only"
-            )
+        architecture = stand_in_architecture(model["pretrained"])
         paths["model.pretrained"] = directory / _stand_in_name(model["pretrained"])
-        build_tiny_pipeline("sdxl", seed=seed).save_pretrained(paths["model.pretrained"], safe_serialization=True)
+        build_tiny_pipeline(architecture, seed=seed).save_pretrained(paths["model.pretrained"], safe_serialization=True)
     if model.get("vae"):
         paths["model.vae"] = directory / _stand_in_name(model["vae"])
         build_tiny_vae(seed=seed + 1).save_pretrained(paths["model.vae"], safe_serialization=True)
@@ -134,6 +217,15 @@ def rehearsal_config(paper: dict, stand_ins: dict[str, Path], dreambooth_root: s
     if (config.get("export") or {}).get("svd_rank") is not None:
         config["export"]["svd_rank"] = REHEARSAL_SIZES["export_svd_rank"]
     return config
+
+
+def domain_targets(config: dict, domain: str) -> list[str]:
+    """The Snakemake targets of one domain's results in both regimes (its tables, figures and
+    grid; its modular table, ablation, compositions and diagnostics): every rule of the full DAG
+    but the mixed set's preparation and the provenance table (which needs every job), at half its
+    jobs. What a block's rehearsal runs in CI (the other domain and the mixed set add jobs of the
+    same rules)."""
+    return plan.domain_outputs(config, domain) + plan.modular_outputs(config, domain)
 
 
 def _members(config: dict, name: str) -> list[tuple[str, int]]:

@@ -1,4 +1,5 @@
-"""``lorachain rehearsal``: a CPU rehearsal of the paper config (local stand-ins for its models)."""
+"""``lorachain rehearsal``: a CPU rehearsal of the paper config, or of the paper config with one of its
+commented model blocks applied (``--block``), on local stand-ins for its models."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ from lorachain.cli.common import fail
 def run(args: argparse.Namespace) -> int:
     import yaml
 
-    from lorachain.rehearsal import build_stand_ins, rehearsal_config
+    from lorachain.config_checks import ConfigError
+    from lorachain.rehearsal import build_stand_ins, config_block, rehearsal_config, with_block
 
     paper_file, dreambooth = Path(args.paper), Path(args.dreambooth)
     if not paper_file.is_file():
         return fail("rehearsal", f"--paper {paper_file}: no such file")
     if not (dreambooth / "prompts_and_classes.txt").is_file():
         return fail("rehearsal", f"--dreambooth {dreambooth}: not a DreamBooth dataset (no prompts_and_classes.txt)")
-    paper = yaml.safe_load(paper_file.read_text())
+    text = paper_file.read_text()
+    paper = yaml.safe_load(text)
+    if args.block:
+        try:
+            paper = with_block(paper, config_block(text, args.block, source=str(paper_file)))
+        except ConfigError as error:
+            return fail("rehearsal", f"--block {args.block}: {error}")
     out = Path(args.directory).absolute()
     config = rehearsal_config(paper, build_stand_ins(out / "stand-ins", paper), dreambooth)
     (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
@@ -45,5 +53,11 @@ def register(commands) -> None:
         default="config/config.yaml",
         metavar="YAML",
         help="the config to rehearse (default config/config.yaml)",
+    )
+    rehearsal.add_argument(
+        "--block",
+        metavar="NAME",
+        help="rehearse the paper config with its commented block NAME applied ('# >>> NAME' ... '# <<< NAME', "
+        "e.g. sd3.5-medium or flux.1-dev): its model gets a tiny stand-in of the same pipeline class",
     )
     rehearsal.set_defaults(handler=run)
