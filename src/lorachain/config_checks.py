@@ -395,8 +395,9 @@ def denoiser_problems(config: dict) -> list[str]:
     """The training and sampling blocks against the model's denoiser, read from its config files
     (a local directory, the hub cache, or the tiny architecture's name): FLUX refuses fp16, a
     guidance-distilled FLUX needs training.guidance and any other model refuses it, and embedding
-    tuning needs a U-Net pipeline. Nothing is checked when the files cannot be read offline (the
-    training job then checks the same on the loaded model)."""
+    tuning and gradient fusion's concept rows (cross_attention_rows: concept) need a U-Net
+    pipeline. Nothing is checked when the files cannot be read offline (the training job then
+    checks the same on the loaded model)."""
     model = config.get("model", {})
     if model.get("tiny"):
         family = TINY_FAMILIES.get(model["tiny"])
@@ -425,6 +426,14 @@ def denoiser_problems(config: dict) -> list[str]:
             f"config key {key}.embeddings: embedding tuning adds concept tokens to CLIP text encoders of U-Net "
             f"pipelines; it is not supported on a {family.upper()} transformer: remove the embeddings block"
             for key in blocks
+        ]
+        merges = plan.modular(config).get("merges", {})
+        problems += [
+            f"config key modular.merges.{label}.cross_attention_rows: concept rows are a U-Net's cross-attention "
+            f"keys and values at the concept's tokens; a {family.upper()} transformer has joint attention instead: "
+            "use cross_attention_rows: all"
+            for label, block in merges.items()
+            if block.get("cross_attention_rows") == "concept"
         ]
     return problems
 
