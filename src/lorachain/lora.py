@@ -468,11 +468,20 @@ def check_fits_unet(lora: LoraFile | Concept, unet) -> None:
 
 
 def unet_skeleton(model_source: str | Path):
-    """The U-Net of a diffusers pipeline (directory or hub id), built from its config on the meta
-    device: its layer names and shapes for :func:`check_fits_unet`, without reading any weights."""
+    """The denoiser (U-Net, or SD3 / FLUX transformer) of a diffusers pipeline (directory or hub
+    id), built from its config on the meta device: its layer names and shapes for
+    :func:`check_fits_unet`, without reading any weights."""
+    import diffusers
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(str(model_source), subfolder="unet")
+    component, class_name = "unet", "UNet2DConditionModel"
+    try:
+        index = diffusers.DiffusionPipeline.load_config(str(model_source))
+    except (OSError, ValueError):  # no model_index.json: a bare U-Net's config
+        index = {}
+    if "transformer" in index and "unet" not in index:
+        component, class_name = "transformer", index["transformer"][1]
+    model_class = getattr(diffusers, class_name)
+    config = model_class.load_config(str(model_source), subfolder=component)
     with init_empty_weights():
-        return UNet2DConditionModel.from_config(config)
+        return model_class.from_config(config)

@@ -11,13 +11,14 @@ Import-light (no torch): the Snakefile imports it while it parses.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from lorachain import paths
 from lorachain.metrics.catalog import DEFAULT_METRICS, MODEL_KEYS, PRIOR_METRICS, TINY_ENCODER_ENTRY, encoders_for
 from lorachain.paths import task_label
 from lorachain.provenance import pin_revision
-from lorachain.training.config import TrainingConfig, unset_options
+from lorachain.training.config import FlowMatchingConfig, TrainingConfig, unset_options
 from lorachain.world.ids import CONTENTS_VERSION, SPEC_KEYS, world_id
 from lorachain.world.spec import world_block as with_world_defaults
 
@@ -44,7 +45,13 @@ def training_block(config: dict) -> dict:
     the DreamBooth-script options left at their defaults (off: a config that does not set them
     gives the params it gave before they existed)."""
     unset = unset_options(config["training"])
+    if _is_default_flow_matching(config["training"].get("flow_matching")):  # U-Nets: as before it existed
+        unset.append("flow_matching")
     return stage_block(config, "training", leave_out=("checkpoint_every", "tracking", *unset))
+
+
+def _is_default_flow_matching(block: dict | None) -> bool:
+    return block is None or dict(block) in ({}, dataclasses.asdict(FlowMatchingConfig()))
 
 
 def class_images_input(config: dict, domain: str) -> list[str]:

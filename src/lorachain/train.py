@@ -280,7 +280,13 @@ def _load_model(task: TaskSpec, config: TrainingConfig, method: ContinualMethod,
     from lorachain.models.denoisers import check_family_config, denoiser, family_of
     from lorachain.models.loading import load_pipeline
 
-    pipe = load_pipeline(task.model_source, vae=task.vae)
+    # bf16 runs load the pipeline in bf16 (FLUX.1-dev in fp32 would need 67 GB to encode the prompt);
+    # the VAE stays fp32 for the posteriors, computed once per task
+    # (embedding tuning trains text-encoder rows: fp32 then)
+    bf16 = config.mixed_precision == "bf16" and method.embeddings is None
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    pipe = load_pipeline(task.model_source, vae=task.vae, torch_dtype=dtype)
+    pipe.vae.to(torch.float32)
     family = family_of(pipe)
     config = config.with_targets(family.default_targets)
     check_family_config(family, config, method, method_key)

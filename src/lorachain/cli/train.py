@@ -36,6 +36,7 @@ TRAINING_FLAGS = {
     "alpha": "lora_alpha",
     "resolution": "resolution",
     "batch_size": "batch_size",
+    "guidance": "guidance",
 }
 
 
@@ -210,4 +211,7 @@ def register(commands) -> None:
     block.add_argument("--alpha", type=_number, help="training.lora_alpha")
     block.add_argument("--resolution", type=int, help="training.resolution")
     block.add_argument("--batch-size", type=int, help="training.batch_size")
+    block.add_argument(
+        "--guidance", type=float, help="training.guidance (FLUX.1-dev: the guidance embedding's training value)"
+    )
     train.set_defaults(handler=run)

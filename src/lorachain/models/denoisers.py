@@ -174,6 +174,11 @@ class FluxFamily(SD3Family):
         )
 
 
+def default_targets_of(model) -> tuple[str, ...]:
+    """The default targets of a denoiser module (a U-Net's, or SD3's / FLUX's transformer's)."""
+    return TRANSFORMER_TARGETS if type(model).__name__ in _TRANSFORMER_FAMILIES else UNET_TARGETS
+
+
 def family_of(pipe):
     """The denoiser family of a loaded pipeline."""
     if denoiser_name(pipe) == "unet":

@@ -19,8 +19,18 @@ def targeted(name: str, target_modules) -> bool:
     return name.endswith(tuple("." + suffix for suffix in target_modules))
 
 
+def resolved_targets(model, target_modules):
+    """`target_modules`, or (None) the default targets of the denoiser `model`'s family."""
+    if target_modules is not None:
+        return target_modules
+    from lorachain.models.denoisers import default_targets_of
+
+    return default_targets_of(model)
+
+
 def lora_layers(unet, target_modules) -> dict[str, torch.nn.Linear]:
-    """The targeted linear layers, by module name, in a fixed order."""
+    """The targeted linear layers, by module name, in a fixed order (None: the family's defaults)."""
+    target_modules = resolved_targets(unet, target_modules)
     if isinstance(target_modules, str):
         try:
             re.compile(target_modules)
@@ -38,8 +48,36 @@ def lora_layers(unet, target_modules) -> dict[str, torch.nn.Linear]:
         )
     if not layers:
         shown = target_modules if isinstance(target_modules, str) else list(target_modules)
-        raise TrainingError(f"config key training.target_modules: {shown!r} match no linear layer of the U-Net")
+        raise TrainingError(
+            f"config key training.target_modules: {shown!r} match no linear layer of the {type(unet).__name__}; "
+            f"nearest linear layer names: {', '.join(nearest_linear_names(unet, target_modules))}"
+        )
+    if isinstance(target_modules, (list, tuple)):
+        unmatched = [suffix for suffix in target_modules if not any(name.endswith("." + suffix) for name in layers)]
+        if unmatched:  # peft would train the rest silently: a typo in one entry must not go unnoticed
+            raise TrainingError(
+                f"config key training.target_modules: {unmatched!r} match no linear layer of the "
+                f"{type(unet).__name__}; nearest linear layer names: "
+                f"{', '.join(nearest_linear_names(unet, unmatched))}"
+            )
     return dict(sorted(layers.items()))
+
+
+def nearest_linear_names(model, target_modules, count: int = 5) -> list[str]:
+    """The model's linear-layer name suffixes most like the targets (difflib), for an error."""
+    import difflib
+
+    suffixes = sorted(
+        {
+            ".".join(name.split(".")[-depth:])
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+            for depth in (1, 2)
+        }
+    )
+    wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    near = [match for target in wanted for match in difflib.get_close_matches(target, suffixes, n=count, cutoff=0.4)]
+    return list(dict.fromkeys(near))[:count] or suffixes[:count]
 
 
 def check_rank(layers: dict[str, torch.nn.Linear], rank: int) -> None:
@@ -122,12 +160,13 @@ def inject_lora(unet, adapters: dict[str, LayerAdapter], config: TrainingConfig)
     options = {"lora_dropout": config.lora_dropout} if config.lora_dropout else {}
     if config.use_rslora:
         options["use_rslora"] = True
-    regex = isinstance(config.target_modules, str)
+    targets = resolved_targets(unet, config.target_modules)
+    regex = isinstance(targets, str)
     lora_config = LoraConfig(
         r=config.rank,
         lora_alpha=config.lora_alpha,
         # a regex goes to peft as given (lora_layers refused one that matches other than linear layers)
-        target_modules=config.target_modules if regex else list(config.target_modules),
+        target_modules=targets if regex else list(targets),
         init_lora_weights="gaussian",
         **options,
     )
