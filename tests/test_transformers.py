@@ -26,6 +26,7 @@ from test_chain import closed_form, factors
 
 from lorachain.methods import make_merge, make_method
 from lorachain.models.denoisers import TRANSFORMER_TARGETS, DenoiserError, denoiser
+from lorachain.models.loading import load_pipeline
 from lorachain.state import LORA_FILE, FoldedState, apply_to_unet, fold_state, read_manifest
 from lorachain.torch_env import torch
 from lorachain.train import TrainingError, train_task
@@ -785,3 +786,52 @@ def test_the_dry_run_checks_the_denoiser_from_config_files(tiny_flux_dir, tiny_s
     assert "modular.adapters.ed.embeddings" in modular
     assert problems({"tiny": "sd1"}, training={"mixed_precision": "fp16"}, export={"formats": ["kohya"]}) == ""
     assert "export.formats: ['transformer']" in problems({"tiny": "sdxl"}, export={"formats": ["transformer"]})
+
+
+@pytest.mark.parametrize("recording", ["images", "sampling"])
+def test_layer_inputs_are_recorded_on_every_transformer_layer(concepts, synthetic_tasks, tmp_path, recording):
+    """Gradient fusion's recorder (rows: all) on a transformer: a Gram per default target, of the
+    rows each layer sees per forward (image tokens, text tokens, or both in FLUX's single blocks)."""
+    from lorachain.data.selection import Task
+    from lorachain.merging.fusion import load_grams
+    from lorachain.modular import record_layer_inputs
+
+    prompt, images = synthetic_tasks[0]
+    task = Task("concept1", "object", "sks", "backpack", tuple(images), prompt, (prompt,), tuple(images[:1]))
+    base, architecture = concepts["base"], concepts["architecture"]
+    steps = 2
+    record_layer_inputs(
+        model_source=str(base),
+        vae=None,
+        state_dir=concepts["dirs"]["blocklora"][0],
+        method_name="blocklora",
+        method_params=MODULAR["blocklora"],
+        task=task,
+        target_modules=None,
+        resolution=64,
+        timesteps=steps,
+        seed=0,
+        output=tmp_path / "grams.safetensors",
+        gram_dtype="float64",
+        recording=recording,
+    )
+    grams = load_grams(tmp_path / "grams.safetensors")
+    transformer = base_transformer(base, architecture)
+    assert set(grams) == projection_names(transformer)
+    pipe = load_pipeline(str(base))
+    if architecture == "flux":  # T5's states
+        text_tokens = pipe.encode_prompt(prompt, None)[0].shape[1]
+    else:  # CLIP-L / CLIP-G's, then T5's
+        text_tokens = pipe.encode_prompt(prompt, None, None, do_classifier_free_guidance=False)[0].shape[1]
+    forwards = steps * (len(images) if recording == "images" else 1)
+    image_tokens = (64 // 8 // 2) ** 2  # 2 x 2 patches of the 8 x 8 latents
+    modules = dict(transformer.named_modules())
+    for layer, (G, rows) in grams.items():
+        assert G.shape == (modules[layer].in_features,) * 2 and torch.allclose(G, G.T), layer
+        if layer.startswith("single_transformer_blocks."):
+            tokens = text_tokens + image_tokens
+        elif layer.endswith(("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")):
+            tokens = text_tokens
+        else:
+            tokens = image_tokens
+        assert rows == forwards * tokens, layer

@@ -125,7 +125,8 @@ def _record_on_trajectory(pipe, task, condition, recorder, mask, *, resolution, 
     else:
         scheduler.set_timesteps(timesteps, device=device)
     shape = (1, family.latent_channels(pipe), size, size)
-    latents = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
+    # Flow matching starts from the noise itself (sigma 1): its schedulers have no init_noise_sigma.
+    latents = torch.randn(shape, generator=generator).to(device) * getattr(scheduler, "init_noise_sigma", 1.0)
     time_ids = sdxl_time_ids(condition, [(None, (resolution, resolution), (0, 0))], resolution, device)
     recorder.context_rows = mask
     for t in scheduler.timesteps:
