@@ -125,6 +125,25 @@ def test_the_width_from_the_config_is_the_loaded_unets(architecture, request):
     assert narrowest_targeted_width(config, targets) == min(widths)
 
 
+@pytest.mark.parametrize("architecture", ["sd3", "flux"])
+def test_the_width_from_a_transformer_config_is_the_loaded_transformers(architecture, request):
+    """SD3 / FLUX: the config-only width is the narrowest input of the default targeted layers."""
+    import json
+
+    from lorachain.config_checks import _narrowest_targeted_width
+    from lorachain.models.loading import load_pipeline
+    from lorachain.models.widths import transformer_targeted_width
+    from lorachain.training.adapters import lora_layers
+
+    directory = request.getfixturevalue(f"tiny_{architecture}_dir")
+    transformer = load_pipeline(str(directory)).transformer
+    widths = {module.in_features for module in lora_layers(transformer, None).values()}
+    config = json.loads((directory / "transformer" / "config.json").read_text())
+    assert transformer_targeted_width(config) == min(widths)
+    workflow_config = {"model": {"pretrained": str(directory)}, "training": {"rank": 4}}
+    assert _narrowest_targeted_width(workflow_config) == min(widths)
+
+
 def test_coordinated_orthogonal_columns_beyond_the_narrowest_layer_fail_the_check_naming_the_key(tiny_sd1_dir):
     import json
 

@@ -31,7 +31,12 @@ from lorachain.methods import (
 )
 from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
 from lorachain.models.denoisers import TINY_FAMILIES, UNET_TARGETS, family_config_problems, family_from_files
-from lorachain.models.widths import narrowest_targeted_width, unet_config
+from lorachain.models.widths import (
+    narrowest_targeted_width,
+    transformer_config,
+    transformer_targeted_width,
+    unet_config,
+)
 from lorachain.training.config import TrainingConfig, TrainingError
 from lorachain.training.tracking import tracker_problem
 from lorachain.world.spec import check_world_block
@@ -200,7 +205,10 @@ def _narrowest_targeted_width(config: dict) -> int | None:
     if isinstance(targets, str):  # a regex: the training job names a layer that does not fit
         return None
     unet = unet_config(str(source))
-    return None if unet is None else narrowest_targeted_width(unet, list(targets))
+    if unet is None:  # an SD3 / FLUX transformer: all its attention projections work at one width
+        transformer = transformer_config(str(source))
+        return None if transformer is None else transformer_targeted_width(transformer)
+    return narrowest_targeted_width(unet, list(targets))
 
 
 def registered_block_problems(config: dict) -> list[str]:

@@ -44,3 +44,28 @@ def narrowest_targeted_width(config: dict, target_modules: list[str]) -> int | N
     if targets & {"to_k", "to_v"}:
         widths.append(int(config["cross_attention_dim"]))
     return min(widths) if widths else None
+
+
+TRANSFORMER_CONFIG = Path("transformer") / "config.json"
+
+
+def transformer_config(source: str) -> dict | None:
+    """An SD3 / FLUX transformer's config.json, read as :func:`unet_config` reads a U-Net's."""
+    path = Path(source).expanduser() / TRANSFORMER_CONFIG
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, str(TRANSFORMER_CONFIG))
+    except Exception:
+        return None
+    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def transformer_targeted_width(config: dict) -> int:
+    """The input width of every attention projection of an SD3 / FLUX transformer: its inner width
+    (heads x head dim); SD3's context stream works at caption_projection_dim (the same in SD3.5)."""
+    inner = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    caption = config.get("caption_projection_dim")
+    return min(inner, int(caption)) if caption else inner
