@@ -835,3 +835,22 @@ def test_layer_inputs_are_recorded_on_every_transformer_layer(concepts, syntheti
         else:
             tokens = image_tokens
         assert rows == forwards * tokens, layer
+
+
+def test_a_merge_of_transformer_concepts_exports_exactly(concepts, tmp_path):
+    """export_merge of two Orthogonal Adaptation concepts: transformer keys, and a stock pipeline
+    loading the file gives the transformer with the merge's formula added."""
+    from lorachain.export import DIFFUSERS_FILE, export_merge
+    from lorachain.modular import load_concept
+
+    base, architecture = concepts["base"], concepts["architecture"]
+    dirs = concepts["dirs"]["orthogonal_adaptation"]
+    record = export_merge(dirs, "orthogonal_adaptation", {}, tmp_path / "out", merge_key="modular.merges.oa")
+    assert record["exact"] and set(record["files"]) == {DIFFUSERS_FILE}
+    assert all(key.startswith("transformer.") for key in load_file(tmp_path / "out" / DIFFUSERS_FILE))
+    merged = make_merge("orthogonal_adaptation", {}).merge([load_concept(directory)[0] for directory in dirs])
+    expected = folded_output(base, architecture, FoldedState(tasks_done=2, merged=merged))
+    pipe = stock_pipeline(base, architecture)
+    untouched = output_of(pipe.transformer)
+    pipe.load_lora_weights(str(tmp_path / "out"))
+    assert_same_model(output_of(pipe.transformer), expected, untouched)
