@@ -286,7 +286,8 @@ def _load_model(task: TaskSpec, config: TrainingConfig, method: ContinualMethod,
     bf16 = config.mixed_precision == "bf16" and method.embeddings is None
     dtype = torch.bfloat16 if bf16 else torch.float32
     pipe = load_pipeline(task.model_source, vae=task.vae, torch_dtype=dtype)
-    pipe.vae.to(torch.float32)
+    if dtype != torch.float32:
+        pipe.vae.to(torch.float32)
     family = family_of(pipe)
     config = config.with_targets(family.default_targets)
     check_family_config(family, config, method, method_key)

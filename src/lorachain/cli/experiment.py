@@ -36,13 +36,14 @@ def user_errors() -> tuple[type[Exception], ...]:
     from lorachain.config_checks import ConfigError
     from lorachain.data import DatasetError
     from lorachain.methods import MergeError, MethodError, PluginError
+    from lorachain.models.denoisers import DenoiserError
     from lorachain.modular import ModularError
     from lorachain.sample import SamplingError
     from lorachain.state import StateError
     from lorachain.training.config import TrainingError
 
     errors = (CliError, ConfigError, DatasetError, MergeError, MethodError, PluginError, ModularError)
-    return errors + (SamplingError, StateError, TrainingError)
+    return errors + (SamplingError, StateError, TrainingError, DenoiserError)
 
 
 def run_experiment(command: str, args: argparse.Namespace, body, extra_errors: tuple = ()) -> int:
@@ -176,6 +177,7 @@ def validate(config: dict, required: list[str]) -> dict:
     else:
         problems = config_checks.registered_block_problems(config)
         problems += config_checks.model_source_problems(config, []) if "model" in config else []
+        problems += config_checks.denoiser_problems(config) if "model" in config else []
         if problems:
             raise config_checks.ConfigError("\n".join(problems))
     return config
