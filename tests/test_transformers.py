@@ -854,3 +854,25 @@ def test_a_merge_of_transformer_concepts_exports_exactly(concepts, tmp_path):
     untouched = output_of(pipe.transformer)
     pipe.load_lora_weights(str(tmp_path / "out"))
     assert_same_model(output_of(pipe.transformer), expected, untouched)
+
+
+def test_a_killed_flux_task_resumes_bit_identically(tiny_flux_dir, synthetic_tasks, tmp_path, monkeypatch):
+    """The flow-matching draws (u from the step generator) resume as the DDPM ones do."""
+    import lorachain.train as trainer
+
+    options = dict(steps=4, checkpoint_every=2, batch_size=2)
+    train(tiny_flux_dir, "flux", synthetic_tasks, 1, None, "merge_init", tmp_path / "whole", **options)
+    accumulated = trainer._accumulated_loss
+
+    def crash_at_step_3(step, *args, **kwargs):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return accumulated(step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_accumulated_loss", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_flux_dir, "flux", synthetic_tasks, 1, None, "merge_init", tmp_path / "resumed", **options)
+    monkeypatch.setattr(trainer, "_accumulated_loss", accumulated)
+    resumed = train(tiny_flux_dir, "flux", synthetic_tasks, 1, None, "merge_init", tmp_path / "resumed", **options)
+    assert resumed["resumed_from_step"] == 2
+    assert (tmp_path / "whole" / LORA_FILE).read_bytes() == (tmp_path / "resumed" / LORA_FILE).read_bytes()
