@@ -784,6 +784,8 @@ def test_the_dry_run_checks_the_denoiser_from_config_files(tiny_flux_dir, tiny_s
     assert "methods.ed_naive.embeddings" in embeddings and "methods.plain" not in embeddings
     modular = problems({"tiny": "flux_schnell"}, modular={"adapters": {"ed": {"embeddings": {"tokens": 1}}}})
     assert "modular.adapters.ed.embeddings" in modular
+    off = {"methods": {"naive": {"embeddings": None}}, "modular": {"adapters": {"b": {"embeddings": None}}}}
+    assert problems({"tiny": "flux_schnell"}, **off) == ""  # null: embedding tuning off, as make_method reads it
     assert problems({"tiny": "sd1"}, training={"mixed_precision": "fp16"}, export={"formats": ["kohya"]}) == ""
     assert "export.formats: ['transformer']" in problems({"tiny": "sdxl"}, export={"formats": ["transformer"]})
 

@@ -428,8 +428,10 @@ def denoiser_problems(config: dict) -> list[str]:
         problems.append("config key sampling.precision: fp16 overflows in FLUX's activations; use bf16")
     if family != "unet":
         adapters = plan.modular(config).get("adapters", {})
-        blocks = [*(f"methods.{label}" for label, block in config.get("methods", {}).items() if "embeddings" in block)]
-        blocks += [f"modular.adapters.{label}" for label, block in adapters.items() if "embeddings" in block]
+        # embeddings: null is embedding tuning off (make_method's reading), which a transformer takes
+        tuned = {f"methods.{label}": block for label, block in config.get("methods", {}).items()}
+        tuned |= {f"modular.adapters.{label}": block for label, block in adapters.items()}
+        blocks = [key for key, block in tuned.items() if (block or {}).get("embeddings") is not None]
         problems += [
             f"config key {key}.embeddings: embedding tuning adds concept tokens to CLIP text encoders of U-Net "
             f"pipelines; it is not supported on a {family.upper()} transformer: remove the embeddings block"
