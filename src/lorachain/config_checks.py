@@ -443,7 +443,7 @@ def denoiser_problems(config: dict) -> list[str]:
             f"keys and values at the concept's tokens; a {family.upper()} transformer has joint attention instead: "
             "use cross_attention_rows: all"
             for label, block in merges.items()
-            if block.get("cross_attention_rows") == "concept"
+            if (block or {}).get("cross_attention_rows") == "concept"
         ]
     return problems
 
