@@ -415,10 +415,12 @@ def denoiser_problems(config: dict) -> list[str]:
     if found is None:
         return []
     family, guidance_embedding = found
-    training, sampling = config.get("training", {}), config.get("sampling", {})
-    problems = family_config_problems(
-        family, guidance_embedding, training.get("mixed_precision", "no"), training.get("guidance")
-    )
+    training, sampling = config.get("training"), config.get("sampling", {})
+    problems = []
+    if training is not None:  # a partial config (lorachain sample, merge) has no training block to check
+        problems += family_config_problems(
+            family, guidance_embedding, training.get("mixed_precision", "no"), training.get("guidance")
+        )
     formats = (config.get("export") or {}).get("formats") or []
     wrong = [name for name in formats if name in (("unet", "kohya") if family != "unet" else ("transformer",))]
     if wrong:
