@@ -454,8 +454,10 @@ def record_layer_inputs_job(
         method_name=method,
         method_params=dict(method_params),
         task=read_tasks(tasks)[concept_index - 1],
-        # a regex (a string, peft's semantics) as given; suffixes as a list
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        # a regex (a string, peft's semantics) as given; suffixes as a list; None: the family's defaults
+        target_modules=target_modules
+        if target_modules is None or isinstance(target_modules, str)
+        else list(target_modules),
         resolution=resolution,
         timesteps=block.get("timesteps", 10),
         seed=block.get("seed", 0),
