@@ -30,7 +30,15 @@ from lorachain.methods import (
     schema_defs,
 )
 from lorachain.metrics.catalog import MODEL_KEYS, PRIOR_METRICS
-from lorachain.models.denoisers import TINY_FAMILIES, UNET_TARGETS, family_config_problems, family_from_files
+from lorachain.models.denoisers import (
+    TINY_FAMILIES,
+    UNET_TARGETS,
+    embeddings_problem,
+    family_config_problems,
+    family_from_files,
+    refused_export_formats,
+    sampling_precision_problem,
+)
 from lorachain.models.widths import (
     narrowest_targeted_width,
     transformer_config,
@@ -422,24 +430,21 @@ def denoiser_problems(config: dict) -> list[str]:
             family, guidance_embedding, training.get("mixed_precision", "no"), training.get("guidance")
         )
     formats = (config.get("export") or {}).get("formats") or []
-    wrong = [name for name in formats if name in (("unet", "kohya") if family != "unet" else ("transformer",))]
+    wrong = refused_export_formats(formats, "unet" if family == "unet" else "transformer")
     if wrong:
         fix = "diffusers (and transformer)" if family != "unet" else "diffusers, kohya (and unet)"
         problems.append(f"config key export.formats: {wrong} cannot be written for a {family} model; use {fix}")
-    if family == "flux" and sampling.get("precision") == "fp16":
-        problems.append("config key sampling.precision: fp16 overflows in FLUX's activations; use bf16")
+    if precision := sampling_precision_problem(family, sampling.get("precision", "no")):
+        problems.append(precision)
     if family != "unet":
-        adapters = plan.modular(config).get("adapters", {})
+        modular = plan.modular(config)
+        adapters = modular.get("adapters", {})
         # embeddings: null is embedding tuning off (make_method's reading), which a transformer takes
         tuned = {f"methods.{label}": block for label, block in config.get("methods", {}).items()}
         tuned |= {f"modular.adapters.{label}": block for label, block in adapters.items()}
         blocks = [key for key, block in tuned.items() if (block or {}).get("embeddings") is not None]
-        problems += [
-            f"config key {key}.embeddings: embedding tuning adds concept tokens to CLIP text encoders of U-Net "
-            f"pipelines; it is not supported on a {family.upper()} transformer: remove the embeddings block"
-            for key in blocks
-        ]
-        merges = plan.modular(config).get("merges", {})
+        problems += [embeddings_problem(key, family) for key in blocks]
+        merges = modular.get("merges", {})
         problems += [
             f"config key modular.merges.{label}.cross_attention_rows: concept rows are a U-Net's cross-attention "
             f"keys and values at the concept's tokens; a {family.upper()} transformer has joint attention instead: "

@@ -122,16 +122,14 @@ def load_model_for_sampling(
     tuning; :func:`lorachain.embeddings.load_state_embeddings`)."""
     from lorachain.embeddings import load_state_embeddings
     from lorachain.methods import make_method
-    from lorachain.models.denoisers import denoiser, family_of
+    from lorachain.models.denoisers import denoiser, family_of, sampling_precision_problem
     from lorachain.models.loading import load_pipeline
     from lorachain.state import STATE_FILE, StateError, apply_to_unet, fold_state, read_chain, read_manifest
 
     dtype = _DTYPES[precision]
     pipe = load_pipeline(model_source, vae=vae, torch_dtype=dtype)
-    if family_of(pipe).name == "flux" and precision == "fp16":
-        raise SamplingError(
-            f"config key sampling.precision: fp16 overflows in FLUX's activations ({model_source}); use bf16"
-        )
+    if problem := sampling_precision_problem(family_of(pipe).name, precision):
+        raise SamplingError(f"{problem} (model {model_source})")
     if state_dir is not None:
         manifest = read_manifest(state_dir)
         manifest_file = Path(state_dir) / STATE_FILE

@@ -20,7 +20,6 @@ it for sampling). A state without embeddings writes exactly what it wrote before
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from pathlib import Path
 from lorachain.files import canonical_safetensors, sha256_file
 from lorachain.lora import LayerAdapter, LoraFileError, parse_lora
 from lorachain.methods.base import ContinualMethod
+from lorachain.models.denoisers import denoiser_component
 from lorachain.paths import LORA_FILE, STATE_FILE
 from lorachain.torch_env import torch
 
@@ -372,8 +372,7 @@ def write_task_state(
         layers[f"{layer}.lora_B.weight"] = adapters[layer].B.detach().to("cpu", torch.float32).contiguous()
     staging = output_dir / f".staging{os.getpid()}"
     staging.mkdir(exist_ok=True)
-    writes = inspect.signature(pipeline_class.save_lora_weights).parameters
-    component = "unet" if "unet_lora_layers" in writes else "transformer"
+    component = denoiser_component(pipeline_class.__name__)
     pipeline_class.save_lora_weights(  # keys unet.<layer>... or, for SD3 / FLUX, transformer.<layer>...
         staging, **{f"{component}_lora_layers": layers, f"{component}_lora_adapter_metadata": _sorted_sets(lora_config)}
     )

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from lorachain import provenance
 from lorachain.methods import ContinualMethod, LayerAdapter, make_method
-from lorachain.models.denoisers import denoiser
+from lorachain.models.denoisers import denoiser, is_sdxl, unet_kwargs
 from lorachain.progress import progress as progress_bar
 from lorachain.state import LORA_FILE, apply_to_unet, fold_state, read_manifest, write_task_state
 from lorachain.torch_env import torch
@@ -56,7 +56,7 @@ from lorachain.training.adapters import (
     lora_layers,
     trained_adapters,
 )
-from lorachain.training.conditioning import encode_condition, is_sdxl, load_training_image, sdxl_time_ids, unet_kwargs
+from lorachain.training.conditioning import encode_condition, load_training_image, sdxl_time_ids
 from lorachain.training.config import (
     SEED_POLICIES,
     SEED_STRIDE,
@@ -758,9 +758,9 @@ def _manifest(
 
 
 def _objective_record(config: TrainingConfig, pipeline_class) -> dict:
-    from lorachain.models.denoisers import is_flow_matching_pipeline
+    from lorachain.models.denoisers import denoiser_component
 
-    if not is_flow_matching_pipeline(pipeline_class):
+    if denoiser_component(pipeline_class.__name__) != "transformer":
         return {}
     record = {"flow_matching": asdict(config.flow_matching)}
     return record if config.guidance is None else {**record, "guidance": config.guidance}

@@ -36,7 +36,6 @@ from lorachain.export.writers import (
     UNET_DIR,
     copy_embeddings,
     default_formats,
-    denoiser_prefix,
     file_metadata,
     format_problems,
     write_denoiser,
@@ -45,6 +44,7 @@ from lorachain.export.writers import (
     write_kohya,
     write_record,
 )
+from lorachain.models.denoisers import denoiser_component
 
 __all__ = [
     "DIFFUSERS_FILE",
@@ -124,7 +124,7 @@ def export_source(
     metadata = file_metadata(source, layers, record, "diffusers")
     written = []
     if "diffusers" in formats:
-        written.append(write_diffusers(out, layers, metadata, denoiser_prefix(source.architecture)))
+        written.append(write_diffusers(out, layers, metadata, denoiser_component(source.architecture)))
     if "kohya" in formats:
         written.append(write_kohya(out, layers, metadata))
     for fused in {"unet", "transformer"} & set(formats):

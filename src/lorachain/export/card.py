@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from lorachain.export.sources import ExportSource
-from lorachain.export.writers import CARD_FILE, DIFFUSERS_FILE, KOHYA_FILE, TRANSFORMER_CLASSES, UNET_DIR
+from lorachain.export.writers import CARD_FILE, DIFFUSERS_FILE, KOHYA_FILE, UNET_DIR
+from lorachain.models.denoisers import TRANSFORMER_PIPELINES
 
 
 def _loading(record: dict) -> list[str]:
@@ -26,7 +27,7 @@ def _loading(record: dict) -> list[str]:
         ]
     if KOHYA_FILE in files:
         lines += [f"ComfyUI / AUTOMATIC1111: copy `{KOHYA_FILE}` into the LoRA folder (kohya keys, strength 1).", ""]
-    transformer = TRANSFORMER_CLASSES.get(record["architecture"], "the transformer class")
+    transformer = TRANSFORMER_PIPELINES.get(record["architecture"], "the transformer class")
     for component, model_class in ((UNET_DIR, "UNet2DConditionModel"), ("transformer", transformer)):
         if f"{component}/" in files:
             lines += [

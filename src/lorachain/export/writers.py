@@ -12,12 +12,11 @@ from pathlib import Path
 from lorachain.export.factors import ExportedLayer, ExportError
 from lorachain.export.sources import ExportSource
 from lorachain.files import canonical_safetensors
+from lorachain.models.denoisers import denoiser_component, refused_export_formats
 from lorachain.paths import LORA_FILE
 from lorachain.torch_env import torch
 
 FORMATS = ("diffusers", "kohya", "unet", "transformer")
-# pipelines whose denoiser is pipe.transformer, and its class
-TRANSFORMER_CLASSES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel", "FluxPipeline": "FluxTransformer2DModel"}
 DIFFUSERS_FILE = LORA_FILE  # pipe.load_lora_weights(export_dir) finds it by this name
 KOHYA_FILE = "lora_kohya.safetensors"
 UNET_DIR = "unet"
@@ -26,31 +25,20 @@ ERRORS_FILE = "svd-errors.csv"
 CARD_FILE = "README.md"
 
 
-def denoiser_prefix(architecture: str) -> str:
-    """The component the LoRA keys name: ``transformer`` for SD3 / FLUX pipelines, else ``unet``."""
-    return "transformer" if architecture in TRANSFORMER_CLASSES else "unet"
-
-
 def default_formats(architecture: str) -> tuple[str, ...]:
-    return ("diffusers",) if denoiser_prefix(architecture) == "transformer" else ("diffusers", "kohya")
+    return ("diffusers",) if denoiser_component(architecture) == "transformer" else ("diffusers", "kohya")
 
 
 def format_problems(formats, architecture: str) -> list[str]:
     """Formats that do not exist for the architecture's denoiser, each with the fix."""
-    problems = []
-    if denoiser_prefix(architecture) == "transformer":
-        if "kohya" in formats:
-            problems.append(
-                f"--format / export.formats: kohya keys are written by diffusers' U-Net converter only; export a "
-                f"{architecture} LoRA in the diffusers format (which ComfyUI and kohya's sd-scripts read too)"
-            )
-        if "unet" in formats:
-            problems.append(f"--format / export.formats: a {architecture} has no U-Net; use 'transformer'")
-    elif "transformer" in formats:
-        problems.append(
-            f"--format / export.formats: a {architecture or 'U-Net pipeline'} has no transformer; use 'unet'"
-        )
-    return problems
+    fixes = {
+        "kohya": "kohya keys are written by diffusers' U-Net converter only; export a "
+        f"{architecture} LoRA in the diffusers format (which ComfyUI and kohya's sd-scripts read too)",
+        "unet": f"a {architecture} has no U-Net; use 'transformer'",
+        "transformer": f"{architecture or 'a U-Net pipeline'} has no transformer; use 'unet'",
+    }
+    refused = refused_export_formats(formats, denoiser_component(architecture))
+    return [f"--format / export.formats: {fixes[name]}" for name in fixes if name in refused]
 
 
 def peft_state_dict(layers: dict[str, ExportedLayer], prefix: str = "unet") -> dict[str, torch.Tensor]:

@@ -36,6 +36,23 @@ def denoiser(pipe):
     return getattr(pipe, denoiser_name(pipe))
 
 
+def is_sdxl(pipe) -> bool:
+    unet = getattr(pipe, "unet", None)
+    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
+
+
+def unet_kwargs(condition: dict, batch: int, time_ids, dtype) -> dict:
+    """A U-Net's keyword arguments for a batch: the prompt's states (SDXL: plus its pooled
+    embedding and the batch's time ids)."""
+    kwargs = {"encoder_hidden_states": condition["encoder_hidden_states"].expand(batch, -1, -1).to(dtype)}
+    if "text_embeds" in condition:
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": condition["text_embeds"].expand(batch, -1).to(dtype),
+            "time_ids": time_ids.to(dtype),
+        }
+    return kwargs
+
+
 class UNetFamily:
     """SD 1.x and SDXL: a cross-attention U-Net on VAE latents scaled by the VAE's factor."""
 
@@ -45,7 +62,7 @@ class UNetFamily:
     has_guidance_embedding = False
 
     def __init__(self, pipe):
-        self.sdxl = getattr(pipe.unet.config, "addition_embed_type", None) == "text_time"
+        self.sdxl = is_sdxl(pipe)
         self.scaling_factor = pipe.vae.config.scaling_factor
         self.shift_factor = None
 
@@ -72,13 +89,7 @@ class UNetFamily:
         return latents
 
     def forward(self, model, noisy, timesteps, condition: dict, time_ids, dtype, guidance=None):
-        kwargs = {"encoder_hidden_states": condition["encoder_hidden_states"].expand(len(noisy), -1, -1).to(dtype)}
-        if "text_embeds" in condition:
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": condition["text_embeds"].expand(len(noisy), -1).to(dtype),
-                "time_ids": time_ids.to(dtype),
-            }
-        return model(noisy.to(dtype), timesteps, **kwargs).sample
+        return model(noisy.to(dtype), timesteps, **unet_kwargs(condition, len(noisy), time_ids, dtype)).sample
 
 
 class SD3Family(UNetFamily):
@@ -176,7 +187,10 @@ class FluxFamily(SD3Family):
 
 def default_targets_of(model) -> tuple[str, ...]:
     """The default targets of a denoiser module (a U-Net's, or SD3's / FLUX's transformer's)."""
-    return TRANSFORMER_TARGETS if type(model).__name__ in _TRANSFORMER_FAMILIES else UNET_TARGETS
+    return TRANSFORMER_TARGETS if type(model).__name__ in _FAMILIES else UNET_TARGETS
+
+
+_FAMILIES = {"SD3Transformer2DModel": SD3Family, "FluxTransformer2DModel": FluxFamily}
 
 
 def family_of(pipe):
@@ -184,21 +198,43 @@ def family_of(pipe):
     if denoiser_name(pipe) == "unet":
         return UNetFamily(pipe)
     transformer = type(pipe.transformer).__name__
-    if transformer == "SD3Transformer2DModel":
-        return SD3Family(pipe)
-    if transformer == "FluxTransformer2DModel":
-        return FluxFamily(pipe)
-    raise DenoiserError(
-        f"{type(pipe).__name__}'s {transformer} is not a denoiser lorachain knows "
-        "(U-Net pipelines, SD3Transformer2DModel, FluxTransformer2DModel)"
+    if transformer not in _FAMILIES:
+        raise DenoiserError(
+            f"{type(pipe).__name__}'s {transformer} is not a denoiser lorachain knows "
+            f"(U-Net pipelines, {', '.join(_FAMILIES)})"
+        )
+    return _FAMILIES[transformer](pipe)
+
+
+# The pipelines whose denoiser is pipe.transformer (flow matching), and its class.
+TRANSFORMER_PIPELINES = {"StableDiffusion3Pipeline": "SD3Transformer2DModel", "FluxPipeline": "FluxTransformer2DModel"}
+# What each denoiser component can be exported as (diffusers writes kohya keys for U-Nets only).
+EXPORT_FORMATS = {"unet": ("diffusers", "kohya", "unet"), "transformer": ("diffusers", "transformer")}
+
+
+def denoiser_component(pipeline_class_name: str) -> str:
+    """The component a pipeline class's LoRA keys and fused weights name: ``transformer`` or ``unet``."""
+    return "transformer" if pipeline_class_name in TRANSFORMER_PIPELINES else "unet"
+
+
+def refused_export_formats(formats, component: str) -> list[str]:
+    """The export formats (of the known ones) a denoiser component cannot be written as."""
+    known = {name for names in EXPORT_FORMATS.values() for name in names}
+    return [name for name in formats if name in known and name not in EXPORT_FORMATS[component]]
+
+
+def embeddings_problem(key: str, family: str) -> str:
+    return (
+        f"config key {key}.embeddings: embedding tuning adds concept tokens to CLIP text encoders of U-Net "
+        f"pipelines; it is not supported on a {family.upper()} transformer (whose prompts also go through T5): "
+        "remove the embeddings block"
     )
 
 
-FLOW_MATCHING_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
-
-
-def is_flow_matching_pipeline(pipeline_class) -> bool:
-    return pipeline_class.__name__ in FLOW_MATCHING_PIPELINES
+def sampling_precision_problem(family: str, precision: str) -> str | None:
+    if family == "flux" and precision == "fp16":
+        return "config key sampling.precision: fp16 overflows in FLUX's activations; use bf16"
+    return None
 
 
 def check_family_config(family, config, method, method_key: str) -> None:
@@ -207,11 +243,7 @@ def check_family_config(family, config, method, method_key: str) -> None:
         family.name, family.has_guidance_embedding, config.mixed_precision, config.guidance
     )
     if family.name != "unet" and getattr(method, "embeddings", None) is not None:
-        problems.append(
-            f"config key {method_key}.embeddings: embedding tuning adds concept tokens to CLIP text encoders "
-            f"of U-Net pipelines; it is not supported on a {family.name.upper()} transformer (whose prompts "
-            "also go through T5): remove the embeddings block"
-        )
+        problems.append(embeddings_problem(method_key, family.name))
     if problems:
         raise DenoiserError("; ".join(problems))
 
@@ -241,38 +273,20 @@ def family_config_problems(family: str, guidance_embedding: bool, mixed_precisio
 # -------------------------------------------------------------------- the family from config files
 
 TINY_FAMILIES = {"sd1": "unet", "sdxl": "unet", "sd3": "sd3", "flux": "flux", "flux_schnell": "flux"}
-_TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
-
-
-def _read_json(source: str, name: str) -> dict | None:
-    """A JSON file of a local pipeline directory, or of a hub id already in the local cache; None
-    when it cannot be read without downloading anything."""
-    import json
-    from pathlib import Path
-
-    path = Path(source).expanduser() / name
-    if path.is_file():
-        return json.loads(path.read_text())
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source.split("@")[0], name)
-    except Exception:  # not a hub id, or no cache
-        return None
-    return json.loads(open(cached).read()) if isinstance(cached, str) else None
 
 
 def family_from_files(source: str) -> tuple[str, bool] | None:
     """(family, has a guidance embedding) of a pipeline from its model_index.json and transformer
     config alone (no model is loaded: the dry-run calls this); None when they cannot be read."""
-    index = _read_json(source, "model_index.json")
+    from lorachain.models.widths import pipeline_json
+
+    index = pipeline_json(source, "model_index.json")
     if index is None:
         return None
     if "unet" in index:
         return "unet", False
     entry = index.get("transformer") or [None, None]
-    family = _TRANSFORMER_FAMILIES.get(entry[1])
-    if family is None:
+    if entry[1] not in _FAMILIES:
         return None
-    config = _read_json(source, "transformer/config.json") or {}
-    return family, bool(config.get("guidance_embeds", False))
+    config = pipeline_json(source, "transformer/config.json") or {}
+    return _FAMILIES[entry[1]].name, bool(config.get("guidance_embeds", False))

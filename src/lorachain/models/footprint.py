@@ -24,14 +24,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lorachain.models.denoisers import TRANSFORMER_TARGETS, UNET_TARGETS
+
+# The default LoRA targets are the trainer's (lorachain.models.denoisers): on FLUX the single blocks'
+# output projection is the block's fused proj_out, not targeted.
 CONFIG_DIR = Path(__file__).with_name("reference_configs")
 
-# The default LoRA targets (module-name suffixes). On the transformers these are the attention
-# projections of both streams of the joint blocks (to_* the image stream, add_*/to_add_out the
-# text stream), SD3.5's second image-only attention (attn2, the same names) and FLUX's single
-# blocks' attn.to_q/k/v (their output projection is the block's fused proj_out, not targeted).
-TRANSFORMER_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the paper config's SDXL targets
 
 FP32, BF16 = 4, 2  # bytes per element
 ADAMW_STATE_BYTES = {"adamw": 2 * FP32, "adamw8bit": 2}  # exp_avg + exp_avg_sq per trainable parameter

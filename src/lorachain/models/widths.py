@@ -16,19 +16,25 @@ from pathlib import Path
 UNET_CONFIG = Path("unet") / "config.json"
 
 
-def unet_config(source: str) -> dict | None:
-    """The U-Net config of a local pipeline directory, or of a hub id already in the local cache;
-    None when it cannot be read without loading or downloading anything."""
-    path = Path(source).expanduser() / UNET_CONFIG
+def pipeline_json(source: str, name: str | Path) -> dict | None:
+    """A JSON file (``model_index.json``, ``unet/config.json``, ...) of a local pipeline directory,
+    or of a hub id (``owner/name`` or ``owner/name@revision``) already in the local cache; None when
+    it cannot be read without loading or downloading anything."""
+    path = Path(source).expanduser() / name
     if path.is_file():
         return json.loads(path.read_text())
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(source, str(UNET_CONFIG))
+        cached = try_to_load_from_cache(source.split("@")[0], str(name))
     except Exception:  # not a hub id, or no cache: nothing to read offline
         return None
     return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+
+
+def unet_config(source: str) -> dict | None:
+    """The U-Net config of a pipeline (:func:`pipeline_json`)."""
+    return pipeline_json(source, UNET_CONFIG)
 
 
 def narrowest_targeted_width(config: dict, target_modules: list[str]) -> int | None:
@@ -50,17 +56,8 @@ TRANSFORMER_CONFIG = Path("transformer") / "config.json"
 
 
 def transformer_config(source: str) -> dict | None:
-    """An SD3 / FLUX transformer's config.json, read as :func:`unet_config` reads a U-Net's."""
-    path = Path(source).expanduser() / TRANSFORMER_CONFIG
-    if path.is_file():
-        return json.loads(path.read_text())
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source, str(TRANSFORMER_CONFIG))
-    except Exception:
-        return None
-    return json.loads(Path(cached).read_text()) if isinstance(cached, str) else None
+    """An SD3 / FLUX transformer's config (:func:`pipeline_json`)."""
+    return pipeline_json(source, TRANSFORMER_CONFIG)
 
 
 def transformer_targeted_width(config: dict) -> int:

@@ -1,6 +1,6 @@
 """What the denoiser is conditioned and trained on: training images (one seeded crop each), the
-prompt's conditioning (:mod:`lorachain.models.denoisers`; plus SDXL's time ids), and the U-Net's
-keyword arguments for a batch. Shared by the trainer and :mod:`lorachain.modular`'s layer-input recorder."""
+prompt's conditioning (:mod:`lorachain.models.denoisers`) and SDXL's time ids. Shared by the
+trainer and :mod:`lorachain.modular`'s layer-input recorder."""
 
 from __future__ import annotations
 
@@ -31,11 +31,6 @@ def load_training_image(path: str | Path, resolution: int, generator: torch.Gene
     return pixels.permute(2, 0, 1).float() / 127.5 - 1.0, original, (top, left)
 
 
-def is_sdxl(pipe) -> bool:
-    unet = getattr(pipe, "unet", None)
-    return unet is not None and getattr(unet.config, "addition_embed_type", None) == "text_time"
-
-
 @torch.no_grad()
 def encode_condition(pipe, prompt: str, device) -> dict:
     """The denoiser's conditioning for one prompt: encoder states, plus SDXL's pooled embedding
@@ -58,13 +53,3 @@ def sdxl_time_ids(condition: dict, images, resolution: int, device) -> torch.Ten
     return torch.tensor(
         [[*original, *crop, resolution, resolution] for _, original, crop in images], dtype=torch.float32, device=device
     )
-
-
-def unet_kwargs(condition: dict, batch: int, time_ids: torch.Tensor | None, dtype) -> dict:
-    kwargs = {"encoder_hidden_states": condition["encoder_hidden_states"].expand(batch, -1, -1).to(dtype)}
-    if "text_embeds" in condition:
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": condition["text_embeds"].expand(batch, -1).to(dtype),
-            "time_ids": time_ids.to(dtype),
-        }
-    return kwargs
