@@ -878,3 +878,42 @@ def test_a_killed_flux_task_resumes_bit_identically(tiny_flux_dir, synthetic_tas
     resumed = train(tiny_flux_dir, "flux", synthetic_tasks, 1, None, "merge_init", tmp_path / "resumed", **options)
     assert resumed["resumed_from_step"] == 2
     assert (tmp_path / "whole" / LORA_FILE).read_bytes() == (tmp_path / "resumed" / LORA_FILE).read_bytes()
+
+
+@pytest.mark.parametrize("recording", ["images", "sampling"])
+def test_a_flux_dev_concept_is_recorded_at_its_own_training_guidance(
+    tiny_flux_dir, synthetic_tasks, tmp_path, monkeypatch, recording
+):
+    """The recorder feeds FLUX.1-dev's guidance embedding the value the concept was trained with
+    (its manifest's training.guidance), not a constant."""
+    from lorachain.data.selection import Task
+    from lorachain.models.denoisers import FluxFamily
+    from lorachain.modular import record_layer_inputs
+
+    state = tmp_path / "concept"
+    train(tiny_flux_dir, "flux", synthetic_tasks, 1, None, "naive", state, guidance=1.25, steps=1)
+    seen = []
+    forward = FluxFamily.forward
+
+    def spy(self, model, noisy, timesteps, condition, time_ids, dtype, guidance=None):
+        seen.append(guidance)
+        return forward(self, model, noisy, timesteps, condition, time_ids, dtype, guidance)
+
+    monkeypatch.setattr(FluxFamily, "forward", spy)
+    prompt, images = synthetic_tasks[0]
+    task = Task("concept1", "object", "sks", "backpack", tuple(images), prompt, (prompt,), tuple(images[:1]))
+    record_layer_inputs(
+        model_source=str(tiny_flux_dir),
+        vae=None,
+        state_dir=state,
+        method_name="naive",
+        method_params={},
+        task=task,
+        target_modules=None,
+        resolution=64,
+        timesteps=2,
+        seed=0,
+        output=tmp_path / "grams.safetensors",
+        recording=recording,
+    )
+    assert seen and set(seen) == {1.25}

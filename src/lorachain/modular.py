@@ -88,7 +88,9 @@ def concept_token_mask(tokenizer, prompt: str, phrase: str) -> torch.Tensor:
     raise ModularError(f"the concept phrase {phrase!r} is not among the tokens of its prompt {prompt!r}")
 
 
-def _record_on_images(pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device) -> None:
+def _record_on_images(
+    pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device, guidance
+) -> None:
     from lorachain.models.denoisers import denoiser, family_of
     from lorachain.training.conditioning import load_training_image, sdxl_time_ids
     from lorachain.training.config import FlowMatchingConfig
@@ -105,15 +107,12 @@ def _record_on_images(pipe, task, condition, recorder, mask, *, resolution, time
     for level in levels:
         noise = torch.randn(latents.shape, generator=generator).to(device)
         noisy, t = objective.noisy_at(latents, noise, int(level))
-        family.forward(model, noisy, t.to(device), condition, time_ids, model.dtype, _recording_guidance(family))
+        family.forward(model, noisy, t.to(device), condition, time_ids, model.dtype, guidance)
 
 
-def _recording_guidance(family) -> float | None:
-    """A guidance-distilled FLUX is recorded at diffusers' default training guidance."""
-    return 3.5 if family.has_guidance_embedding else None
-
-
-def _record_on_trajectory(pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device) -> None:
+def _record_on_trajectory(
+    pipe, task, condition, recorder, mask, *, resolution, timesteps, generator, device, guidance
+) -> None:
     from lorachain.models.denoisers import denoiser, family_of
     from lorachain.training.conditioning import sdxl_time_ids
 
@@ -132,7 +131,6 @@ def _record_on_trajectory(pipe, task, condition, recorder, mask, *, resolution, 
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         step_t = t.reshape(1).to(device)
-        guidance = _recording_guidance(family)
         prediction = family.forward(model, model_input, step_t, condition, time_ids, model.dtype, guidance)
         latents = scheduler.step(prediction.float(), t, latents).prev_sample
 
@@ -189,7 +187,7 @@ def record_layer_inputs(
     from lorachain.models.denoisers import denoiser, family_of
     from lorachain.models.loading import load_pipeline
     from lorachain.sample import device_for_sampling
-    from lorachain.state import apply_to_unet, fold_state
+    from lorachain.state import apply_to_unet, fold_state, read_manifest
     from lorachain.training.adapters import lora_layers
     from lorachain.training.conditioning import encode_condition
 
@@ -206,8 +204,8 @@ def record_layer_inputs(
     generator = torch.Generator().manual_seed(seed)
     prompt, identifier = model_prompt(pipe, task.train_prompt), model_prompt(pipe, task.identifier)
     condition = encode_condition(pipe, prompt, device)
-    family = family_of(pipe)
-    layers = list(lora_layers(denoiser(pipe), target_modules or family.default_targets))
+    family, model = family_of(pipe), denoiser(pipe)
+    layers = list(lora_layers(model, target_modules))
     if rows == "concept" and family.name != "unet":
         raise ModularError(
             f"gradient fusion's concept rows are the U-Net's cross-attention keys and values at the concept's "
@@ -217,7 +215,7 @@ def record_layer_inputs(
     mask = concept_token_mask(pipe.tokenizer, prompt, identifier) if rows == "concept" else None
     context = [layer for layer in layers if is_cross_attention_kv(layer)] if mask is not None else []
     load_s = time.perf_counter() - started
-    with GramRecorder(denoiser(pipe), layers, context_layers=context) as recorder:
+    with GramRecorder(model, layers, context_layers=context) as recorder:
         RECORDERS[source](
             pipe,
             task,
@@ -228,6 +226,7 @@ def record_layer_inputs(
             timesteps=timesteps,
             generator=generator,
             device=device,
+            guidance=read_manifest(state_dir).get("guidance"),  # FLUX.1-dev: the concept's training guidance
         )
     if recorder.unseen:
         raise ModularError(
